@@ -1,0 +1,1 @@
+"""attnrec's online half. Never imports torch (a test checks it)."""

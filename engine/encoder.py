@@ -1,0 +1,87 @@
+"""The ONNX encoder: padded item histories in, query vectors out (onnxruntime, no torch)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+# Preferred execution providers, fastest first; the first ones the installed build offers win.
+PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+_GRAPH_OPT = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """`requested` in order, or TensorRT → CUDA → CPU filtered by what this build offers."""
+    available = ort.get_available_providers()
+    if requested:
+        missing = [p for p in requested if p not in available]
+        if missing:
+            raise ValueError(f"execution providers {missing} are not in this onnxruntime build (it has {available})")
+        return list(requested)
+    return [p for p in PROVIDER_ORDER if p in available] or available
+
+
+def make_session(
+    path: Path | str,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int = 0,
+    inter_op_threads: int = 0,
+    graph_optimization: str = "all",
+) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = _GRAPH_OPT[graph_optimization]
+    opts.intra_op_num_threads = intra_op_threads  # 0 = onnxruntime's default (all cores)
+    opts.inter_op_num_threads = inter_op_threads
+    return ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(providers))
+
+
+def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """(B, L) int64 tokens, left-padded with 0 to the longest history in the batch (≤ max_len).
+
+    Histories hold tokens (catalogue row + 1). Longer ones keep their most recent max_len
+    items. Left padding keeps every sequence's last item in the last column, where the
+    encoder reads the query vector.
+    """
+    length = max(1, min(max_len, max((len(h) for h in histories), default=1)))
+    out = np.zeros((len(histories), length), dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = h[-length:]
+        if len(h):
+            out[i, length - len(h) :] = h
+    return out
+
+
+class OnnxEncoder:
+    """history tokens (B, L) → query vectors (B, D), and optionally hidden states (B, L, D)."""
+
+    def __init__(self, path: Path | str, max_len: int, **session_kwargs) -> None:
+        self.session = make_session(path, **session_kwargs)
+        self.max_len = max_len
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {self.input_name: tokens})
+        return dict(zip(self.output_names, outs))
+
+    def encode(self, tokens: np.ndarray) -> np.ndarray:
+        return self.session.run(["query"], {self.input_name: tokens})[0]
+
+    def encode_histories(self, histories: Sequence[np.ndarray]) -> np.ndarray:
+        """Histories of tokens (catalogue row + 1), any lengths → (B, D) query vectors."""
+        return self.encode(pad_histories(histories, self.max_len))

@@ -1,0 +1,299 @@
+"""The `attnrec` command line.
+
+Subcommands import what they need when they run, so `attnrec --help` and the serving
+commands never load torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+log = logging.getLogger("attnrec")
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
+
+
+# ── data arguments shared by train / evaluate / export ─────────────────────────────────────
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("data")
+    src = g.add_mutually_exclusive_group(required=required)
+    src.add_argument("--data", type=Path, help="interaction log: CSV, TSV, Parquet, MovieLens, RecBole .inter or SASRec text")
+    src.add_argument("--dataset", help="download a public dataset into the cache (needs internet): "
+                                       "ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small")
+    g.add_argument("--format", default="auto", choices=["auto", "csv", "tsv", "parquet", "movielens", "recbole", "sasrec"],
+                   help="input format (default: detected from the file name and content)")
+    g.add_argument("--user-col", help="user id column (default: detected, e.g. user_id / userId)")
+    g.add_argument("--item-col", help="item id column (default: detected, e.g. item_id / movieId)")
+    g.add_argument("--time-col", help="timestamp column (default: detected; without one, file order is time order)")
+    g.add_argument("--kcore", type=int, default=0, metavar="K",
+                   help="keep only users and items with at least K interactions, iteratively (default: 0, off)")
+    g.add_argument("--cache-dir", type=Path, help="download cache for --dataset (default: $ATTNREC_CACHE or ~/.cache/attnrec)")
+
+
+def _load_log(args: argparse.Namespace):
+    from .data.filters import kcore
+    from .data.readers import read_interactions
+
+    path, fmt = args.data, args.format
+    if getattr(args, "dataset", None):
+        from .data.download import fetch_dataset
+
+        path, fmt = fetch_dataset(args.dataset, args.cache_dir), "movielens"
+    t = time.perf_counter()
+    log_ = read_interactions(path, fmt, user_col=args.user_col, item_col=args.item_col, time_col=args.time_col)
+    log.info("read %s interactions from %s in %.1fs", f"{len(log_):,}", path, time.perf_counter() - t)
+    if args.kcore:
+        log_, report = kcore(log_, args.kcore, args.kcore)
+        log.info("%s", report)
+    return log_, str(path)
+
+
+def _load_split(args: argparse.Namespace):
+    from .data.sequences import build_sequences, leave_one_out
+
+    log_, source = _load_log(args)
+    data = build_sequences(log_)
+    split = leave_one_out(data)
+    info = {"source": source, "format": args.format, "interactions": int(len(data.items)), "users": data.n_users,
+            "items": data.n_items, "kcore": args.kcore}
+    log.info("%d users, %d items, %s interactions; %d evaluated users", data.n_users, data.n_items,
+             f"{len(data.items):,}", len(split.test))
+    return split, info
+
+
+# ── training arguments (one flag per TrainConfig field) ───────────────────────────────────
+_TRAIN_HELP = {
+    "max_len": "longest history the model reads (older items are dropped)",
+    "dim": "embedding and hidden size",
+    "n_blocks": "transformer blocks",
+    "n_heads": "attention heads",
+    "ffn_dim": "feed-forward inner size",
+    "dropout": "dropout rate",
+    "loss": "ce: full softmax over the catalogue; sampled: shared sampled negatives (huge catalogues)",
+    "n_negatives": "negatives per batch for --loss sampled",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "training windows per batch",
+    "epochs": "maximum epochs",
+    "patience": "stop after this many epochs without a better validation NDCG@10",
+    "val_users": "validation users sampled for early stopping (all when fewer)",
+    "time_budget_s": "stop training after this many seconds (0: no limit)",
+    "threads": "torch CPU threads (0: torch's default)",
+    "seed": "random seed (data order, initialisation, sampling)",
+}
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    from .train import TrainConfig
+
+    g = p.add_argument_group("model and training")
+    base = TrainConfig()
+    for f in fields(TrainConfig):
+        default = (defaults or {}).get(f.name, getattr(base, f.name))
+        kw = {"choices": ["ce", "sampled"]} if f.name == "loss" else {}
+        g.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(base, f.name)), default=default,
+                       help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw)
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def _add_publish_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("index")
+    g.add_argument("--index", dest="index_factory",
+                   help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: Flat up to 50,000 items, else IVF)")
+    g.add_argument("--recall-n", type=int, default=200, help="N of the recall@N the index is tuned for (default: 200)")
+    g.add_argument("--target-recall", type=float, default=0.98, help="recall@N to reach against exact search (default: 0.98)")
+
+
+def _publish(model, split, info, args, training: dict) -> dict:
+    from .evaluate import print_report
+    from .publish import publish
+
+    version_dir, manifest, metrics = publish(
+        model, split, args.out, args.name, training=training, data_info=info, index_factory=args.index_factory,
+        recall_n=args.recall_n, target_recall=args.target_recall, seed=args.seed, progress=not args.quiet)
+    print_report(metrics)
+    idx = manifest.index
+    recall = idx["recall@%d" % idx["recall_n"]]
+    print(f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
+          f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e})")
+    return metrics
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    split, info = _load_split(args)
+    cfg = _train_config(args)
+    ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    result = train(split, cfg, checkpoint=ckpt, resume=args.resume, progress=not args.quiet)
+    log.info("best validation NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)", result.best_valid_ndcg10,
+             result.best_epoch, result.epochs_run, result.seconds)
+    training = {"config": asdict(cfg), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+                "train_seconds": result.seconds, "best_valid_ndcg@10": result.best_valid_ndcg10,
+                "history": result.history, "checkpoint": str(ckpt)}
+    _publish(result.model, split, info, args, training)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .model import SASRec
+    from .train import TrainConfig
+
+    state = torch.load(args.checkpoint, weights_only=False)
+    cfg = TrainConfig(**state["train_config"])
+    split, info = _load_split(args)
+    if split.data.n_items != state["n_items"]:
+        raise SystemExit(f"{args.checkpoint} was trained on {state['n_items']} items; this data has {split.data.n_items}")
+    model = SASRec(cfg.model_config(state["n_items"]))
+    model.load_state_dict(state["best_state"])
+    args.seed = cfg.seed
+    training = {"config": asdict(cfg), "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
+                "best_valid_ndcg@10": state["best"], "history": state["history"], "checkpoint": str(args.checkpoint)}
+    _publish(model, split, info, args, training)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_repo, print_report
+
+    log_, _ = _load_log(args)
+    result = evaluate_repo(args.repo, args.name, log_, version=args.version, threads=args.threads,
+                           progress=not args.quiet)
+    print_report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        log.info("wrote %s", args.json)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import SyntheticConfig, generate, write
+
+    cfg = SyntheticConfig(n_users=args.users, n_items=args.items, mean_length=args.mean_length, seed=args.seed)
+    t = time.perf_counter()
+    log_ = generate(cfg, progress=not args.quiet)
+    write(log_, args.out)
+    log.info("wrote %s interactions (%d users, %d items) to %s in %.1fs", f"{len(log_):,}", args.users, args.items,
+             args.out, time.perf_counter() - t)
+    return 0
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data.download import fetch_dataset
+
+    print(fetch_dataset(args.name, args.cache_dir))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, n_users=args.users, n_items=args.items, seed=args.seed, quiet=args.quiet)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attnrec", description="attnrec: train, export, evaluate and serve attention-based recommenders "
+                                     "(SASRec + FAISS + onnxruntime).",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="train SASRec, evaluate, export ONNX + FAISS index as a new repository version",
+                       description="Train a SASRec encoder on an interaction log (leave-one-out split, early stopping "
+                                   "on validation NDCG@10), then export the verified ONNX encoder and a tuned FAISS index "
+                                   "as a new version of REPO_DIR/MODEL_NAME.")
+    _add_data_args(p)
+    p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="model repository")
+    p.add_argument("--name", required=True, metavar="MODEL_NAME", help="model name inside the repository")
+    p.add_argument("--checkpoint", type=Path, help="training checkpoint (default: REPO_DIR/MODEL_NAME/.train/checkpoint.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    _add_train_args(p)
+    _add_publish_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a repository version (ONNX encoder, exact full ranking)",
+                       description="Evaluate the newest valid (or --version) version of a model on an interaction log, "
+                                   "with the same leave-one-out split as training. No torch needed.")
+    p.add_argument("--repo", type=Path, required=True, metavar="REPO_DIR")
+    p.add_argument("--name", required=True, metavar="MODEL_NAME")
+    p.add_argument("--version", type=int, help="version number (default: newest valid)")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the metrics as JSON")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("export", help="export a training checkpoint (ONNX + FAISS index) as a new version",
+                       description="Export the best weights of a training checkpoint as a new repository version. "
+                                   "The data must be the data the checkpoint was trained on (for the id map, the "
+                                   "index tuning queries and the evaluation).")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR")
+    p.add_argument("--name", required=True, metavar="MODEL_NAME")
+    _add_data_args(p)
+    _add_publish_args(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="synthetic data → train → evaluate → export → example recommendations (~2 min)")
+    p.add_argument("--out", type=Path, default=Path("attnrec-demo"), help="working folder (default: ./attnrec-demo)")
+    p.add_argument("--users", type=int, default=3000, help="synthetic users (default: 3000)")
+    p.add_argument("--items", type=int, default=2000, help="synthetic items (default: 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a synthetic interaction log (Parquet) with sequential structure")
+    p.add_argument("--out", type=Path, required=True, help="output .parquet")
+    p.add_argument("--users", type=int, default=5000)
+    p.add_argument("--items", type=int, default=3000)
+    p.add_argument("--mean-length", type=float, default=30.0, help="mean interactions per user")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("download", help="download a public dataset into the cache and print the ratings file's path")
+    p.add_argument("name", help="ml-100k, ml-1m, ml-10m, ml-20m, ml-25m or ml-latest-small")
+    p.add_argument("--cache-dir", type=Path)
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    except Exception as exc:  # one clear line for expected failures; a traceback with -v
+        from engine.repository import ArtifactError
+
+        from .data.log import DataError
+
+        if isinstance(exc, (DataError, ArtifactError, FileNotFoundError, ValueError)) and not args.verbose:
+            log.error("%s", exc)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Reading interaction logs and turning them into per-user sequences."""

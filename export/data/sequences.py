@@ -1,0 +1,174 @@
+"""Per-user item sequences with deterministic id maps, and the leave-one-out split.
+
+Internal item ids run 1..n_items; 0 is padding. The id maps are a pure function of the set of
+external ids (integers sorted numerically, strings lexicographically), so the same log always
+gives the same ids, whatever its row order.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from .log import InteractionLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SequenceData:
+    """Every user's interactions in time order, stored CSR-style."""
+
+    user_ids: np.ndarray  # (U,) external user id of internal user u
+    item_ids: np.ndarray  # (I+1,) external item id of internal item i; [0] is padding
+    offsets: np.ndarray  # (U+1,) int64; user u's items are items[offsets[u]:offsets[u+1]]
+    items: np.ndarray  # (N,) int64 internal item ids
+    timestamps: np.ndarray  # (N,) float64
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, u: int) -> np.ndarray:
+        return self.items[self.offsets[u] : self.offsets[u + 1]]
+
+    def item_index(self) -> dict:
+        """External item id → internal id (for mapping requests and reports)."""
+        return {ext: i for i, ext in enumerate(self.item_ids.tolist()) if i > 0}
+
+
+def _sorted_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Unique values (sorted) and each row's index into them; numeric order for integer ids."""
+    uniq, inverse = np.unique(values, return_inverse=True)
+    return uniq, inverse.reshape(-1)
+
+
+def build_sequences(log_: InteractionLog, item_vocab: np.ndarray | None = None) -> SequenceData:
+    """Map ids and sort each user's interactions by time (ties keep file order).
+
+    With `item_vocab` (external ids of catalogue rows, e.g. a model version's id map) items
+    keep that numbering; interactions with items outside it are removed and counted in a
+    warning, since a model cannot rank items it has never seen.
+    """
+    if len(log_) == 0:
+        raise ValueError(f"{log_.source}: no interactions")
+    if item_vocab is not None:
+        uniq, inv = _sorted_unique(log_.item)
+        lookup = {v: i for i, v in enumerate(np.asarray(item_vocab).tolist())}
+        uniq_rows = np.array([lookup.get(v, -1) for v in uniq.tolist()], dtype=np.int64)
+        rows = uniq_rows[inv]
+        known = rows >= 0
+        if not known.all():
+            log.warning("%s: %d interactions with %d items unknown to the model's catalogue are not used",
+                        log_.source, int((~known).sum()), int((uniq_rows < 0).sum()))
+            log_, rows = log_.take(known), rows[known]
+        user_ids, uidx = _sorted_unique(log_.user)
+        iidx = rows + 1
+        item_uniq = np.asarray(item_vocab)
+    else:
+        user_ids, uidx = _sorted_unique(log_.user)
+        item_uniq, iidx = _sorted_unique(log_.item)
+        iidx = iidx + 1  # 0 is padding
+    # Stable lexsort: by user, then timestamp, then original row (stability keeps file order).
+    order = np.lexsort((log_.timestamp, uidx))
+    counts = np.bincount(uidx, minlength=len(user_ids))
+    offsets = np.zeros(len(user_ids) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    # Index 0 is padding: 0 for integer ids, "" for string ids.
+    pad = np.zeros(1, dtype=item_uniq.dtype) if item_uniq.dtype.kind in "iu" else np.array([""], dtype=item_uniq.dtype)
+    item_ids = np.concatenate([pad, item_uniq])
+    return SequenceData(
+        user_ids=user_ids,
+        item_ids=item_ids,
+        offsets=offsets,
+        items=iidx[order].astype(np.int64),
+        timestamps=np.asarray(log_.timestamp, dtype=np.float64)[order],
+    )
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """One evaluation target per user: rank `targets[j]` given `histories[j]`."""
+
+    users: np.ndarray  # (E,) internal user ids
+    targets: np.ndarray  # (E,) internal item ids
+    hist_offsets: np.ndarray  # (E+1,) CSR offsets into hist_items
+    hist_items: np.ndarray  # (H,) the history in time order; also the items excluded from ranking
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    def history(self, j: int) -> np.ndarray:
+        return self.hist_items[self.hist_offsets[j] : self.hist_offsets[j + 1]]
+
+
+@dataclass(frozen=True)
+class LeaveOneOut:
+    """DESIGN.md's protocol: per user, the last item is test, the one before validation.
+
+    Training sees each user's sequence without its last two items. Users with fewer than
+    three interactions cannot give both targets: all their items go to training and they are
+    not evaluated (counted in `n_train_only`).
+    """
+
+    data: SequenceData
+    train_offsets: np.ndarray  # (U+1,) training prefix of each user within data.items
+    valid: EvalSet
+    test: EvalSet
+    n_train_only: int
+
+    def train_sequence(self, u: int) -> np.ndarray:
+        start = self.data.offsets[u]
+        return self.data.items[start : start + (self.train_offsets[u + 1] - self.train_offsets[u])]
+
+    def train_lengths(self) -> np.ndarray:
+        return np.diff(self.train_offsets)
+
+    def train_popularity(self) -> np.ndarray:
+        """(I+1,) interaction counts in the training part; index 0 (padding) is 0."""
+        lengths = self.train_lengths()
+        starts = self.data.offsets[:-1]
+        mask = np.zeros(len(self.data.items), dtype=bool)
+        # Mark each user's training prefix; vectorised via a cumulative trick.
+        idx = np.repeat(starts, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        mask[idx] = True
+        return np.bincount(self.data.items[mask], minlength=self.data.n_items + 1).astype(np.int64)
+
+
+def _eval_set(data: SequenceData, users: np.ndarray, drop_last: int) -> EvalSet:
+    """With `drop_last` items hidden from the end: target = the last visible item, history = the rest."""
+    ends = data.offsets[users + 1] - drop_last  # exclusive end of the visible sequence incl. target
+    starts = data.offsets[users]
+    targets = data.items[ends - 1]
+    hist_len = ends - 1 - starts
+    hist_offsets = np.zeros(len(users) + 1, dtype=np.int64)
+    np.cumsum(hist_len, out=hist_offsets[1:])
+    idx = np.repeat(starts, hist_len) + (np.arange(hist_offsets[-1]) - np.repeat(hist_offsets[:-1], hist_len))
+    return EvalSet(users=users, targets=targets, hist_offsets=hist_offsets, hist_items=data.items[idx])
+
+
+def leave_one_out(data: SequenceData) -> LeaveOneOut:
+    lengths = data.lengths
+    eligible = np.flatnonzero(lengths >= 3)
+    train_len = np.where(lengths >= 3, lengths - 2, lengths)
+    train_offsets = np.zeros(data.n_users + 1, dtype=np.int64)
+    np.cumsum(train_len, out=train_offsets[1:])
+    n_train_only = int(data.n_users - len(eligible))
+    if n_train_only:
+        log.info("%d users have fewer than 3 interactions: used for training only", n_train_only)
+    return LeaveOneOut(
+        data=data,
+        train_offsets=train_offsets,
+        valid=_eval_set(data, eligible, drop_last=1),
+        test=_eval_set(data, eligible, drop_last=0),
+        n_train_only=n_train_only,
+    )

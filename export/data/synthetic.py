@@ -1,0 +1,298 @@
+"""A seeded synthetic interaction log with real sequential structure: the default dataset.
+
+How the data is generated
+-------------------------
+Items are split into latent **topics** (contiguous blocks of internal item indices, sizes
+varying like a random partition). Each topic's items have a fixed **order**: think of the
+episodes of a series, the chapters of a course, the parts of a product line.
+
+Popularity is Zipf-like at two levels: topics get weights ``(rank + 1) ** -a`` over a
+random ranking, and inside a topic position ``p`` gets weight ``~ (p + 1) ** -a`` (the
+first items of a topic are its entry points). ``a`` is ``popularity_exponent``.
+
+Topics form a sparse **transition graph**: each topic leads to ``topic_out_degree`` next
+topics (drawn by topic popularity, the first one most likely to be followed). Each user
+has ``n_home_topics`` preferred topics of their own.
+
+A user's sequence is a walk:
+
+1. Start in the user's first home topic at an entry position drawn from the in-topic Zipf.
+2. Each step, with probability ``stay_prob`` stay in the topic and move forward by a small
+   geometric jump (mean ``mean_step``): the next item is close after the previous one in
+   the topic's order. Otherwise (or when the jump runs off the topic's end) switch topic:
+   with probability ``home_rate`` back to one of the user's home topics, else along an
+   edge of the transition graph; enter the new topic at a Zipf-drawn position.
+3. With probability ``noise_rate`` a step emits a random item drawn from global popularity
+   instead, without moving the walk (the user comes back to where they were).
+
+Why sequence models win: the best predictor of the next item is the item just after the
+last one in its topic's order (or an entry item of a successor topic), which depends on
+the *last items*, not on global popularity. Popularity only captures the Zipf marginal;
+even a first-order transition count beats it several times over (leave-last-out, full
+ranking, seen items excluded, 2,000 users x 1,000 items: HR@10 0.66 against popularity's
+0.11; see tests/test_synthetic.py), and a model that also reads the longer history (home
+topics, where the user is in a chain) can do better still.
+
+Every item has nonzero probability (noise samples the full popularity distribution), and
+the marginal popularity is long-tailed. External ids: users ``1..n_users``; items are a
+seeded permutation of ``1..n_items``, so id order carries no signal. Timestamps are
+integer seconds (stored as float64), strictly increasing per user.
+
+Generation is vectorised over users: the loop runs over steps (at most the longest
+sequence), users sorted by length so the active users at any step are a prefix.
+Same config and seed → the same arrays, bit for bit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.data.log import InteractionLog
+
+ITEMS_PER_TOPIC = 25  # default topic size when n_topics is not given
+MIN_LENGTH = 5  # every user has at least this many interactions
+START_TIME = 1_600_000_000  # 2020-09-13 UTC; users start within START_SPAN_S of it
+START_SPAN_S = 365 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    """Knobs of the generator; see the module docstring for what each one does."""
+
+    n_users: int = 5000
+    n_items: int = 3000
+    mean_length: float = 30.0  # mean interactions per user (geometric spread, min 5)
+    n_topics: int | None = None  # 0/None: n_items // ITEMS_PER_TOPIC
+    seed: int = 0
+    stay_prob: float = 0.85  # chance a step stays in the current topic
+    mean_step: float = 1.5  # mean forward jump inside a topic's order (>= 1)
+    popularity_exponent: float = 0.8  # Zipf exponent, across and inside topics
+    noise_rate: float = 0.05  # chance a step is a random popular item
+    topic_out_degree: int = 3  # successors per topic in the transition graph
+    home_rate: float = 0.2  # chance a topic switch returns to a home topic
+    n_home_topics: int = 2  # preferred topics per user
+    mean_gap_s: float = 3600.0  # mean seconds between a user's interactions
+
+    def topics(self) -> int:
+        """The number of topics actually used (never more than n_items)."""
+        n = self.n_topics or max(1, self.n_items // ITEMS_PER_TOPIC)
+        return min(n, self.n_items)
+
+    def validate(self) -> None:
+        if self.n_users < 1 or self.n_items < 1:
+            raise ValueError("n_users and n_items must be >= 1")
+        if self.mean_length < MIN_LENGTH:
+            raise ValueError(f"mean_length must be >= {MIN_LENGTH}, got {self.mean_length}")
+        for name in ("stay_prob", "noise_rate", "home_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.mean_step < 1.0:
+            raise ValueError(f"mean_step must be >= 1, got {self.mean_step}")
+        if self.popularity_exponent < 0.0:
+            raise ValueError("popularity_exponent must be >= 0")
+        if self.topic_out_degree < 1 or self.n_home_topics < 1:
+            raise ValueError("topic_out_degree and n_home_topics must be >= 1")
+
+
+# ---------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class _World:
+    """Topics, their graph and popularity: everything shared by all users."""
+
+    start: np.ndarray  # (T,) first internal item index of each topic
+    size: np.ndarray  # (T,) items per topic
+    topic_weight: np.ndarray  # (T,) Zipf weight of each topic, sums to 1
+    successors: np.ndarray  # (T, D) next topics
+    successor_cdf: np.ndarray  # (D,) cumulative probability of following edge j
+    item_cdf: np.ndarray  # (n_items,) cumulative global popularity, for noise
+    item_ids: np.ndarray  # (n_items,) external id of each internal item index
+
+
+def _power_cdf(x: np.ndarray, a: float) -> np.ndarray:
+    """Antiderivative of x ** -a (up to a constant), for x >= 1."""
+    if abs(a - 1.0) < 1e-9:
+        return np.log(x)
+    return x ** (1.0 - a) / (1.0 - a)
+
+
+def _entry_positions(size: np.ndarray, a: float, u: np.ndarray) -> np.ndarray:
+    """Zipf-like positions in topics of `size` items, by inverse CDF of uniforms `u`.
+
+    The continuous density ~x**-a on [1, size + 1) floored to a bin: position p has mass
+    exactly the integral over [p + 1, p + 2), which `_within_topic_weights` also uses.
+    """
+    lo = _power_cdf(np.ones(1), a)
+    hi = _power_cdf(size + 1.0, a)
+    g = lo + u * (hi - lo)
+    if abs(a - 1.0) < 1e-9:
+        x = np.exp(g)
+    else:
+        x = (g * (1.0 - a)) ** (1.0 / (1.0 - a))
+    return np.minimum(np.floor(x).astype(np.int64) - 1, size - 1).clip(0)
+
+
+def _within_topic_weights(size: np.ndarray, pos: np.ndarray, a: float) -> np.ndarray:
+    """Probability of position `pos` in a topic of `size` items under `_entry_positions`."""
+    num = _power_cdf(pos + 2.0, a) - _power_cdf(pos + 1.0, a)
+    den = _power_cdf(size + 1.0, a) - _power_cdf(np.ones(1), a)
+    return num / den
+
+
+def _topic_sizes(rng: np.random.Generator, n_items: int, n_topics: int) -> np.ndarray:
+    """A random partition of n_items into n_topics non-empty blocks (varied sizes)."""
+    cuts = np.sort(rng.choice(n_items - 1, size=n_topics - 1, replace=False) + 1)
+    return np.diff(np.concatenate([[0], cuts, [n_items]])).astype(np.int64)
+
+
+def _build_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
+    n_topics, a = cfg.topics(), cfg.popularity_exponent
+    size = _topic_sizes(rng, cfg.n_items, n_topics)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+
+    # Zipf over topics, in a random order so topic index carries no signal.
+    rank = rng.permutation(n_topics)
+    topic_weight = (rank + 1.0) ** -a
+    topic_weight /= topic_weight.sum()
+
+    # Sparse graph: successors drawn by popularity, so popular topics also get traffic.
+    succ = rng.choice(n_topics, size=(n_topics, cfg.topic_out_degree), p=topic_weight)
+    if n_topics > 1:  # a self-loop would make a "switch" a no-op
+        own = np.arange(n_topics)[:, None]
+        succ = np.where(succ == own, (own + 1) % n_topics, succ)
+    edge_weight = 1.0 / np.arange(1, cfg.topic_out_degree + 1)  # first edge dominant
+    successor_cdf = np.cumsum(edge_weight / edge_weight.sum())
+
+    # Global popularity = topic weight x within-topic weight; every item > 0.
+    topic_of = np.repeat(np.arange(n_topics), size)
+    pos = np.arange(cfg.n_items) - start[topic_of]
+    item_p = topic_weight[topic_of] * _within_topic_weights(size[topic_of], pos, a)
+    item_cdf = np.cumsum(item_p)
+    item_cdf /= item_cdf[-1]
+
+    item_ids = rng.permutation(cfg.n_items).astype(np.int64) + 1
+    return _World(start, size, topic_weight, succ, successor_cdf, item_cdf, item_ids)
+
+
+# ---------------------------------------------------------------------------- the walks
+
+
+def _lengths(cfg: SyntheticConfig, rng: np.random.Generator) -> np.ndarray:
+    """Per-user sequence lengths: MIN_LENGTH - 1 + geometric, mean `mean_length`."""
+    p = 1.0 / (cfg.mean_length - MIN_LENGTH + 1.0)
+    return (MIN_LENGTH - 1 + rng.geometric(p, size=cfg.n_users)).astype(np.int64)
+
+
+def _sample_popular(world: _World, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Internal item indices drawn from global popularity."""
+    idx = np.searchsorted(world.item_cdf, rng.random(n), side="right")
+    return np.minimum(idx, len(world.item_cdf) - 1)
+
+
+def _switch_topics(
+    cfg: SyntheticConfig, world: _World, rng: np.random.Generator,
+    topic: np.ndarray, home: np.ndarray,
+) -> np.ndarray:
+    """New topics for users leaving `topic`: a home topic or a graph successor."""
+    n = len(topic)
+    edge = np.searchsorted(world.successor_cdf, rng.random(n), side="right")
+    edge = np.minimum(edge, cfg.topic_out_degree - 1)
+    nxt = world.successors[topic, edge]
+    go_home = rng.random(n) < cfg.home_rate
+    which_home = rng.integers(cfg.n_home_topics, size=n)
+    return np.where(go_home, home[np.arange(n), which_home], nxt)
+
+
+def _walk(
+    cfg: SyntheticConfig, world: _World, rng: np.random.Generator,
+    lengths: np.ndarray, progress: bool,
+) -> np.ndarray:
+    """Internal item indices of all interactions, user-major, in time order."""
+    a = cfg.popularity_exponent
+    order = np.argsort(-lengths, kind="stable")  # longest first: active users are a prefix
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
+    # Users with length > s; lengths sorted descending, so -sorted_len is ascending.
+    sorted_len = lengths[order]
+    n_active_at = np.searchsorted(-sorted_len, -np.arange(sorted_len[0]), side="left")
+
+    home = rng.choice(len(world.size), size=(cfg.n_users, cfg.n_home_topics),
+                      p=world.topic_weight)[order]
+    topic = home[:, 0].copy()
+    pos = _entry_positions(world.size[topic], a, rng.random(cfg.n_users))
+    items = np.empty(int(lengths.sum()), dtype=np.int64)
+    p_step = 1.0 / cfg.mean_step
+
+    steps = range(len(n_active_at))
+    for s in _maybe_progress(steps, progress, int(lengths.sum())):
+        n = int(n_active_at[s])
+        topic, pos, home = topic[:n], pos[:n], home[:n]
+        if s > 0:
+            new_pos = pos + rng.geometric(p_step, size=n)
+            leave = (rng.random(n) >= cfg.stay_prob) | (new_pos >= world.size[topic])
+            idx = np.flatnonzero(leave)  # only the leavers need a new topic (~20%)
+            topic[idx] = _switch_topics(cfg, world, rng, topic[idx], home[idx])
+            new_pos[idx] = _entry_positions(world.size[topic[idx]], a, rng.random(len(idx)))
+            pos = new_pos
+        emitted = world.start[topic] + pos
+        noise = rng.random(n) < cfg.noise_rate
+        emitted[noise] = _sample_popular(world, rng, int(noise.sum()))
+        items[offsets[:n] + s] = emitted
+    return items
+
+
+def _maybe_progress(steps, progress: bool, total: int):
+    """Iterate `steps`, with a rich progress bar when asked."""
+    if not progress:
+        yield from steps
+        return
+    from rich.progress import track  # imported lazily: only the CLI wants a bar
+
+    yield from track(steps, description=f"generating {total:,} interactions")
+
+
+def _timestamps(cfg: SyntheticConfig, rng: np.random.Generator, lengths: np.ndarray) -> np.ndarray:
+    """Integer seconds, strictly increasing per user (gaps >= 1 s), as float64."""
+    total = int(lengths.sum())
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    gaps = 1 + np.floor(rng.exponential(cfg.mean_gap_s, size=total)).astype(np.int64)
+    gaps[offsets] = 0  # each user's first interaction is at their start time
+    cum = np.cumsum(gaps)
+    start = START_TIME + rng.integers(START_SPAN_S, size=cfg.n_users)
+    ts = cum - np.repeat(cum[offsets], lengths) + np.repeat(start, lengths)
+    return ts.astype(np.float64)
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def generate(config: SyntheticConfig, *, progress: bool = False) -> InteractionLog:
+    """The synthetic log for `config`: rows user-major, each user's rows in time order."""
+    config.validate()
+    rng = np.random.default_rng(config.seed)
+    world = _build_world(config, rng)
+    lengths = _lengths(config, rng)
+    items = _walk(config, world, rng, lengths, progress)
+    timestamp = _timestamps(config, rng, lengths)
+    user = np.repeat(np.arange(1, config.n_users + 1, dtype=np.int64), lengths)
+    source = (
+        f"synthetic(n_users={config.n_users}, n_items={config.n_items}, seed={config.seed})"
+    )
+    return InteractionLog(user, world.item_ids[items], timestamp, source)
+
+
+def write(log: InteractionLog, path: str | Path) -> None:
+    """Write `log` as Parquet with columns user_id, item_id, timestamp.
+
+    Timestamps that are all whole seconds are stored as int64, others as float64.
+    """
+    import pyarrow as pa  # imported lazily: generating needs only numpy
+    import pyarrow.parquet as pq
+
+    ts = log.timestamp
+    if len(ts) and np.all(np.isfinite(ts)) and np.all(ts == np.floor(ts)):
+        ts = ts.astype(np.int64)
+    table = pa.table({"user_id": log.user, "item_id": log.item, "timestamp": ts})
+    pq.write_table(table, str(path))

@@ -1,0 +1,108 @@
+"""Evaluating a model version from the repository under DESIGN.md's protocol (no torch).
+
+What is measured is what is served: the version's ONNX encoder and item vectors, exact full
+ranking over the catalogue, seen items excluded. A popularity ranking is reported beside it
+so accuracy is never read alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from engine.encoder import OnnxEncoder
+from engine.metrics import evaluate_full_ranking
+from engine.repository import Manifest, resolve_version
+
+from .data.sequences import EvalSet, LeaveOneOut
+
+log = logging.getLogger(__name__)
+
+KS = (10, 20)
+
+
+def protocol(split: LeaveOneOut) -> dict[str, Any]:
+    return {
+        "name": "leave-one-out, full ranking",
+        "split": "per user by time: last interaction = test target, second to last = validation target, "
+                 "the rest = training",
+        "ranking": f"full ranking over all {split.data.n_items} catalogue items (no sampled negatives)",
+        "exclude_seen": True,
+        "min_interactions": 3,
+        "users_evaluated": len(split.test),
+        "users_train_only": split.n_train_only,
+        "ks": list(KS),
+    }
+
+
+def _run(query: Callable, item_vectors: np.ndarray, es: EvalSet, popularity: np.ndarray, label: str,
+         progress: bool) -> dict[str, float]:
+    hist = [es.history(j) for j in range(len(es))]
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(label, total=len(es))
+        return evaluate_full_ranking(query, item_vectors, hist, es.targets, popularity, ks=KS,
+                                     progress=lambda n: bar.advance(task, n))
+
+
+def evaluate_query_fn(query: Callable, item_vectors: np.ndarray, split: LeaveOneOut, *, progress: bool = True
+                      ) -> dict[str, Any]:
+    """Test and validation metrics of a model (`query`: token histories → vectors) and of popularity."""
+    pop = split.train_popularity()[1:].astype(np.float64)
+    out: dict[str, Any] = {"protocol": protocol(split)}
+    for which in ("test", "valid"):
+        out[which] = _run(query, item_vectors, getattr(split, which), pop, f"{which} ranking", progress)
+    ones = lambda h: np.ones((len(h), 1), dtype=np.float32)  # noqa: E731 — every user scores by popularity
+    pop_vec = pop.astype(np.float32)[:, None]
+    out["baselines"] = {"popularity": {w: _run(ones, pop_vec, getattr(split, w), pop, f"{w} popularity", False)
+                                       for w in ("test", "valid")}}
+    return out
+
+
+def load_item_vectors(version_dir: Path, manifest: Manifest) -> np.ndarray:
+    return np.load(version_dir / manifest.files["item_embeddings"].path)
+
+
+def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
+    return np.asarray(json.loads((version_dir / manifest.files["item_ids"].path).read_text()))
+
+
+def evaluate_version(version_dir: Path, manifest: Manifest, split: LeaveOneOut, *, threads: int = 0,
+                     progress: bool = True) -> dict[str, Any]:
+    encoder = OnnxEncoder(version_dir / manifest.files["encoder"].path, manifest.model["max_len"],
+                          intra_op_threads=threads)
+    result = evaluate_query_fn(encoder.encode_histories, load_item_vectors(version_dir, manifest), split,
+                               progress=progress)
+    result["model"] = {"name": manifest.name, "version": manifest.version, "path": str(version_dir)}
+    return result
+
+
+def evaluate_repo(repo: Path, name: str, log_, *, version: int | None = None, threads: int = 0,
+                  progress: bool = True) -> dict[str, Any]:
+    """Evaluate the newest valid (or the given) version on an interaction log, same split as training."""
+    from .data.sequences import build_sequences, leave_one_out
+
+    version_dir, manifest = resolve_version(repo, name, version)
+    split = leave_one_out(build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest)))
+    return evaluate_version(version_dir, manifest, split, threads=threads, progress=progress)
+
+
+def print_report(result: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    p = result["protocol"]
+    table = Table(title=f"{p['name']} · {p['users_evaluated']} users · {p['ranking']} · seen items excluded")
+    cols = ["hr@10", "ndcg@10", "hr@20", "ndcg@20", "coverage@10", "arp@10"]
+    table.add_column("model / split")
+    for c in cols:
+        table.add_column(c.upper() if c.startswith(("hr", "ndcg")) else c, justify="right")
+    rows = [("model", result)] + [(name, b) for name, b in result.get("baselines", {}).items()]
+    for label, res in rows:
+        for which in ("test", "valid"):
+            m = res[which]
+            table.add_row(f"{label} · {which}", *(f"{m[c]:.4f}" if c != "arp@10" else f"{m[c]:.1f}" for c in cols))
+    console.print(table)

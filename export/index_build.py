@@ -1,0 +1,135 @@
+"""Building the FAISS item index and tuning its search parameters to a target recall.
+
+Recall@N is measured against exact inner-product search, on real query vectors (validation
+users' encodings), and the cheapest setting that reaches the target is kept.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import faiss
+import numpy as np
+
+from engine.index import apply_params
+
+log = logging.getLogger(__name__)
+
+EXACT_UP_TO = 50_000  # catalogues this small are searched exactly by default
+
+
+def default_factory(n_items: int) -> str:
+    """Exact search for small catalogues; IVF with ~4·√n lists (a power of two) for large ones."""
+    if n_items <= EXACT_UP_TO:
+        return "Flat"
+    nlist = 2 ** round(math.log2(4 * math.sqrt(n_items)))
+    return f"IVF{nlist},Flat"
+
+
+def build_index(vectors: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
+    """Inner-product index over `vectors` (rows = catalogue rows), trained when it needs it."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        ivf = _ivf(index)
+        if ivf is not None:
+            ivf.cp.seed = seed
+            # FAISS's guidance: 30-256 training points per list; more only costs time.
+            n_train = min(len(vectors), 256 * ivf.nlist)
+            rng = np.random.default_rng(seed)
+            sample = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
+        else:
+            sample = vectors
+        index.train(sample)
+    index.add(vectors)
+    return index
+
+
+def _ivf(index: faiss.Index):
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def _is_hnsw(index: faiss.Index) -> bool:
+    return isinstance(faiss.downcast_index(index), (faiss.IndexHNSW,)) or "HNSW" in type(faiss.downcast_index(index)).__name__
+
+
+def candidate_params(index: faiss.Index) -> list[dict[str, Any]]:
+    """Search settings to try, cheapest first."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        out, p = [], 1
+        while p < ivf.nlist:
+            out.append({"nprobe": p})
+            p *= 2
+        return out + [{"nprobe": ivf.nlist}]
+    if _is_hnsw(index):
+        return [{"efSearch": ef} for ef in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    return [{}]  # exact
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean |approx ∩ exact| / N over queries (rows of top-N row ids)."""
+    n = exact.shape[1]
+    return float(np.mean([len(np.intersect1d(a, e, assume_unique=False)) / n for a, e in zip(approx, exact)]))
+
+
+def _time_single(index: faiss.Index, queries: np.ndarray, n: int, repeats: int) -> float:
+    """Median ms of one query at a time (the serving case at batch 1)."""
+    times = []
+    for q in queries[:repeats]:
+        t = time.perf_counter()
+        index.search(q[None, :], n)
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+@dataclass
+class TuneResult:
+    params: dict[str, Any]
+    recall: float  # recall@N against exact search on the tuning queries
+    n: int
+    search_ms: float  # median single-query latency with `params`
+    exact_ms: float  # median single-query latency of exact search
+    batch_ms_per_query: float  # batched (all tuning queries at once) ms per query
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    reached_target: bool = True
+
+
+def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, *, n: int = 200,
+         target_recall: float = 0.98, timing_queries: int = 200) -> TuneResult:
+    """Smallest nprobe / efSearch whose recall@n on `queries` reaches `target_recall`."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    n = min(n, index.ntotal)
+    exact = faiss.IndexFlatIP(vectors.shape[1])
+    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, truth = exact.search(queries, n)
+    exact_ms = _time_single(exact, queries, n, timing_queries)
+    tried = []
+    chosen = None
+    for params in candidate_params(index):
+        apply_params(index, params)
+        _, got = index.search(queries, n)
+        r = recall_at(got, truth)
+        tried.append({**params, "recall": r})
+        log.debug("%s recall@%d %.4f", params, n, r)
+        if r >= target_recall:
+            chosen = (params, r)
+            break
+    reached = chosen is not None
+    if chosen is None:  # keep the most accurate setting and say the target was missed
+        best = max(tried, key=lambda t: t["recall"])
+        chosen = ({k: v for k, v in best.items() if k != "recall"}, best["recall"])
+        log.warning("recall@%d target %.3f not reached; best %.4f with %s", n, target_recall, chosen[1], chosen[0])
+    params, r = chosen
+    apply_params(index, params)
+    search_ms = _time_single(index, queries, n, timing_queries)
+    t = time.perf_counter()
+    index.search(queries, n)
+    batch_ms = (time.perf_counter() - t) * 1e3 / max(len(queries), 1)
+    return TuneResult(params, r, n, search_ms, exact_ms, batch_ms, tried, reached)

@@ -1,0 +1,129 @@
+"""SASRec: a causal self-attention encoder over item histories (Kang & McAuley, ICDM 2018).
+
+Pre-norm transformer blocks, learned positions, and item embeddings shared with the output
+layer, so a user's query vector scores items by inner product — the same inner product the
+FAISS index searches. Histories are left-padded with token 0; positions are counted from the
+right, so a history padded to any length gives the same query vector.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class SASRecConfig:
+    n_items: int  # catalogue size; tokens are 1..n_items, 0 is padding
+    max_len: int = 50
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    ffn_dim: int = 256
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        assert cfg.dim % cfg.n_heads == 0, "dim must be divisible by n_heads"
+        self.n_heads = cfg.n_heads
+        self.scale = 1.0 / math.sqrt(cfg.dim // cfg.n_heads)
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, l, d = x.shape  # (B, L, D)
+        q, k, v = self.qkv(x).split(d, dim=2)
+        # (B, H, L, D/H)
+        q = q.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
+        k = k.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
+        v = v.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
+        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, L, L)
+        att = att.masked_fill(~allowed, float("-inf"))
+        att = self.attn_drop(F.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(b, l, d)  # (B, L, D)
+        return self.resid_drop(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.dim, cfg.ffn_dim)
+        self.out = nn.Linear(cfg.ffn_dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.out(self.drop(F.gelu(self.fc(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(ln(x)), then x + ffn(ln(x))."""
+
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.dim)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.dim)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), allowed)
+        return x + self.ffn(self.ln2(x))
+
+
+class SASRec(nn.Module):
+    def __init__(self, cfg: SASRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.ln_f = nn.LayerNorm(cfg.dim)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) int64, left-padded with 0 → hidden states (B, L, D)."""
+        l = tokens.shape[1]
+        valid = tokens > 0  # (B, L)
+        # Right-aligned positions: the last item always has position max_len - 1.
+        pos = torch.arange(self.cfg.max_len - l, self.cfg.max_len, device=tokens.device)
+        x = self.item_emb(tokens) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)
+        x = self.drop(x) * valid.unsqueeze(-1)
+        idx = torch.arange(l, device=tokens.device)
+        causal = idx.unsqueeze(1) >= idx.unsqueeze(0)  # (L, L): query i sees keys j <= i
+        # Padding keys are hidden; each position may always see itself so no row is empty.
+        allowed = (causal & valid.unsqueeze(1)) | (idx.unsqueeze(1) == idx.unsqueeze(0))
+        allowed = allowed.unsqueeze(1)  # (B, 1, L, L)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.ln_f(x)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """→ (query (B, D), hidden (B, L, D)); the query is the last position's state."""
+        h = self.hidden(tokens)
+        return h[:, -1, :], h
+
+    def item_vectors(self) -> torch.Tensor:
+        """(n_items, D): catalogue rows, i.e. tokens 1..n_items. Scores are query @ item_vectors.T."""
+        return self.item_emb.weight[1:]

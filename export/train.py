@@ -1,0 +1,224 @@
+"""Training SASRec with full (or sampled) softmax cross-entropy, early stopping on validation NDCG@10.
+
+Full softmax over the catalogue is "SASRec+" (Klenitskiy & Vasilev, RecSys 2023): the target is
+scored against every item, as it is at serving time. For catalogues too large for that, the
+sampled option scores it against shared negatives drawn ∝ popularity^0.75 with the logQ
+correction, which keeps the estimate of the full softmax unbiased in expectation.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from engine.metrics import evaluate_full_ranking
+
+from .data.sequences import LeaveOneOut
+from .model import SASRec, SASRecConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    max_len: int = 50
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    ffn_dim: int = 256
+    dropout: float = 0.2
+    loss: str = "ce"  # "ce" (full softmax) or "sampled"
+    n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    val_users: int = 10000  # validation users sampled for early stopping (all if fewer)
+    time_budget_s: float = 0.0  # stop after this much training time (0: no limit)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    seed: int = 0
+
+    def model_config(self, n_items: int) -> SASRecConfig:
+        return SASRecConfig(
+            n_items=n_items, max_len=self.max_len, dim=self.dim, n_blocks=self.n_blocks,
+            n_heads=self.n_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+        )
+
+
+@dataclass
+class TrainResult:
+    model: SASRec
+    best_epoch: int
+    best_valid_ndcg10: float
+    epochs_run: int
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def training_windows(split: LeaveOneOut, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) into split.data.items of every training window of up to max_len + 1 items.
+
+    Long sequences are cut into non-overlapping windows from the most recent end backwards,
+    so every training transition is used once per epoch, not only the last max_len.
+    """
+    starts, ends = [], []
+    lengths = split.train_lengths()
+    base = split.data.offsets[:-1]
+    for u in np.flatnonzero(lengths >= 2):
+        end = base[u] + lengths[u]
+        while end - base[u] >= 2:
+            start = max(base[u], end - (max_len + 1))
+            starts.append(start)
+            ends.append(end)
+            end = start + 1  # next window's last item is this window's first (its first target)
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
+def _batch_tokens(items: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> torch.Tensor:
+    """(B, W) left-padded token windows, W = the longest window in the batch."""
+    width = int((ends - starts).max())
+    out = np.zeros((len(starts), width), dtype=np.int64)
+    for i, (s, e) in enumerate(zip(starts, ends)):
+        out[i, width - (e - s) :] = items[s:e]
+    return torch.from_numpy(out)
+
+
+def _loss(model: SASRec, window: torch.Tensor, cfg: TrainConfig, neg_logq: tuple | None) -> torch.Tensor:
+    inputs, targets = window[:, :-1], window[:, 1:]
+    h = model.hidden(inputs)  # (B, L, D)
+    keep = (inputs > 0) & (targets > 0)
+    h, targets = h[keep], targets[keep]  # (N, D), (N,)
+    items = model.item_vectors()  # (I, D)
+    if cfg.loss == "ce":
+        return F.cross_entropy(h @ items.T, targets - 1)
+    negatives, logq = neg_logq  # (S,) rows, (I,) log sampling probability per row
+    pos = (h * items[targets - 1]).sum(-1) - logq[targets - 1]  # (N,)
+    neg = h @ items[negatives].T - logq[negatives]  # (N, S)
+    neg = neg.masked_fill(negatives.unsqueeze(0) == (targets - 1).unsqueeze(1), float("-inf"))
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
+
+
+@torch.no_grad()
+def query_vectors(model: SASRec, histories: list[np.ndarray], batch_size: int = 512) -> np.ndarray:
+    """Query vectors for token histories (any lengths), in eval mode."""
+    from engine.encoder import pad_histories
+
+    was_training = model.training
+    model.eval()
+    out = []
+    for s in range(0, len(histories), batch_size):
+        tokens = torch.from_numpy(pad_histories(histories[s : s + batch_size], model.cfg.max_len))
+        out.append(model(tokens)[0].numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), dtype=np.float32)
+
+
+def validate(model: SASRec, split: LeaveOneOut, users: np.ndarray, popularity: np.ndarray, which: str = "valid") -> dict:
+    es = split.valid if which == "valid" else split.test
+    hist = [es.history(j) for j in users]
+    items = model.item_vectors().detach().numpy()
+    return evaluate_full_ranking(lambda h: query_vectors(model, h), items, hist, es.targets[users], popularity)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
+
+
+def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = None, resume: bool = False,
+          progress: bool = True) -> TrainResult:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    n_items = split.data.n_items
+    model = SASRec(cfg.model_config(n_items))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    popularity = split.train_popularity()[1:].astype(np.float64)
+    starts, ends = training_windows(split, cfg.max_len)
+    if len(starts) == 0:
+        raise ValueError("no user has two or more training interactions: nothing to train on")
+    n_valid = len(split.valid)
+    val_users = np.arange(n_valid) if n_valid <= cfg.val_users else np.sort(rng.choice(n_valid, cfg.val_users, replace=False))
+    neg_probs = logq = None
+    if cfg.loss == "sampled":
+        p = (popularity + 1.0) ** 0.75
+        neg_probs = torch.from_numpy(p / p.sum())
+        logq = torch.log(neg_probs * cfg.n_negatives).float()
+    elif cfg.loss != "ce":
+        raise ValueError(f"unknown loss {cfg.loss!r} (ce or sampled)")
+
+    epoch, best, best_epoch, bad, history = 0, -1.0, 0, 0, []
+    best_state = None
+    if resume and checkpoint and checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["train_config"] != asdict(cfg):
+            raise ValueError(f"{checkpoint} was written with another configuration; start without --resume")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        epoch, best, best_epoch, bad = state["epoch"], state["best"], state["best_epoch"], state["bad"]
+        best_state, history = state["best_state"], state["history"]
+        rng.bit_generator.state = state["numpy_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed from %s at epoch %d (best NDCG@10 %.4f at epoch %d)", checkpoint, epoch, best, best_epoch)
+
+    t0 = time.perf_counter()
+    n_batches = math.ceil(len(starts) / cfg.batch_size)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}")]
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        ep_task = bar.add_task("epochs", total=cfg.epochs, completed=epoch, status="")
+        b_task = bar.add_task("batches", total=n_batches, status="")
+        while epoch < cfg.epochs and bad < cfg.patience:
+            model.train()
+            order = rng.permutation(len(starts))
+            bar.reset(b_task, total=n_batches)
+            total = 0.0
+            for b in range(n_batches):
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                window = _batch_tokens(split.data.items, starts[idx], ends[idx])
+                neg = None
+                if cfg.loss == "sampled":
+                    negatives = torch.multinomial(neg_probs, cfg.n_negatives, replacement=True)
+                    neg = (negatives, logq)
+                loss = _loss(model, window, cfg, neg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss)
+                bar.update(b_task, advance=1, status=f"loss {total / (b + 1):.4f}")
+            epoch += 1
+            metrics = validate(model, split, val_users, popularity)
+            ndcg = metrics["ndcg@10"]
+            history.append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg, "valid_hr@10": metrics["hr@10"]})
+            if ndcg > best:
+                best, best_epoch, bad = ndcg, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+            bar.update(ep_task, advance=1, status=f"valid NDCG@10 {ndcg:.4f} (best {best:.4f} @ {best_epoch})")
+            log.debug("epoch %d loss %.4f valid ndcg@10 %.4f", epoch, total / n_batches, ndcg)
+            if checkpoint:
+                _save_checkpoint(checkpoint, {
+                    "train_config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
+                    "history": history, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                    "n_items": n_items,
+                })
+            if cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s:
+                log.info("time budget of %.0fs reached after epoch %d", cfg.time_budget_s, epoch)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(model, best_epoch, best, epoch, time.perf_counter() - t0, history)
