@@ -19,6 +19,7 @@ def topk_excluding(scores: np.ndarray, exclude: Sequence[np.ndarray], k: int) ->
     """Indices of the k best columns per row, best first, never one in that row's `exclude`.
 
     scores: (B, I) float; exclude: B arrays of column indices. Modifies `scores` in place.
+    Slots that only excluded columns could fill (tiny catalogues) are -1.
     """
     b, n = scores.shape
     rows = np.repeat(np.arange(b), [len(e) for e in exclude])
@@ -26,8 +27,11 @@ def topk_excluding(scores: np.ndarray, exclude: Sequence[np.ndarray], k: int) ->
         scores[rows, np.concatenate(exclude)] = -np.inf
     k = min(k, n)
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
+    part_scores = np.take_along_axis(scores, part, axis=1)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    top = np.take_along_axis(part, order, axis=1)
+    top[np.take_along_axis(part_scores, order, axis=1) == -np.inf] = -1
+    return top
 
 
 def hit_positions(top: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -55,8 +59,10 @@ class RankingReport:
     def add(self, top: np.ndarray, targets: np.ndarray, repeats: int = 0) -> None:
         self.positions.append(hit_positions(top, targets))
         top10 = top[:, : min(10, top.shape[1])]
-        self.recommended[top10.ravel()] = True
-        self.rec_pop_sum += float(self.popularity[top10].mean(axis=1).sum())
+        valid = top10 >= 0
+        self.recommended[top10[valid]] = True
+        pops = np.where(valid, self.popularity[np.maximum(top10, 0)], 0.0)
+        self.rec_pop_sum += float((pops.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)).sum())
         self.n += len(targets)
         self.repeats += repeats
 
@@ -97,7 +103,7 @@ def evaluate_full_ranking(
     n_items = item_vectors.shape[0]
     report = RankingReport(ks, n_items, popularity)
     step = max(1, min(batch_size, _SCORE_BUDGET // max(n_items, 1)))
-    kmax = max(ks)
+    kmax = max(*ks, 10)  # coverage and ARP are read from the top 10
     for s in range(0, len(targets), step):
         hist = list(histories[s : s + step])
         tgt = targets[s : s + step]

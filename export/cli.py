@@ -95,7 +95,7 @@ _TRAIN_HELP = {
 
 
 def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) -> None:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     g = p.add_argument_group("model and training")
     base = TrainConfig()
@@ -107,7 +107,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
 
 
 def _train_config(args: argparse.Namespace):
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
@@ -118,6 +118,12 @@ def _add_publish_args(p: argparse.ArgumentParser) -> None:
                    help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: Flat up to 50,000 items, else IVF)")
     g.add_argument("--recall-n", type=int, default=200, help="N of the recall@N the index is tuned for (default: 200)")
     g.add_argument("--target-recall", type=float, default=0.98, help="recall@N to reach against exact search (default: 0.98)")
+    _add_eval_users(p)
+
+
+def _add_eval_users(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-users", type=int, default=0, metavar="N",
+                   help="evaluate a seeded sample of N users instead of all (for huge catalogues; default: 0, all)")
 
 
 def _publish(model, split, info, args, training: dict) -> dict:
@@ -126,7 +132,8 @@ def _publish(model, split, info, args, training: dict) -> dict:
 
     version_dir, manifest, metrics = publish(
         model, split, args.out, args.name, training=training, data_info=info, index_factory=args.index_factory,
-        recall_n=args.recall_n, target_recall=args.target_recall, seed=args.seed, progress=not args.quiet)
+        recall_n=args.recall_n, target_recall=args.target_recall, eval_users=args.eval_users, seed=args.seed,
+        progress=not args.quiet)
     print_report(metrics)
     idx = manifest.index
     recall = idx["recall@%d" % idx["recall_n"]]
@@ -156,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from .model import SASRec
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     state = torch.load(args.checkpoint, weights_only=False)
     cfg = TrainConfig(**state["train_config"])
@@ -177,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     log_, _ = _load_log(args)
     result = evaluate_repo(args.repo, args.name, log_, version=args.version, threads=args.threads,
-                           progress=not args.quiet)
+                           max_users=args.eval_users, progress=not args.quiet)
     print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -240,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="version number (default: newest valid)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the metrics as JSON")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    _add_eval_users(p)
     _add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
 

@@ -25,7 +25,8 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
     from .data.synthetic import SyntheticConfig, generate, write
     from .evaluate import load_item_ids, print_report
     from .publish import publish
-    from .train import TrainConfig, train
+    from .config import TrainConfig
+    from .train import train
 
     console = Console()
     t0 = time.perf_counter()

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 KS = (10, 20)
 
 
-def protocol(split: LeaveOneOut) -> dict[str, Any]:
+def protocol(split: LeaveOneOut, evaluated: int) -> dict[str, Any]:
     return {
         "name": "leave-one-out, full ranking",
         "split": "per user by time: last interaction = test target, second to last = validation target, "
@@ -35,7 +35,8 @@ def protocol(split: LeaveOneOut) -> dict[str, Any]:
         "ranking": f"full ranking over all {split.data.n_items} catalogue items (no sampled negatives)",
         "exclude_seen": True,
         "min_interactions": 3,
-        "users_evaluated": len(split.test),
+        "users_evaluated": evaluated,
+        "users_eligible": len(split.test),
         "users_train_only": split.n_train_only,
         "ks": list(KS),
     }
@@ -50,17 +51,25 @@ def _run(query: Callable, item_vectors: np.ndarray, es: EvalSet, popularity: np.
                                      progress=lambda n: bar.advance(task, n))
 
 
-def evaluate_query_fn(query: Callable, item_vectors: np.ndarray, split: LeaveOneOut, *, progress: bool = True
-                      ) -> dict[str, Any]:
-    """Test and validation metrics of a model (`query`: token histories → vectors) and of popularity."""
+def evaluate_query_fn(query: Callable, item_vectors: np.ndarray, split: LeaveOneOut, *, max_users: int = 0,
+                      seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Test and validation metrics of a model (`query`: token histories → vectors) and of popularity.
+
+    `max_users` > 0 evaluates a seeded sample of that many users (the same users for every
+    row), for catalogues where full ranking of every user takes too long; 0 evaluates all.
+    """
     pop = split.train_popularity()[1:].astype(np.float64)
-    out: dict[str, Any] = {"protocol": protocol(split)}
-    for which in ("test", "valid"):
-        out[which] = _run(query, item_vectors, getattr(split, which), pop, f"{which} ranking", progress)
+    sets = {"test": split.test, "valid": split.valid}
+    if 0 < max_users < len(split.test):
+        idx = np.sort(np.random.default_rng(seed).choice(len(split.test), max_users, replace=False))
+        sets = {w: es.subset(idx) for w, es in sets.items()}
+    out: dict[str, Any] = {"protocol": protocol(split, len(sets["test"]))}
+    for which, es in sets.items():
+        out[which] = _run(query, item_vectors, es, pop, f"{which} ranking", progress)
     ones = lambda h: np.ones((len(h), 1), dtype=np.float32)  # noqa: E731 — every user scores by popularity
     pop_vec = pop.astype(np.float32)[:, None]
-    out["baselines"] = {"popularity": {w: _run(ones, pop_vec, getattr(split, w), pop, f"{w} popularity", False)
-                                       for w in ("test", "valid")}}
+    out["baselines"] = {"popularity": {w: _run(ones, pop_vec, es, pop, f"{w} popularity", False)
+                                       for w, es in sets.items()}}
     return out
 
 
@@ -73,23 +82,23 @@ def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
 
 
 def evaluate_version(version_dir: Path, manifest: Manifest, split: LeaveOneOut, *, threads: int = 0,
-                     progress: bool = True) -> dict[str, Any]:
+                     max_users: int = 0, progress: bool = True) -> dict[str, Any]:
     encoder = OnnxEncoder(version_dir / manifest.files["encoder"].path, manifest.model["max_len"],
                           intra_op_threads=threads)
     result = evaluate_query_fn(encoder.encode_histories, load_item_vectors(version_dir, manifest), split,
-                               progress=progress)
+                               max_users=max_users, progress=progress)
     result["model"] = {"name": manifest.name, "version": manifest.version, "path": str(version_dir)}
     return result
 
 
 def evaluate_repo(repo: Path, name: str, log_, *, version: int | None = None, threads: int = 0,
-                  progress: bool = True) -> dict[str, Any]:
+                  max_users: int = 0, progress: bool = True) -> dict[str, Any]:
     """Evaluate the newest valid (or the given) version on an interaction log, same split as training."""
     from .data.sequences import build_sequences, leave_one_out
 
     version_dir, manifest = resolve_version(repo, name, version)
     split = leave_one_out(build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest)))
-    return evaluate_version(version_dir, manifest, split, threads=threads, progress=progress)
+    return evaluate_version(version_dir, manifest, split, threads=threads, max_users=max_users, progress=progress)
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:

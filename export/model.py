@@ -8,25 +8,11 @@ right, so a history padded to any length gives the same query vector.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass
-class SASRecConfig:
-    n_items: int  # catalogue size; tokens are 1..n_items, 0 is padding
-    max_len: int = 50
-    dim: int = 64
-    n_blocks: int = 2
-    n_heads: int = 1
-    ffn_dim: int = 256
-    dropout: float = 0.2
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .config import SASRecConfig
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,10 +67,11 @@ class Block(nn.Module):
 
 
 class SASRec(nn.Module):
-    def __init__(self, cfg: SASRecConfig) -> None:
+    def __init__(self, cfg: SASRecConfig, *, sparse_items: bool = False) -> None:
+        """sparse_items: item-table lookups yield sparse gradients (sampled softmax on huge catalogues)."""
         super().__init__()
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0)
+        self.item_emb = nn.Embedding(cfg.n_items + 1, cfg.dim, padding_idx=0, sparse=sparse_items)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))

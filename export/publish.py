@@ -38,6 +38,7 @@ def publish(
     recall_n: int = 200,
     target_recall: float = 0.98,
     tune_queries: int = 2000,
+    eval_users: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
@@ -72,7 +73,8 @@ def publish(
         popularity = split.train_popularity()[1:].astype(np.int64)
         np.save(w.path / "item_popularity.npy", popularity)
 
-        metrics = evaluate_query_fn(encoder.encode_histories, vectors, split, progress=progress)
+        metrics = evaluate_query_fn(encoder.encode_histories, vectors, split, max_users=eval_users, seed=seed,
+                                    progress=progress)
         version_dir = w.commit(
             files={"encoder": "encoder.onnx", "item_embeddings": "item_embeddings.npy", "index": "items.faiss",
                    "item_ids": "item_ids.json", "item_popularity": "item_popularity.npy"},

@@ -22,36 +22,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from engine.metrics import evaluate_full_ranking
 
 from .data.sequences import LeaveOneOut
-from .model import SASRec, SASRecConfig
+from .config import TrainConfig
+from .model import SASRec
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    max_len: int = 50
-    dim: int = 64
-    n_blocks: int = 2
-    n_heads: int = 1
-    ffn_dim: int = 256
-    dropout: float = 0.2
-    loss: str = "ce"  # "ce" (full softmax) or "sampled"
-    n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 128
-    epochs: int = 200
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    val_users: int = 10000  # validation users sampled for early stopping (all if fewer)
-    time_budget_s: float = 0.0  # stop after this much training time (0: no limit)
-    threads: int = 0  # torch CPU threads (0: torch's default)
-    seed: int = 0
-
-    def model_config(self, n_items: int) -> SASRecConfig:
-        return SASRecConfig(
-            n_items=n_items, max_len=self.max_len, dim=self.dim, n_blocks=self.n_blocks,
-            n_heads=self.n_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
-        )
 
 
 @dataclass
@@ -97,12 +71,12 @@ def _loss(model: SASRec, window: torch.Tensor, cfg: TrainConfig, neg_logq: tuple
     h = model.hidden(inputs)  # (B, L, D)
     keep = (inputs > 0) & (targets > 0)
     h, targets = h[keep], targets[keep]  # (N, D), (N,)
-    items = model.item_vectors()  # (I, D)
     if cfg.loss == "ce":
-        return F.cross_entropy(h @ items.T, targets - 1)
+        return F.cross_entropy(h @ model.item_vectors().T, targets - 1)
     negatives, logq = neg_logq  # (S,) rows, (I,) log sampling probability per row
-    pos = (h * items[targets - 1]).sum(-1) - logq[targets - 1]  # (N,)
-    neg = h @ items[negatives].T - logq[negatives]  # (N, S)
+    # Lookups through the embedding module keep the item table's gradient sparse.
+    pos = (h * model.item_emb(targets)).sum(-1) - logq[targets - 1]  # (N,)
+    neg = h @ model.item_emb(negatives + 1).T - logq[negatives]  # (N, S)
     neg = neg.masked_fill(negatives.unsqueeze(0) == (targets - 1).unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
@@ -130,6 +104,33 @@ def validate(model: SASRec, split: LeaveOneOut, users: np.ndarray, popularity: n
     return evaluate_full_ranking(lambda h: query_vectors(model, h), items, hist, es.targets[users], popularity)
 
 
+class _Optimizer:
+    """AdamW; with sparse item gradients, SparseAdam for the item table so a step costs what
+    the batch touched, not the whole (possibly million-row) table."""
+
+    def __init__(self, model: SASRec, cfg: TrainConfig, sparse: bool) -> None:
+        betas = (0.9, 0.98)
+        rest = [p for n, p in model.named_parameters() if not (sparse and n == "item_emb.weight")]
+        self.opts = [torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)]
+        if sparse:
+            self.opts.append(torch.optim.SparseAdam([model.item_emb.weight], lr=cfg.lr, betas=betas))
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def state_dict(self) -> list:
+        return [o.state_dict() for o in self.opts]
+
+    def load_state_dict(self, states: list) -> None:
+        for o, s in zip(self.opts, states):
+            o.load_state_dict(s)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)
@@ -143,8 +144,9 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     n_items = split.data.n_items
-    model = SASRec(cfg.model_config(n_items))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sparse = cfg.loss == "sampled"
+    model = SASRec(cfg.model_config(n_items), sparse_items=sparse)
+    opt = _Optimizer(model, cfg, sparse)
     popularity = split.train_popularity()[1:].astype(np.float64)
     starts, ends = training_windows(split, cfg.max_len)
     if len(starts) == 0:
@@ -163,11 +165,16 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
     best_state = None
     if resume and checkpoint and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=False)
-        if state["train_config"] != asdict(cfg):
-            raise ValueError(f"{checkpoint} was written with another configuration; start without --resume")
+        # Budgets may change on resume; anything that shapes the model or the data order may not.
+        budget = {"epochs", "patience", "time_budget_s", "threads"}
+        changed = sorted(k for k, v in asdict(cfg).items() if k not in budget and state["train_config"].get(k) != v)
+        if changed:
+            raise ValueError(f"{checkpoint} was written with other settings ({', '.join(changed)}); "
+                             "start without --resume or with the same settings")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        epoch, best, best_epoch, bad = state["epoch"], state["best"], state["best_epoch"], state["bad"]
+        epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
+        bad = epoch - best_epoch
         best_state, history = state["best_state"], state["history"]
         rng.bit_generator.state = state["numpy_rng"]
         torch.set_rng_state(state["torch_rng"])
@@ -193,10 +200,10 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                     negatives = torch.multinomial(neg_probs, cfg.n_negatives, replacement=True)
                     neg = (negatives, logq)
                 loss = _loss(model, window, cfg, neg)
-                opt.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += float(loss)
+                total += loss.item()
                 bar.update(b_task, advance=1, status=f"loss {total / (b + 1):.4f}")
             epoch += 1
             metrics = validate(model, split, val_users, popularity)

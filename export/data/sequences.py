@@ -110,6 +110,14 @@ class EvalSet:
     def history(self, j: int) -> np.ndarray:
         return self.hist_items[self.hist_offsets[j] : self.hist_offsets[j + 1]]
 
+    def subset(self, idx: np.ndarray) -> "EvalSet":
+        """The targets at positions `idx` (e.g. a sample of users), in that order."""
+        hists = [self.history(j) for j in idx]
+        offsets = np.zeros(len(idx) + 1, dtype=np.int64)
+        np.cumsum([len(h) for h in hists], out=offsets[1:])
+        items = np.concatenate(hists) if hists else np.zeros(0, dtype=np.int64)
+        return EvalSet(users=self.users[idx], targets=self.targets[idx], hist_offsets=offsets, hist_items=items)
+
 
 @dataclass(frozen=True)
 class LeaveOneOut:

@@ -1,0 +1,1 @@
+"""attnrec's benchmark suite (latency and throughput of every stage; see the README)."""

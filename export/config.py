@@ -1,0 +1,47 @@
+"""Model and training settings: plain dataclasses, importable without torch (the CLI builds its flags from them)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class SASRecConfig:
+    n_items: int  # catalogue size; tokens are 1..n_items, 0 is padding
+    max_len: int = 50
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    ffn_dim: int = 256
+    dropout: float = 0.2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TrainConfig:
+    max_len: int = 50
+    dim: int = 64
+    n_blocks: int = 2
+    n_heads: int = 1
+    ffn_dim: int = 256
+    dropout: float = 0.2
+    loss: str = "ce"  # "ce" (full softmax) or "sampled"
+    n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 128
+    epochs: int = 200
+    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
+    val_users: int = 10000  # validation users sampled for early stopping (all if fewer)
+    time_budget_s: float = 0.0  # stop after this much training time (0: no limit)
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    seed: int = 0
+
+    def model_config(self, n_items: int) -> SASRecConfig:
+        return SASRecConfig(
+            n_items=n_items, max_len=self.max_len, dim=self.dim, n_blocks=self.n_blocks,
+            n_heads=self.n_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+        )
+
+

@@ -1,0 +1,33 @@
+import numpy as np
+import pytest
+
+from export.data.log import InteractionLog
+from export.data.sequences import build_sequences, leave_one_out
+from export.data.synthetic import SyntheticConfig, generate
+
+
+@pytest.fixture(scope="session")
+def small_log() -> InteractionLog:
+    """A small synthetic log with sequential structure (fast to train on)."""
+    return generate(SyntheticConfig(n_users=400, n_items=300, mean_length=20, seed=3))
+
+
+@pytest.fixture(scope="session")
+def small_split(small_log):
+    return leave_one_out(build_sequences(small_log))
+
+
+@pytest.fixture(scope="session")
+def tiny_model(small_split):
+    """A briefly trained SASRec (a few epochs): enough for parity and pipeline tests."""
+    from export.train import TrainConfig, train
+
+    cfg = TrainConfig(max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=3, patience=3, batch_size=64,
+                      seed=0, threads=2)
+    return train(small_split, cfg, progress=False).model
+
+
+def make_log(rows, source="mem"):
+    """rows: (user, item, timestamp) triples."""
+    u, i, t = zip(*rows)
+    return InteractionLog(np.array(u), np.array(i), np.array(t, dtype=np.float64), source)

@@ -1,0 +1,93 @@
+"""The fixed CLI contract: `attnrec train` publishes a version; `attnrec evaluate --json` reads it back."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from engine.repository import list_versions, open_version
+from export.cli import main
+from export.data.synthetic import write
+
+TRAIN = ["--epochs", "3", "--patience", "3", "--dim", "16", "--n-blocks", "1", "--max-len", "16", "--ffn-dim", "32",
+         "--batch-size", "64", "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def trained_repo(tmp_path_factory, small_log):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "log.parquet"
+    write(small_log, data)
+    repo = root / "repo"
+    assert main(["-q", "train", "--data", str(data), "--out", str(repo), "--name", "seq", *TRAIN]) == 0
+    return data, repo
+
+
+def test_train_publishes_a_complete_verified_version(trained_repo, small_log):
+    data, repo = trained_repo
+    assert list_versions(repo, "seq") == [1]
+    m = open_version(repo / "seq" / "1")
+    assert set(m.files) == {"encoder", "item_embeddings", "index", "item_ids", "item_popularity"}
+    assert m.model["n_items"] == len(np.unique(small_log.item)) and m.model["max_len"] == 16 and m.model["dim"] == 16
+    assert m.encoder["parity"]["max_abs_diff"] <= 1e-4
+    assert m.index["factory"] == "Flat" and m.index["recall@200"] == 1.0
+    assert m.training["config"]["dim"] == 16 and m.training["best_epoch"] >= 1
+    assert json.loads((repo / "seq" / "1" / "item_ids.json").read_text()) == sorted(np.unique(small_log.item).tolist())
+    assert m.metrics["test"]["ndcg@10"] > m.metrics["baselines"]["popularity"]["test"]["ndcg@10"]
+
+
+def test_evaluate_json_matches_the_published_metrics(trained_repo, tmp_path):
+    data, repo = trained_repo
+    out = tmp_path / "eval.json"
+    assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for split in ("test", "valid"):
+        for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
+            assert 0.0 <= result[split][key] <= 1.0
+    published = open_version(repo / "seq" / "1").metrics
+    assert result["test"] == pytest.approx(published["test"])
+    assert result["protocol"]["exclude_seen"] is True
+    assert result["protocol"]["users_evaluated"] == 400 and result["model"]["version"] == 1
+
+
+def test_evaluate_skips_a_tampered_newer_version(trained_repo, tmp_path):
+    data, repo = trained_repo
+    import shutil
+
+    shutil.copytree(repo / "seq" / "1", repo / "seq" / "2")
+    emb = np.load(repo / "seq" / "2" / "item_embeddings.npy")
+    np.save(repo / "seq" / "2" / "item_embeddings.npy", emb * 2)  # tampered: checksum no longer matches
+    out = tmp_path / "eval.json"
+    try:
+        assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--json", str(out)]) == 0
+        assert json.loads(out.read_text())["model"]["version"] == 1
+        assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--version", "2", "--data", str(data)]) == 2
+    finally:
+        shutil.rmtree(repo / "seq" / "2")
+
+
+def test_bad_data_fails_with_file_and_line(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("user_id,item_id,timestamp\n1,2,3\n1,,4\n")
+    assert main(["-q", "evaluate", "--repo", str(tmp_path), "--name", "x", "--data", str(bad)]) == 2
+
+
+def test_evaluation_never_imports_torch(trained_repo):
+    data, repo = trained_repo
+    code = ("import sys; from export.cli import main; "
+            f"rc = main(['-q', 'evaluate', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}]); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
+            "import engine.encoder, engine.index, engine.metrics, engine.repository; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_evaluate_on_a_sample_of_users(trained_repo, tmp_path):
+    data, repo = trained_repo
+    out = tmp_path / "eval.json"
+    assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--eval-users", "50",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["protocol"]["users_evaluated"] == 50 and result["protocol"]["users_eligible"] == 400
+    assert result["test"]["users"] == 50 and result["baselines"]["popularity"]["test"]["users"] == 50
