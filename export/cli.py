@@ -81,6 +81,7 @@ _TRAIN_HELP = {
     "ffn_dim": "feed-forward inner size",
     "dropout": "dropout rate",
     "loss": "ce: full softmax over the catalogue; sampled: shared sampled negatives (huge catalogues)",
+    "mask_seen": "with --loss ce, leave items already in the history out of the softmax, as evaluation does",
     "n_negatives": "negatives per batch for --loss sampled",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
@@ -101,8 +102,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
     base = TrainConfig()
     for f in fields(TrainConfig):
         default = (defaults or {}).get(f.name, getattr(base, f.name))
-        kw = {"choices": ["ce", "sampled"]} if f.name == "loss" else {}
-        g.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(base, f.name)), default=default,
+        kind = type(getattr(base, f.name))
+        if kind is bool:
+            kw = {"action": argparse.BooleanOptionalAction}
+        else:
+            kw = {"type": kind, **({"choices": ["ce", "sampled"]} if f.name == "loss" else {})}
+        g.add_argument("--" + f.name.replace("_", "-"), default=default,
                        help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw)
 
 
@@ -196,7 +201,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import SyntheticConfig, generate, write
 
-    cfg = SyntheticConfig(n_users=args.users, n_items=args.items, mean_length=args.mean_length, seed=args.seed)
+    cfg = SyntheticConfig(n_users=args.users, n_items=args.items, mean_length=args.mean_length, seed=args.seed,
+                          popularity_exponent=args.popularity_exponent)
     t = time.perf_counter()
     log_ = generate(cfg, progress=not args.quiet)
     write(log_, args.out)
@@ -273,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output .parquet")
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--items", type=int, default=3000)
-    p.add_argument("--mean-length", type=float, default=30.0, help="mean interactions per user")
+    p.add_argument("--mean-length", type=float, default=30.0, help="mean interactions per user (default: 30)")
+    p.add_argument("--popularity-exponent", type=float, default=0.8,
+                   help="Zipf exponent of item popularity; lower spreads interactions over more items (default: 0.8)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 

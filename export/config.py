@@ -27,6 +27,7 @@ class TrainConfig:
     ffn_dim: int = 256
     dropout: float = 0.2
     loss: str = "ce"  # "ce" (full softmax) or "sampled"
+    mask_seen: bool = True  # ce: items already in the history are no candidates in the softmax
     n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
     lr: float = 1e-3
     weight_decay: float = 0.0

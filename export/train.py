@@ -72,7 +72,10 @@ def _loss(model: SASRec, window: torch.Tensor, cfg: TrainConfig, neg_logq: tuple
     keep = (inputs > 0) & (targets > 0)
     h, targets = h[keep], targets[keep]  # (N, D), (N,)
     if cfg.loss == "ce":
-        return F.cross_entropy(h @ model.item_vectors().T, targets - 1)
+        logits = h @ model.item_vectors().T  # (N, I)
+        if cfg.mask_seen:
+            logits = logits.masked_fill(_seen_before(inputs, targets, keep, logits.shape[1]), float("-inf"))
+        return F.cross_entropy(logits, targets - 1)
     negatives, logq = neg_logq  # (S,) rows, (I,) log sampling probability per row
     # Lookups through the embedding module keep the item table's gradient sparse.
     pos = (h * model.item_emb(targets)).sum(-1) - logq[targets - 1]  # (N,)
@@ -80,6 +83,23 @@ def _loss(model: SASRec, window: torch.Tensor, cfg: TrainConfig, neg_logq: tuple
     neg = neg.masked_fill(negatives.unsqueeze(0) == (targets - 1).unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
     return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
+
+
+def _seen_before(inputs: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(N, I) mask of the items each kept position has already seen in its window, target excepted.
+
+    Evaluation never ranks seen items, so training does not spend the softmax on them either.
+    """
+    b, l = inputs.shape
+    pos = torch.arange(l).expand(b, l)
+    # first[b, i]: first position of item row i in window b (l when absent)
+    first = torch.full((b, n_items + 1), l, dtype=torch.long)
+    first.scatter_reduce_(1, inputs, pos, reduce="amin")
+    first = first[:, 1:]  # drop padding
+    seen = first.unsqueeze(1) <= pos.unsqueeze(2)  # (B, L, I)
+    seen = seen[keep]  # (N, I)
+    seen[torch.arange(len(targets)), targets - 1] = False
+    return seen
 
 
 @torch.no_grad()
@@ -153,11 +173,12 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
         raise ValueError("no user has two or more training interactions: nothing to train on")
     n_valid = len(split.valid)
     val_users = np.arange(n_valid) if n_valid <= cfg.val_users else np.sort(rng.choice(n_valid, cfg.val_users, replace=False))
-    neg_probs = logq = None
+    neg_cdf = logq = None
     if cfg.loss == "sampled":
         p = (popularity + 1.0) ** 0.75
-        neg_probs = torch.from_numpy(p / p.sum())
-        logq = torch.log(neg_probs * cfg.n_negatives).float()
+        p /= p.sum()
+        neg_cdf = np.cumsum(p)
+        logq = torch.from_numpy(np.log(p * cfg.n_negatives)).float()
     elif cfg.loss != "ce":
         raise ValueError(f"unknown loss {cfg.loss!r} (ce or sampled)")
 
@@ -197,7 +218,9 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                 window = _batch_tokens(split.data.items, starts[idx], ends[idx])
                 neg = None
                 if cfg.loss == "sampled":
-                    negatives = torch.multinomial(neg_probs, cfg.n_negatives, replacement=True)
+                    # Inverse-CDF sampling: O(S log I) per batch, where multinomial would be O(I).
+                    draws = np.searchsorted(neg_cdf, rng.random(cfg.n_negatives) * neg_cdf[-1])
+                    negatives = torch.from_numpy(np.minimum(draws, n_items - 1))
                     neg = (negatives, logq)
                 loss = _loss(model, window, cfg, neg)
                 opt.zero_grad()
@@ -215,7 +238,8 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
             else:
                 bad += 1
             bar.update(ep_task, advance=1, status=f"valid NDCG@10 {ndcg:.4f} (best {best:.4f} @ {best_epoch})")
-            log.debug("epoch %d loss %.4f valid ndcg@10 %.4f", epoch, total / n_batches, ndcg)
+            log.info("epoch %d: loss %.4f, valid NDCG@10 %.4f (best %.4f at epoch %d)", epoch, total / n_batches, ndcg,
+                     best, best_epoch)
             if checkpoint:
                 _save_checkpoint(checkpoint, {
                     "train_config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
