@@ -87,6 +87,7 @@ _TRAIN_HELP = {
     "weight_decay": "AdamW weight decay",
     "batch_size": "training windows per batch",
     "epochs": "maximum epochs",
+    "ema_decay": "if > 0, validate and export an exponential moving average of the weights (e.g. 0.99)",
     "patience": "stop after this many epochs without a better validation NDCG@10",
     "val_users": "validation users sampled for early stopping (all when fewer)",
     "time_budget_s": "stop training after this many seconds (0: no limit)",
@@ -121,6 +122,9 @@ def _add_publish_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index")
     g.add_argument("--index", dest="index_factory",
                    help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: Flat up to 50,000 items, else IVF)")
+    g.add_argument("--export-hidden", action="store_true",
+                   help="the ONNX encoder also outputs every position's hidden state (B, L, D) for a ranker; "
+                        "costs the full last block per request")
     g.add_argument("--recall-n", type=int, default=200, help="N of the recall@N the index is tuned for (default: 200)")
     g.add_argument("--target-recall", type=float, default=0.98, help="recall@N to reach against exact search (default: 0.98)")
     _add_eval_users(p)
@@ -137,7 +141,8 @@ def _publish(model, split, info, args, training: dict) -> dict:
 
     version_dir, manifest, metrics = publish(
         model, split, args.out, args.name, training=training, data_info=info, index_factory=args.index_factory,
-        recall_n=args.recall_n, target_recall=args.target_recall, eval_users=args.eval_users, seed=args.seed,
+        recall_n=args.recall_n, target_recall=args.target_recall, eval_users=args.eval_users,
+        with_hidden=args.export_hidden, seed=args.seed,
         progress=not args.quiet)
     print_report(metrics)
     idx = manifest.index

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 @dataclass
 class SASRecConfig:
     n_items: int  # catalogue size; tokens are 1..n_items, 0 is padding
-    max_len: int = 50
+    max_len: int = 200
     dim: int = 64
     n_blocks: int = 2
     n_heads: int = 1
@@ -20,7 +20,7 @@ class SASRecConfig:
 
 @dataclass
 class TrainConfig:
-    max_len: int = 50
+    max_len: int = 200
     dim: int = 64
     n_blocks: int = 2
     n_heads: int = 1
@@ -31,8 +31,9 @@ class TrainConfig:
     n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 128
+    batch_size: int = 64
     epochs: int = 200
+    ema_decay: float = 0.0  # >0: validate and export an exponential moving average of the weights
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
     val_users: int = 10000  # validation users sampled for early stopping (all if fewer)
     time_budget_s: float = 0.0  # stop after this much training time (0: no limit)

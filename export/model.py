@@ -26,17 +26,32 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(cfg.dropout)
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        b, l, d = x.shape  # (B, L, D)
-        q, k, v = self.qkv(x).split(d, dim=2)
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x (B, L, D) → (B, L, D), or (B, 1, D) for the last position only (keys stay all L).
+
+        blocked (B, 1, L, L): True where query i may not attend to key j.
+        """
+        b, l, d = x.shape
+        if last_only:  # the query of one row, keys and values of all: a fraction of the work
+            q = F.linear(x[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
+            k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).split(d, dim=2)
+            blocked = blocked[..., -1:, :]
+        else:
+            q, k, v = self.qkv(x).split(d, dim=2)
+        if self.n_heads == 1:  # no head split: the exported graph skips 6 reshapes per block
+            att = (q @ k.transpose(-2, -1)) * self.scale  # (B, Lq, L)
+            att = att.masked_fill(blocked[:, 0], float("-inf"))
+            y = self.attn_drop(F.softmax(att, dim=-1)) @ v  # (B, Lq, D)
+            return self.resid_drop(self.proj(y))
+        lq = q.shape[1]
         # (B, H, L, D/H)
-        q = q.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
+        q = q.view(b, lq, self.n_heads, d // self.n_heads).transpose(1, 2)
         k = k.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
         v = v.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, L, L)
-        att = att.masked_fill(~allowed, float("-inf"))
+        att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Lq, L)
+        att = att.masked_fill(blocked, float("-inf"))
         att = self.attn_drop(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(b, l, d)  # (B, L, D)
+        y = (att @ v).transpose(1, 2).reshape(b, lq, d)  # (B, Lq, D)
         return self.resid_drop(self.proj(y))
 
 
@@ -61,8 +76,8 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.dim)
         self.ffn = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), allowed)
+    def forward(self, x: torch.Tensor, blocked: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        x = (x[:, -1:] if last_only else x) + self.attn(self.ln1(x), blocked, last_only)
         return x + self.ffn(self.ln2(x))
 
 
@@ -89,8 +104,8 @@ class SASRec(nn.Module):
                 with torch.no_grad():
                     m.weight[m.padding_idx].zero_()
 
-    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L) int64, left-padded with 0 → hidden states (B, L, D)."""
+    def _inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (B, L) int64, left-padded with 0 → embeddings (B, L, D), blocked-attention mask (B, 1, L, L)."""
         l = tokens.shape[1]
         valid = tokens > 0  # (B, L)
         # Right-aligned positions: the last item always has position max_len - 1.
@@ -101,15 +116,25 @@ class SASRec(nn.Module):
         causal = idx.unsqueeze(1) >= idx.unsqueeze(0)  # (L, L): query i sees keys j <= i
         # Padding keys are hidden; each position may always see itself so no row is empty.
         allowed = (causal & valid.unsqueeze(1)) | (idx.unsqueeze(1) == idx.unsqueeze(0))
-        allowed = allowed.unsqueeze(1)  # (B, 1, L, L)
+        return x, ~allowed.unsqueeze(1)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) → hidden states of every position (B, L, D): what training reads."""
+        x, blocked = self._inputs(tokens)
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, blocked)
         return self.ln_f(x)
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """→ (query (B, D), hidden (B, L, D)); the query is the last position's state."""
-        h = self.hidden(tokens)
-        return h[:, -1, :], h
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) → query vectors (B, D): the last position's hidden state.
+
+        The last block computes that one position only (its keys and values still span the
+        history), which is what serving needs and about half of a 2-block model's work.
+        """
+        x, blocked = self._inputs(tokens)
+        for block in self.blocks[:-1]:
+            x = block(x, blocked)
+        return self.ln_f(self.blocks[-1](x, blocked, last_only=True))[:, 0]
 
     def item_vectors(self) -> torch.Tensor:
         """(n_items, D): catalogue rows, i.e. tokens 1..n_items. Scores are query @ item_vectors.T."""

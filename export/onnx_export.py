@@ -25,19 +25,21 @@ class ParityError(RuntimeError):
     """The exported graph disagrees with torch beyond the tolerance."""
 
 
-class _Encoder(torch.nn.Module):
-    """What the ONNX graph computes: history → (query, hidden)."""
+class _EncoderWithHidden(torch.nn.Module):
+    """history → (query, hidden): every position's state too, for a ranker that reads them."""
 
     def __init__(self, model: SASRec) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, history: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(history)
+        h = self.model.hidden(history)
+        return h[:, -1], h
 
 
-def export_encoder(model: SASRec, path: Path, *, optimize: bool = True) -> Path:
-    """Write `path` with dynamic batch and length axes.
+def export_encoder(model: SASRec, path: Path, *, with_hidden: bool = False, optimize: bool = True) -> Path:
+    """Write `path` with dynamic batch and length axes: input `history`, output `query`
+    (and `hidden` with `with_hidden`, which costs the full last block).
 
     The saved graph gets onnxruntime's portable ("basic") rewrites offline; provider-specific
     fusions are applied when the serving session loads it, so one file serves CPU and GPU.
@@ -45,15 +47,16 @@ def export_encoder(model: SASRec, path: Path, *, optimize: bool = True) -> Path:
     model = model.eval()
     example = torch.randint(1, model.cfg.n_items + 1, (2, min(8, model.cfg.max_len)))
     raw = path.with_suffix(".raw.onnx")
+    module = _EncoderWithHidden(model) if with_hidden else model
+    names = ["query", "hidden"] if with_hidden else ["query"]
+    axes = {"history": {0: "batch", 1: "length"}, "query": {0: "batch"}, "hidden": {0: "batch", 1: "length"}}
     # The TorchScript exporter is deprecated in favour of torch.export, but it handles our dynamic
     # length axis without onnxscript; the parity check below is what vouches for the graph.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
         torch.onnx.export(
-            _Encoder(model), (example,), str(raw),
-            input_names=["history"], output_names=["query", "hidden"],
-            dynamic_axes={"history": {0: "batch", 1: "length"}, "query": {0: "batch"},
-                          "hidden": {0: "batch", 1: "length"}},
+            module, (example,), str(raw), input_names=["history"], output_names=names,
+            dynamic_axes={k: v for k, v in axes.items() if k in names or k == "history"},
             opset_version=OPSET, dynamo=False,
         )
     if optimize:
@@ -72,7 +75,7 @@ def export_encoder(model: SASRec, path: Path, *, optimize: bool = True) -> Path:
 @dataclass
 class ParityReport:
     max_abs_diff: float
-    by_length: dict[int, float]  # history length → max |onnx - torch| over query and hidden
+    by_length: dict[int, float]  # history length → max |onnx - torch| over the graph's outputs
     n_histories: int
 
 
@@ -86,6 +89,7 @@ def check_parity(model: SASRec, path: Path, real_histories: Sequence[np.ndarray]
     model = model.eval()
     cfg = model.cfg
     session = make_session(path, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
     rng = np.random.default_rng(seed)
     lengths = sorted({1, 2, 5, 17, cfg.max_len // 2, cfg.max_len} - {0})
     by_length: dict[int, float] = {}
@@ -93,11 +97,14 @@ def check_parity(model: SASRec, path: Path, real_histories: Sequence[np.ndarray]
 
     def compare(histories: list[np.ndarray]) -> float:
         tokens = pad_histories(histories, cfg.max_len)
-        q_onnx, h_onnx = session.run(["query", "hidden"], {"history": tokens})
+        got = dict(zip(outputs, session.run(outputs, {"history": tokens})))
         with torch.no_grad():
-            q_t, h_t = model(torch.from_numpy(tokens))
-        valid = tokens > 0  # hidden states at padding positions carry no meaning
-        return float(max(np.abs(q_onnx - q_t.numpy()).max(), np.abs(h_onnx - h_t.numpy())[valid].max()))
+            t = torch.from_numpy(tokens)
+            diff = float(np.abs(got["query"] - model(t).numpy()).max())
+            if "hidden" in got:
+                valid = tokens > 0  # hidden states at padding positions carry no meaning
+                diff = max(diff, float(np.abs(got["hidden"] - model.hidden(t).numpy())[valid].max()))
+        return diff
 
     for length in lengths:
         rand = [rng.integers(1, cfg.n_items + 1, size=length) for _ in range(8)]

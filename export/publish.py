@@ -39,6 +39,7 @@ def publish(
     target_recall: float = 0.98,
     tune_queries: int = 2000,
     eval_users: int = 0,
+    with_hidden: bool = False,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
@@ -46,7 +47,7 @@ def publish(
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     with VersionWriter(repo, name) as w:
-        enc_path = export_encoder(model, w.path / "encoder.onnx")
+        enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
         sample = rng.choice(len(split.valid), min(64, len(split.valid)), replace=False)
         parity = check_parity(model, enc_path, [split.valid.history(j) for j in sample], seed=seed)
         log.info("ONNX parity: max |onnx - torch| = %.2e over %d histories", parity.max_abs_diff, parity.n_histories)
@@ -83,7 +84,8 @@ def publish(
             encoder={"inputs": {"history": {"dtype": "int64", "shape": ["batch", "length"],
                                             "note": "tokens = catalogue row + 1, left-padded with 0, length <= max_len"}},
                      "outputs": {"query": {"dtype": "float32", "shape": ["batch", cfg.dim]},
-                                 "hidden": {"dtype": "float32", "shape": ["batch", "length", cfg.dim]}},
+                                 **({"hidden": {"dtype": "float32", "shape": ["batch", "length", cfg.dim]}}
+                                    if with_hidden else {})},
                      "opset": OPSET, "parity": {"max_abs_diff": parity.max_abs_diff, "by_length": parity.by_length,
                                                 "histories": parity.n_histories, "tolerance": 1e-4},
                      "speed_cpu": speed},

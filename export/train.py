@@ -112,7 +112,7 @@ def query_vectors(model: SASRec, histories: list[np.ndarray], batch_size: int = 
     out = []
     for s in range(0, len(histories), batch_size):
         tokens = torch.from_numpy(pad_histories(histories[s : s + batch_size], model.cfg.max_len))
-        out.append(model(tokens)[0].numpy())
+        out.append(model(tokens).numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), dtype=np.float32)
 
@@ -167,6 +167,9 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
     sparse = cfg.loss == "sampled"
     model = SASRec(cfg.model_config(n_items), sparse_items=sparse)
     opt = _Optimizer(model, cfg, sparse)
+    # The averaged copy (when on) is what is validated, checkpointed as best and exported.
+    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
+           if cfg.ema_decay > 0 else None)
     popularity = split.train_popularity()[1:].astype(np.float64)
     starts, ends = training_windows(split, cfg.max_len)
     if len(starts) == 0:
@@ -194,6 +197,8 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                              "start without --resume or with the same settings")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         epoch, best, best_epoch = state["epoch"], state["best"], state["best_epoch"]
         bad = epoch - best_epoch
         best_state, history = state["best_state"], state["history"]
@@ -226,15 +231,18 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 total += loss.item()
                 bar.update(b_task, advance=1, status=f"loss {total / (b + 1):.4f}")
             epoch += 1
-            metrics = validate(model, split, val_users, popularity)
+            evaluated = ema.module if ema is not None else model
+            metrics = validate(evaluated, split, val_users, popularity)
             ndcg = metrics["ndcg@10"]
             history.append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg, "valid_hr@10": metrics["hr@10"]})
             if ndcg > best:
                 best, best_epoch, bad = ndcg, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             else:
                 bad += 1
             bar.update(ep_task, advance=1, status=f"valid NDCG@10 {ndcg:.4f} (best {best:.4f} @ {best_epoch})")
@@ -245,7 +253,7 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                     "train_config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
                     "history": history, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "n_items": n_items,
+                    "n_items": n_items, "ema": ema.state_dict() if ema is not None else None,
                 })
             if cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached after epoch %d", cfg.time_budget_s, epoch)

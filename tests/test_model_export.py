@@ -18,8 +18,8 @@ def test_query_does_not_depend_on_padding_or_batch_neighbours():
     model = SASRec(SASRecConfig(n_items=50, max_len=12, dim=16, n_heads=2, ffn_dim=32)).eval()
     h = np.array([5, 9, 2])
     with torch.no_grad():
-        alone = model(torch.tensor([h]))[0]
-        padded = model(torch.from_numpy(pad_histories([h, np.arange(1, 13)], 12)))[0][0]
+        alone = model(torch.tensor(np.array([h])))
+        padded = model(torch.from_numpy(pad_histories([h, np.arange(1, 13)], 12)))[0]
     assert torch.allclose(alone[0], padded, atol=1e-5)
 
 
@@ -43,7 +43,7 @@ def test_onnx_export_matches_torch(tmp_path, tiny_model, small_split):
     enc = OnnxEncoder(path, tiny_model.cfg.max_len)
     got = enc.encode_histories(real[:4])
     with torch.no_grad():
-        want = np.stack([tiny_model(torch.tensor([h[-tiny_model.cfg.max_len:]]))[0][0].numpy() for h in real[:4]])
+        want = np.stack([tiny_model(torch.tensor(np.array([h[-tiny_model.cfg.max_len:]])))[0].numpy() for h in real[:4]])
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert enc.providers[-1] == "CPUExecutionProvider"
 
@@ -56,3 +56,21 @@ def test_parity_check_fails_on_a_graph_that_differs(tmp_path, tiny_model):
         other.ln_f.bias += 1e-3  # a small, real difference
     with pytest.raises(ParityError, match="differs from torch"):
         check_parity(other.eval(), path)
+
+
+def test_last_position_shortcut_equals_the_full_forward():
+    torch.manual_seed(1)
+    model = SASRec(SASRecConfig(n_items=40, max_len=10, dim=16, n_heads=2, ffn_dim=32, n_blocks=3)).eval()
+    tokens = torch.from_numpy(pad_histories([np.array([3, 5, 7]), np.arange(1, 11)], 10))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), model.hidden(tokens)[:, -1], atol=1e-5)
+
+
+def test_export_with_hidden_states(tmp_path, tiny_model):
+    path = export_encoder(tiny_model, tmp_path / "encoder.onnx", with_hidden=True)
+    report = check_parity(tiny_model, path)
+    assert report.max_abs_diff <= 1e-4
+    enc = OnnxEncoder(path, tiny_model.cfg.max_len)
+    out = enc.run(pad_histories([np.array([1, 2, 3])], tiny_model.cfg.max_len))
+    assert out["hidden"].shape == (1, 3, tiny_model.cfg.dim)
+    np.testing.assert_allclose(out["query"], out["hidden"][:, -1], atol=1e-6)

@@ -52,3 +52,27 @@ def test_sampled_softmax_trains(small_split):
     res = train(small_split, TrainConfig(epochs=2, patience=2, loss="sampled", n_negatives=64, **FAST), progress=False)
     assert res.history[1]["loss"] < res.history[0]["loss"]
     assert res.best_valid_ndcg10 > 0
+
+
+def test_seen_mask_hides_earlier_items_of_the_window_but_never_the_target():
+    from export.train import _seen_before
+
+    inputs = torch.tensor([[0, 2, 3, 2]])  # tokens; 0 = padding
+    targets = torch.tensor([[2, 3, 2, 4]])  # next tokens; position 0 (input pad) is not trained
+    keep = (inputs > 0) & (targets > 0)
+    seen = _seen_before(inputs, targets[keep].reshape(1, -1)[0], keep, n_items=4)
+    # rows: positions 1..3; columns: catalogue rows (token - 1)
+    assert seen.tolist() == [
+        [False, True, False, False],   # saw 2; target 3 is new
+        [False, False, True, False],   # saw 2, 3 → but target 2 (a repeat) stays a candidate
+        [False, True, True, False],    # saw 2, 3; target 4
+    ]
+
+
+def test_ema_weights_are_the_ones_returned(small_split):
+    plain = train(small_split, TrainConfig(epochs=2, patience=2, **FAST), progress=False)
+    averaged = train(small_split, TrainConfig(epochs=2, patience=2, ema_decay=0.9, **FAST), progress=False)
+    # same seed and data order: the raw weights match, so any difference comes from averaging
+    assert plain.history[0]["loss"] == pytest.approx(averaged.history[0]["loss"])
+    w_plain, w_avg = plain.model.item_emb.weight, averaged.model.item_emb.weight
+    assert not torch.allclose(w_plain, w_avg)
