@@ -56,7 +56,8 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
 
     console.print(f"[bold]4/4 serving runtime[/] {version_dir} through onnxruntime + FAISS (no torch)")
     encoder = OnnxEncoder(version_dir / manifest.files["encoder"].path, manifest.model["max_len"])
-    index = load_index(version_dir / manifest.files["index"].path, manifest.index["params"])
+    index = load_index(version_dir / manifest.files["index"].path, manifest.index["params"],
+                       mips_max_norm2=manifest.index["mips_max_norm2"])
     item_ids = load_item_ids(version_dir, manifest)
     table = Table(title="example recommendations (test users: full history → top 5, seen items excluded)")
     for col in ("user", "last 5 items of history", "top 5", "held-out next item", "hit"):

@@ -14,7 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from engine.index import apply_params
+from engine.index import ItemIndex, mips_augment
 
 log = logging.getLogger(__name__)
 
@@ -29,23 +29,32 @@ def default_factory(n_items: int) -> str:
     return f"IVF{nlist},Flat"
 
 
-def build_index(vectors: np.ndarray, factory: str, *, seed: int = 0) -> faiss.Index:
-    """Inner-product index over `vectors` (rows = catalogue rows), trained when it needs it."""
+def build_index(vectors: np.ndarray, factory: str, *, seed: int = 0) -> ItemIndex:
+    """Inner-product index over `vectors` (rows = catalogue rows), trained when it needs it.
+
+    "Flat" searches inner products exactly; every other factory string is built over the
+    MIPS→L2 augmented vectors (see engine.index), which approximate indexes cluster well.
+    """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if factory == "Flat":
+        index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        index.add(vectors)
+        return ItemIndex(index)
+    max_norm2 = float(np.einsum("ij,ij->i", vectors, vectors).max())
+    data = mips_augment(vectors, max_norm2)
+    index = faiss.index_factory(data.shape[1], factory, faiss.METRIC_L2)
     if not index.is_trained:
         ivf = _ivf(index)
+        sample = data
         if ivf is not None:
             ivf.cp.seed = seed
             # FAISS asks for 39-256 training points per list; 100 keeps k-means at 10^6 items fast.
-            n_train = min(len(vectors), 100 * ivf.nlist)
+            n_train = min(len(data), 100 * ivf.nlist)
             rng = np.random.default_rng(seed)
-            sample = vectors[np.sort(rng.choice(len(vectors), n_train, replace=False))]
-        else:
-            sample = vectors
+            sample = data[np.sort(rng.choice(len(data), n_train, replace=False))]
         index.train(sample)
-    index.add(vectors)
-    return index
+    index.add(data)
+    return ItemIndex(index, max_norm2)
 
 
 def _ivf(index: faiss.Index):
@@ -79,7 +88,7 @@ def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(a, e, assume_unique=False)) / n for a, e in zip(approx, exact)]))
 
 
-def _time_single(index: faiss.Index, queries: np.ndarray, n: int, repeats: int) -> float:
+def _time_single(index, queries: np.ndarray, n: int, repeats: int) -> float:
     """Median ms of one query at a time (the serving case at batch 1)."""
     times = []
     for q in queries[:repeats]:
@@ -101,9 +110,13 @@ class TuneResult:
     reached_target: bool = True
 
 
-def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, *, n: int = 200,
+def tune(index: ItemIndex, vectors: np.ndarray, queries: np.ndarray, *, n: int = 200,
          target_recall: float = 0.98, timing_queries: int = 200) -> TuneResult:
-    """Smallest nprobe / efSearch whose recall@n on `queries` reaches `target_recall`."""
+    """Smallest nprobe / efSearch whose recall@n on `queries` reaches `target_recall`.
+
+    Doubling finds the first setting that reaches the target, then bisection narrows it to
+    within ~6% of the smallest one that does.
+    """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n = min(n, index.ntotal)
     exact = faiss.IndexFlatIP(vectors.shape[1])
@@ -111,15 +124,30 @@ def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, *, n: int
     _, truth = exact.search(queries, n)
     exact_ms = _time_single(exact, queries, n, timing_queries)
     tried = []
-    chosen = None
-    for params in candidate_params(index):
-        apply_params(index, params)
+
+    def recall(params: dict[str, Any]) -> float:
+        index.set_params(params)
         _, got = index.search(queries, n)
         r = recall_at(got, truth)
         tried.append({**params, "recall": r})
         log.debug("%s recall@%d %.4f", params, n, r)
+        return r
+
+    chosen = None
+    grid = candidate_params(index.index)
+    for i, params in enumerate(grid):
+        r = recall(params)
         if r >= target_recall:
             chosen = (params, r)
+            if i > 0 and len(params) == 1:  # bisect between the last miss and this hit
+                (key, hi), lo = next(iter(params.items())), grid[i - 1][next(iter(params))]
+                while hi - lo > max(1, lo // 16):  # ~6% steps: finer costs more passes than it saves
+                    mid = (lo + hi) // 2
+                    r_mid = recall({key: mid})
+                    if r_mid >= target_recall:
+                        hi, chosen = mid, ({key: mid}, r_mid)
+                    else:
+                        lo = mid
             break
     reached = chosen is not None
     if chosen is None:  # keep the most accurate setting and say the target was missed
@@ -127,7 +155,7 @@ def tune(index: faiss.Index, vectors: np.ndarray, queries: np.ndarray, *, n: int
         chosen = ({k: v for k, v in best.items() if k != "recall"}, best["recall"])
         log.warning("recall@%d target %.3f not reached; best %.4f with %s", n, target_recall, chosen[1], chosen[0])
     params, r = chosen
-    apply_params(index, params)
+    index.set_params(params)
     search_ms = _time_single(index, queries, n, timing_queries)
     t = time.perf_counter()
     index.search(queries, n)

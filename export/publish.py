@@ -67,7 +67,7 @@ def publish(
         tuned = tune(index, vectors, queries, n=recall_n, target_recall=target_recall)
         log.info("index %s %s: recall@%d %.4f, %.3f ms/query (exact %.3f ms)", factory, tuned.params,
                  tuned.n, tuned.recall, tuned.search_ms, tuned.exact_ms)
-        faiss.write_index(index, str(w.path / "items.faiss"))
+        faiss.write_index(index.index, str(w.path / "items.faiss"))
 
         ids = split.data.item_ids[1:].tolist()
         (w.path / "item_ids.json").write_text(json.dumps(ids))
@@ -89,7 +89,9 @@ def publish(
                      "opset": OPSET, "parity": {"max_abs_diff": parity.max_abs_diff, "by_length": parity.by_length,
                                                 "histories": parity.n_histories, "tolerance": 1e-4},
                      "speed_cpu": speed},
-            index={"factory": factory, "metric": "inner_product", "params": tuned.params, "recall_n": tuned.n,
+            index={"factory": factory, "metric": "inner_product", "params": tuned.params,
+                   # set: items were stored MIPS→L2 augmented; queries get a 0 appended (engine.index)
+                   "mips_max_norm2": index.mips_max_norm2, "recall_n": tuned.n,
                    f"recall@{tuned.n}": tuned.recall, "target_recall": target_recall,
                    "reached_target": tuned.reached_target, "search_ms": tuned.search_ms,
                    "exact_search_ms": tuned.exact_ms, "batch_ms_per_query": tuned.batch_ms_per_query,

@@ -217,7 +217,7 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
             model.train()
             order = rng.permutation(len(starts))
             bar.reset(b_task, total=n_batches)
-            total = 0.0
+            total, last_log = 0.0, time.perf_counter()
             for b in range(n_batches):
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 window = _batch_tokens(split.data.items, starts[idx], ends[idx])
@@ -235,6 +235,9 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                     ema.update_parameters(model)
                 total += loss.item()
                 bar.update(b_task, advance=1, status=f"loss {total / (b + 1):.4f}")
+                if time.perf_counter() - last_log > 60:  # a heartbeat for logs that have no progress bar
+                    last_log = time.perf_counter()
+                    log.info("epoch %d: batch %d/%d, loss %.4f", epoch + 1, b + 1, n_batches, total / (b + 1))
             epoch += 1
             evaluated = ema.module if ema is not None else model
             metrics = validate(evaluated, split, val_users, popularity)

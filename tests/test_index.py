@@ -27,9 +27,23 @@ def test_exact_index_matches_brute_force_inner_product():
     items = clustered(500, 16)
     q = clustered(20, 16, seed=1)
     index = build_index(items, "Flat")
-    _, rows = index.search(q, 10)
+    scores, rows = index.search(q, 10)
     want = np.argsort(-(q @ items.T), axis=1)[:, :10]
     assert (rows == want).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ items.T, want, axis=1), rtol=1e-5)
+
+
+def test_mips_reduction_to_l2_is_exact_with_a_flat_l2_index():
+    rng = np.random.default_rng(3)
+    items = clustered(2000, 16) * rng.uniform(0.2, 3.0, size=(2000, 1)).astype(np.float32)  # varied norms
+    q = clustered(30, 16, seed=4)
+    index = build_index(items, "IVF1,Flat")  # one list: exact, but through the augmented L2 path
+    assert index.mips_max_norm2 is not None
+    scores, rows = index.search(q, 20)
+    ip = q @ items.T
+    want = np.argsort(-ip, axis=1)[:, :20]
+    assert (rows == want).all()
+    np.testing.assert_allclose(scores, np.take_along_axis(ip, want, axis=1), rtol=1e-4, atol=1e-3)
 
 
 def test_ivf_tuning_reaches_the_target_recall_on_held_out_queries(tmp_path):
@@ -39,10 +53,13 @@ def test_ivf_tuning_reaches_the_target_recall_on_held_out_queries(tmp_path):
     result = tune(index, items, queries[:200], n=100, target_recall=0.95)
     assert result.reached_target and result.recall >= 0.95
     assert 1 <= result.params["nprobe"] <= 128
-    assert result.tried[-1]["recall"] == result.recall
+    chosen = [t for t in result.tried if t["nprobe"] == result.params["nprobe"]]
+    assert chosen[-1]["recall"] == result.recall
+    # every cheaper setting that was tried missed the target
+    assert all(t["recall"] < 0.95 for t in result.tried if t["nprobe"] < result.params["nprobe"])
     # the tuned setting generalises to queries it was not tuned on, after a save/load round trip
-    faiss.write_index(index, str(tmp_path / "items.faiss"))
-    loaded = load_index(tmp_path / "items.faiss", result.params, use_gpu=False)
+    faiss.write_index(index.index, str(tmp_path / "items.faiss"))
+    loaded = load_index(tmp_path / "items.faiss", result.params, mips_max_norm2=index.mips_max_norm2, use_gpu=False)
     _, got = loaded.search(queries[200:], 100)
     _, truth = build_index(items, "Flat").search(queries[200:], 100)
     assert recall_at(got, truth) >= 0.93
