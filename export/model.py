@@ -14,12 +14,17 @@ import torch.nn.functional as F
 
 from .config import SASRecConfig
 
+# A finite "minus infinity": a padding query row whose keys are all blocked gets a uniform
+# (unused) attention instead of NaN, and a blocked key still gets exactly zero weight.
+_BLOCKED = -1e9
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: SASRecConfig) -> None:
         super().__init__()
         assert cfg.dim % cfg.n_heads == 0, "dim must be divisible by n_heads"
         self.n_heads = cfg.n_heads
+        self.dim = cfg.dim  # a constant, so exported weight slices fold away (x.shape[-1] would not)
         self.scale = 1.0 / math.sqrt(cfg.dim // cfg.n_heads)
         self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
         self.proj = nn.Linear(cfg.dim, cfg.dim)
@@ -31,7 +36,8 @@ class CausalSelfAttention(nn.Module):
 
         blocked (B, 1, L, L): True where query i may not attend to key j.
         """
-        b, l, d = x.shape
+        b, l = x.shape[0], x.shape[1]
+        d = self.dim
         if last_only:  # the query of one row, keys and values of all: a fraction of the work
             q = F.linear(x[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
             k, v = F.linear(x, self.qkv.weight[d:], self.qkv.bias[d:]).split(d, dim=2)
@@ -40,7 +46,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = self.qkv(x).split(d, dim=2)
         if self.n_heads == 1:  # no head split: the exported graph skips 6 reshapes per block
             att = (q @ k.transpose(-2, -1)) * self.scale  # (B, Lq, L)
-            att = att.masked_fill(blocked[:, 0], float("-inf"))
+            att = att.masked_fill(blocked[:, 0], _BLOCKED)
             y = self.attn_drop(F.softmax(att, dim=-1)) @ v  # (B, Lq, D)
             return self.resid_drop(self.proj(y))
         lq = q.shape[1]
@@ -49,7 +55,7 @@ class CausalSelfAttention(nn.Module):
         k = k.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
         v = v.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Lq, L)
-        att = att.masked_fill(blocked, float("-inf"))
+        att = att.masked_fill(blocked, _BLOCKED)
         att = self.attn_drop(F.softmax(att, dim=-1))
         y = (att @ v).transpose(1, 2).reshape(b, lq, d)  # (B, Lq, D)
         return self.resid_drop(self.proj(y))
@@ -113,10 +119,9 @@ class SASRec(nn.Module):
         x = self.item_emb(tokens) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)
         x = self.drop(x) * valid.unsqueeze(-1)
         idx = torch.arange(l, device=tokens.device)
-        causal = idx.unsqueeze(1) >= idx.unsqueeze(0)  # (L, L): query i sees keys j <= i
-        # Padding keys are hidden; each position may always see itself so no row is empty.
-        allowed = (causal & valid.unsqueeze(1)) | (idx.unsqueeze(1) == idx.unsqueeze(0))
-        return x, ~allowed.unsqueeze(1)
+        future = idx.unsqueeze(0) > idx.unsqueeze(1)  # (L, L): key j comes after query i
+        blocked = future | ~valid.unsqueeze(1)  # (B, L, L): the future and padding keys
+        return x, blocked.unsqueeze(1)
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, L) → hidden states of every position (B, L, D): what training reads."""
