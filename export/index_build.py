@@ -65,7 +65,7 @@ def _ivf(index: faiss.Index):
 
 
 def _is_hnsw(index: faiss.Index) -> bool:
-    return isinstance(faiss.downcast_index(index), (faiss.IndexHNSW,)) or "HNSW" in type(faiss.downcast_index(index)).__name__
+    return "HNSW" in type(faiss.downcast_index(index)).__name__
 
 
 def candidate_params(index: faiss.Index) -> list[dict[str, Any]]:
