@@ -172,14 +172,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .model import SASRec
     from .config import TrainConfig
+    from .model import SASRec
+    from .train import item_ids_digest
 
     state = torch.load(args.checkpoint, weights_only=False)
     cfg = TrainConfig(**state["train_config"])
     split, info = _load_split(args)
-    if split.data.n_items != state["n_items"]:
-        raise SystemExit(f"{args.checkpoint} was trained on {state['n_items']} items; this data has {split.data.n_items}")
+    if split.data.n_items != state["n_items"] or state.get("item_ids_sha256", item_ids_digest(split.data.item_ids)) \
+            != item_ids_digest(split.data.item_ids):
+        raise ValueError(f"{args.checkpoint} was trained on another item catalogue ({state['n_items']} items) than "
+                         f"this data's ({split.data.n_items} items); export it with the data it was trained on")
     model = SASRec(cfg.model_config(state["n_items"]))
     model.load_state_dict(state["best_state"])
     args.seed = cfg.seed

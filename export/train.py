@@ -151,6 +151,14 @@ class _Optimizer:
             o.load_state_dict(s)
 
 
+def item_ids_digest(item_ids: np.ndarray) -> str:
+    """A fingerprint of the id map, so a checkpoint is never exported against other data."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(item_ids[1:].tolist()).encode()).hexdigest()
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(state, tmp)
@@ -256,7 +264,7 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
                     "train_config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
                     "history": history, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "n_items": n_items, "ema": ema.state_dict() if ema is not None else None,
+                    "n_items": n_items, "item_ids_sha256": item_ids_digest(split.data.item_ids), "ema": ema.state_dict() if ema is not None else None,
                 })
             if cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached after epoch %d", cfg.time_budget_s, epoch)

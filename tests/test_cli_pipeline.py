@@ -91,3 +91,17 @@ def test_evaluate_on_a_sample_of_users(trained_repo, tmp_path):
     result = json.loads(out.read_text())
     assert result["protocol"]["users_evaluated"] == 50 and result["protocol"]["users_eligible"] == 400
     assert result["test"]["users"] == 50 and result["baselines"]["popularity"]["test"]["users"] == 50
+
+
+def test_export_refuses_a_checkpoint_trained_on_other_items(trained_repo, tmp_path, small_log):
+    data, repo = trained_repo
+    from export.data.log import InteractionLog
+    from export.data.synthetic import write as write_log
+
+    other = tmp_path / "other.parquet"
+    write_log(InteractionLog(small_log.user, small_log.item + 1000, small_log.timestamp, "shifted ids"), other)
+    ckpt = repo / "seq" / ".train" / "checkpoint.pt"
+    args = ["-q", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "r"), "--name", "x"]
+    assert main([*args, "--data", str(other)]) == 2
+    assert main([*args, "--data", str(data)]) == 0
+    assert list_versions(tmp_path / "r", "x") == [1]
