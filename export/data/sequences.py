@@ -41,10 +41,6 @@ class SequenceData:
     def sequence(self, u: int) -> np.ndarray:
         return self.items[self.offsets[u] : self.offsets[u + 1]]
 
-    def item_index(self) -> dict:
-        """External item id → internal id (for mapping requests and reports)."""
-        return {ext: i for i, ext in enumerate(self.item_ids.tolist()) if i > 0}
-
 
 def _sorted_unique(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique values (sorted) and each row's index into them; numeric order for integer ids."""
