@@ -206,6 +206,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from engine.repository import resolve_version
+
+    from .data.sequences import build_sequences
+    from .evaluate import load_item_ids
+    from .retrieve import read_user_file, retrieve
+
+    version_dir, manifest = resolve_version(args.repo, args.name, args.version)
+    log_, _ = _load_log(args)
+    data = build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest))
+    users = read_user_file(args.users) if args.users else None
+    report = retrieve(version_dir, manifest, data, args.out, top_n=args.top_n, users=users,
+                      batch_size=args.batch_size, threads=args.threads, progress=not args.quiet)
+    if report.unknown_users and args.strict_users:
+        log.error("%d requested users were not found (--strict-users)", len(report.unknown_users))
+        return 3
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import SyntheticConfig, generate, write
 
@@ -275,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_publish_args(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("retrieve", help="every user's top-N candidates to Parquet (ONNX + FAISS, no torch)",
+                       description="Offline candidate retrieval with a repository version's ONNX encoder and FAISS "
+                                   "index: for every user of the interaction log (or those in --users), the top-N "
+                                   "items not yet seen, from the user's whole history, written to Parquet "
+                                   "(user_id, rank, item_id, score, model_version). Streams users in batches; the "
+                                   "output file appears only when complete.")
+    p.add_argument("--repo", type=Path, required=True, metavar="REPO_DIR")
+    p.add_argument("--name", required=True, metavar="MODEL_NAME")
+    p.add_argument("--version", type=int, help="version number (default: newest valid)")
+    p.add_argument("--out", type=Path, required=True, metavar="OUT.parquet")
+    p.add_argument("--top-n", type=int, default=100, help="candidates per user (default: 100)")
+    p.add_argument("--users", type=Path, metavar="FILE", help="only these users: one external user id per line")
+    p.add_argument("--strict-users", action="store_true",
+                   help="exit with status 3 when a user in --users is not in the data (default: warn and go on)")
+    p.add_argument("--batch-size", type=int, default=1024, help="users per batch and per Parquet row group (default: 1024)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_retrieve)
 
     p = sub.add_parser("demo", help="synthetic data → train → evaluate → export → example recommendations (~2 min)")
     p.add_argument("--out", type=Path, default=Path("attnrec-demo"), help="working folder (default: ./attnrec-demo)")

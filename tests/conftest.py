@@ -3,7 +3,7 @@ import pytest
 
 from export.data.log import InteractionLog
 from export.data.sequences import build_sequences, leave_one_out
-from export.data.synthetic import SyntheticConfig, generate
+from export.data.synthetic import SyntheticConfig, generate, write
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +31,19 @@ def make_log(rows, source="mem"):
     """rows: (user, item, timestamp) triples."""
     u, i, t = zip(*rows)
     return InteractionLog(np.array(u), np.array(i), np.array(t, dtype=np.float64), source)
+
+
+TRAIN = ["--epochs", "3", "--patience", "3", "--dim", "16", "--n-blocks", "1", "--max-len", "16", "--ffn-dim", "32",
+         "--batch-size", "64", "--threads", "2"]
+
+
+@pytest.fixture(scope="session")
+def trained_repo(tmp_path_factory, small_log):
+    root = tmp_path_factory.mktemp("cli")
+    data = root / "log.parquet"
+    write(small_log, data)
+    repo = root / "repo"
+    from export.cli import main
+
+    assert main(["-q", "train", "--data", str(data), "--out", str(repo), "--name", "seq", *TRAIN]) == 0
+    return data, repo

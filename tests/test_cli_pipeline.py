@@ -8,20 +8,6 @@ import pytest
 
 from engine.repository import list_versions, open_version
 from export.cli import main
-from export.data.synthetic import write
-
-TRAIN = ["--epochs", "3", "--patience", "3", "--dim", "16", "--n-blocks", "1", "--max-len", "16", "--ffn-dim", "32",
-         "--batch-size", "64", "--threads", "2"]
-
-
-@pytest.fixture(scope="module")
-def trained_repo(tmp_path_factory, small_log):
-    root = tmp_path_factory.mktemp("cli")
-    data = root / "log.parquet"
-    write(small_log, data)
-    repo = root / "repo"
-    assert main(["-q", "train", "--data", str(data), "--out", str(repo), "--name", "seq", *TRAIN]) == 0
-    return data, repo
 
 
 def test_train_publishes_a_complete_verified_version(trained_repo, small_log):
@@ -73,10 +59,14 @@ def test_bad_data_fails_with_file_and_line(tmp_path, capsys):
     assert main(["-q", "evaluate", "--repo", str(tmp_path), "--name", "x", "--data", str(bad)]) == 2
 
 
-def test_evaluation_never_imports_torch(trained_repo):
+def test_evaluation_and_retrieval_never_import_torch(trained_repo, tmp_path):
     data, repo = trained_repo
+    out = tmp_path / "cands.parquet"
     code = ("import sys; from export.cli import main; "
             f"rc = main(['-q', 'evaluate', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}]); "
+            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
+            f"rc = main(['-q', 'retrieve', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}, "
+            f"'--out', {str(out)!r}]); "
             "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
             "import engine.encoder, engine.index, engine.metrics, engine.repository; "
             "assert 'torch' not in sys.modules")

@@ -1,0 +1,82 @@
+"""Offline retrieval: exact agreement with a numpy reference, atomic output, unknown users reported."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from engine.encoder import OnnxEncoder
+from engine.repository import newest_valid_version
+from export.cli import main
+from export.data.readers import read_interactions
+from export.data.sequences import build_sequences
+from export.evaluate import load_item_ids, load_item_vectors
+from export import retrieve as retrieve_mod
+
+
+@pytest.fixture(scope="module")
+def version(trained_repo):
+    data_path, repo = trained_repo
+    version_dir, manifest = newest_valid_version(repo, "seq")
+    data = build_sequences(read_interactions(data_path), item_vocab=load_item_ids(version_dir, manifest))
+    return data_path, repo, version_dir, manifest, data
+
+
+def test_output_matches_a_numpy_full_ranking(version, tmp_path):
+    data_path, repo, version_dir, manifest, data = version
+    out = tmp_path / "cands.parquet"
+    assert main(["-q", "retrieve", "--repo", str(repo), "--name", "seq", "--data", str(data_path), "--out", str(out),
+                 "--top-n", "25", "--batch-size", "64"]) == 0
+    table = pq.read_table(out).to_pydict()
+    assert pq.ParquetFile(out).num_row_groups == int(np.ceil(data.n_users / 64))  # one row group per batch
+    assert len(table["user_id"]) == data.n_users * 25
+    assert set(table["model_version"]) == {manifest.version}
+    # reference: every user's full history → ONNX query → exact scores over all items, seen removed
+    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model["max_len"])
+    items = load_item_vectors(version_dir, manifest)
+    ids = load_item_ids(version_dir, manifest)
+    for u in (0, 7, data.n_users - 1):
+        hist = data.sequence(u)
+        scores = enc.encode_histories([hist])[0] @ items.T
+        scores[hist - 1] = -np.inf
+        best = np.argsort(-scores, kind="stable")[:25]
+        rows = [i for i, x in enumerate(table["user_id"]) if x == data.user_ids[u]]
+        assert [table["rank"][i] for i in rows] == list(range(1, 26))
+        assert [table["item_id"][i] for i in rows] == ids[best].tolist()
+        np.testing.assert_allclose([table["score"][i] for i in rows], scores[best], rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_users_are_reported_and_strict_mode_fails(version, tmp_path):
+    data_path, repo, version_dir, manifest, data = version
+    users = tmp_path / "users.txt"
+    users.write_text(f"{data.user_ids[3]}\nnobody\n999999\n{data.user_ids[5]}\n")
+    out = tmp_path / "some.parquet"
+    report = retrieve_mod.retrieve(version_dir, manifest, data, out, top_n=5,
+                                   users=retrieve_mod.read_user_file(users), progress=False)
+    assert report.unknown_users == ["nobody", "999999"] and report.users == 2
+    assert sorted(set(pq.read_table(out).column("user_id").to_pylist())) == sorted([data.user_ids[3], data.user_ids[5]])
+    args = ["-q", "retrieve", "--repo", str(repo), "--name", "seq", "--data", str(data_path), "--out", str(out),
+            "--top-n", "5", "--users", str(users)]
+    assert main(args) == 0
+    assert main([*args, "--strict-users"]) == 3
+
+
+def test_a_crash_mid_run_leaves_no_file_that_looks_complete(version, tmp_path, monkeypatch):
+    data_path, repo, version_dir, manifest, data = version
+    real_search, calls = retrieve_mod.search, []
+
+    def failing_search(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed mid-run")
+        return real_search(*a, **kw)
+
+    monkeypatch.setattr(retrieve_mod, "search", failing_search)
+    out = tmp_path / "cands.parquet"
+    with pytest.raises(RuntimeError, match="killed"):
+        retrieve_mod.retrieve(version_dir, manifest, data, out, top_n=10, batch_size=32, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its partial file
+
+
+def test_bad_top_n_is_refused(version, tmp_path):
+    _, _, version_dir, manifest, data = version
+    with pytest.raises(ValueError, match="top-n"):
+        retrieve_mod.retrieve(version_dir, manifest, data, tmp_path / "x.parquet", top_n=0, progress=False)
