@@ -217,8 +217,15 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     log_, _ = _load_log(args)
     data = build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest))
     users = read_user_file(args.users) if args.users else None
-    report = retrieve(version_dir, manifest, data, args.out, top_n=args.top_n, users=users,
-                      batch_size=args.batch_size, threads=args.threads, progress=not args.quiet)
+    if args.ray is not None:
+        from .retrieve_ray import retrieve_ray
+
+        report = retrieve_ray(version_dir, manifest, data, args.out, top_n=args.top_n, users=users,
+                              batch_size=args.batch_size, address=None if args.ray == "local" else args.ray,
+                              workers=args.workers)
+    else:
+        report = retrieve(version_dir, manifest, data, args.out, top_n=args.top_n, users=users,
+                          batch_size=args.batch_size, threads=args.threads, progress=not args.quiet)
     if report.unknown_users and args.strict_users:
         log.error("%d requested users were not found (--strict-users)", len(report.unknown_users))
         return 3
@@ -311,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 3 when a user in --users is not in the data (default: warn and go on)")
     p.add_argument("--batch-size", type=int, default=1024, help="users per batch and per Parquet row group (default: 1024)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run as a Ray Data pipeline and write a Parquet dataset (a folder) at --out: on a new local "
+                        "Ray instance, or on the cluster at ADDRESS (e.g. ray://head:10001 or auto); needs attnrec[ray] "
+                        "and a repository path every node can read")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, one CPU each, each loading the model once (default: 2)")
     _add_data_args(p)
     p.set_defaults(func=cmd_retrieve)
 

@@ -72,6 +72,49 @@ def _id_type(ids: np.ndarray) -> pa.DataType:
     return pa.int64() if ids.dtype.kind in "iu" else pa.string()
 
 
+def output_schema(data: SequenceData, manifest: Manifest, top_n: int) -> pa.Schema:
+    return pa.schema([("user_id", _id_type(data.user_ids)), ("rank", pa.int32()),
+                      ("item_id", _id_type(data.item_ids[1:])), ("score", pa.float32()),
+                      ("model_version", pa.int32())],
+                     metadata={"model": manifest.name, "model_version": str(manifest.version),
+                               "top_n": str(top_n), "exclude_seen": "true"})
+
+
+class BatchRetriever:
+    """The version's encoder and index, loaded once; one call = one batch of users → rows.
+
+    Shared by the single-process job and the Ray actors, so both compute the same thing.
+    """
+
+    def __init__(self, version_dir: Path, manifest: Manifest, item_ids: np.ndarray, schema: pa.Schema, top_n: int,
+                 threads: int = 0) -> None:
+        self.encoder = OnnxEncoder(Path(version_dir) / manifest.files["encoder"].path, manifest.model["max_len"],
+                                   intra_op_threads=threads)
+        self.index = load_index(Path(version_dir) / manifest.files["index"].path, manifest.index["params"],
+                                mips_max_norm2=manifest.index.get("mips_max_norm2"))
+        self.item_ids, self.schema, self.top_n, self.version = item_ids, schema, top_n, manifest.version
+
+    def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
+        """histories: token arrays (catalogue row + 1), one per user."""
+        scores, found = search(self.index, self.encoder.encode_histories(histories), self.top_n,
+                               exclude=[h - 1 for h in histories])
+        ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
+        ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
+        return pa.table({
+            "user_id": pa.array(np.repeat(user_ids, ok.sum(axis=1)), type=self.schema.field("user_id").type),
+            "rank": ranks[ok],
+            "item_id": pa.array(self.item_ids[found[ok]], type=self.schema.field("item_id").type),
+            "score": scores[ok].astype(np.float32),
+            "model_version": np.full(int(ok.sum()), self.version, dtype=np.int32),
+        }, schema=self.schema)
+
+
+def _report_unknown(unknown: list) -> None:
+    if unknown:
+        shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
+        log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
+
+
 def retrieve(version_dir: Path, manifest: Manifest, data: SequenceData, out: Path, *, top_n: int = 100,
              users: np.ndarray | None = None, batch_size: int = 1024, threads: int = 0, progress: bool = True
              ) -> RetrieveReport:
@@ -83,18 +126,9 @@ def retrieve(version_dir: Path, manifest: Manifest, data: SequenceData, out: Pat
     if top_n < 1:
         raise ValueError(f"top-n must be at least 1, got {top_n}")
     chosen, unknown = select_users(data, users)
-    if unknown:
-        shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
-        log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
-    encoder = OnnxEncoder(version_dir / manifest.files["encoder"].path, manifest.model["max_len"],
-                          intra_op_threads=threads)
-    index = load_index(version_dir / manifest.files["index"].path, manifest.index["params"],
-                       mips_max_norm2=manifest.index.get("mips_max_norm2"))
-    item_ids = np.asarray(data.item_ids[1:])
-    schema = pa.schema([("user_id", _id_type(data.user_ids)), ("rank", pa.int32()),
-                        ("item_id", _id_type(item_ids)), ("score", pa.float32()), ("model_version", pa.int32())],
-                       metadata={"model": manifest.name, "model_version": str(manifest.version),
-                                 "top_n": str(top_n), "exclude_seen": "true"})
+    _report_unknown(unknown)
+    schema = output_schema(data, manifest, top_n)
+    step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
@@ -106,17 +140,7 @@ def retrieve(version_dir: Path, manifest: Manifest, data: SequenceData, out: Pat
             task = bar.add_task("users", total=len(chosen), rate="")
             for s in range(0, len(chosen), batch_size):
                 batch = chosen[s : s + batch_size]
-                hist = [data.sequence(u) for u in batch]
-                scores, found = search(index, encoder.encode_histories(hist), top_n, exclude=[h - 1 for h in hist])
-                ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
-                ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
-                table = pa.table({
-                    "user_id": pa.array(np.repeat(data.user_ids[batch], ok.sum(axis=1)), type=schema.field("user_id").type),
-                    "rank": ranks[ok],
-                    "item_id": pa.array(item_ids[found[ok]], type=schema.field("item_id").type),
-                    "score": scores[ok].astype(np.float32),
-                    "model_version": np.full(int(ok.sum()), manifest.version, dtype=np.int32),
-                }, schema=schema)
+                table = step(data.user_ids[batch], [data.sequence(u) for u in batch])
                 writer.write_table(table)  # one row group per batch of users
                 rows += table.num_rows
                 bar.update(task, advance=len(batch), rate=f"{(s + len(batch)) / (time.perf_counter() - t0):,.0f} users/s")

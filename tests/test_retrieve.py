@@ -80,3 +80,25 @@ def test_bad_top_n_is_refused(version, tmp_path):
     _, _, version_dir, manifest, data = version
     with pytest.raises(ValueError, match="top-n"):
         retrieve_mod.retrieve(version_dir, manifest, data, tmp_path / "x.parquet", top_n=0, progress=False)
+
+
+def test_ray_pipeline_gives_the_single_process_rows(version, tmp_path):
+    ray = pytest.importorskip("ray")
+    from export.retrieve_ray import retrieve_ray
+
+    data_path, repo, version_dir, manifest, data = version
+    single = tmp_path / "single.parquet"
+    retrieve_mod.retrieve(version_dir, manifest, data, single, top_n=20, batch_size=50, progress=False)
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        report = retrieve_ray(version_dir, manifest, data, tmp_path / "ray", top_n=20, batch_size=50, workers=2)
+    finally:
+        ray.shutdown()
+    keys = [("user_id", "ascending"), ("rank", "ascending")]
+    a = pq.read_table(tmp_path / "ray").sort_by(keys)
+    b = pq.read_table(single).sort_by(keys)
+    assert report.rows == a.num_rows == b.num_rows == data.n_users * 20
+    for col in ("user_id", "rank", "item_id", "model_version"):
+        assert a.column(col).to_pylist() == b.column(col).to_pylist(), col
+    np.testing.assert_allclose(a.column("score").to_numpy(), b.column("score").to_numpy(), atol=1e-5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ray", "single.parquet"]  # no partial left behind

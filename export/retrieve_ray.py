@@ -1,0 +1,94 @@
+"""`attnrec retrieve --ray`: the same job as a Ray Data pipeline, for more users than one machine serves.
+
+Each Ray actor loads the version's ONNX encoder and FAISS index once (from the repository
+path, which every node must see) and runs the very `BatchRetriever` of the single-process
+job on its batches, so both give the same rows. Ray is an optional extra: `attnrec[ray]`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.repository import Manifest, open_version
+
+from .data.sequences import SequenceData
+from .retrieve import BatchRetriever, RetrieveReport, _report_unknown, output_schema, select_users
+
+log = logging.getLogger(__name__)
+
+
+class _Actor:
+    """A Ray Data callable class: constructed once per actor, called per batch."""
+
+    def __init__(self, version_dir: str, item_ids: np.ndarray, schema: pa.Schema, top_n: int) -> None:
+        manifest = open_version(version_dir, verify=False)  # the driver verified the checksums
+        # One ORT thread per actor: Ray gives each actor one CPU.
+        self.step = BatchRetriever(Path(version_dir), manifest, item_ids, schema, top_n, threads=1)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        hist = batch.column("history").combine_chunks()
+        offsets, values = hist.offsets.to_numpy(), hist.values.to_numpy()
+        histories = [values[offsets[i] : offsets[i + 1]] for i in range(len(hist))]
+        user_ids = batch.column("user_id").to_numpy(zero_copy_only=False)
+        return self.step(user_ids, histories)
+
+
+def retrieve_ray(version_dir: Path, manifest: Manifest, data: SequenceData, out: Path, *, top_n: int = 100,
+                 users: np.ndarray | None = None, batch_size: int = 1024, address: str | None = None,
+                 workers: int = 2) -> RetrieveReport:
+    """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
+    if top_n < 1:
+        raise ValueError(f"top-n must be at least 1, got {top_n}")
+    chosen, unknown = select_users(data, users)
+    _report_unknown(unknown)
+    schema = output_schema(data, manifest, top_n)
+    lengths = data.lengths[chosen]
+    offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    values = np.concatenate([data.sequence(u) for u in chosen]) if len(chosen) else np.zeros(0, np.int64)
+    table = pa.table({"user_id": pa.array(data.user_ids[chosen], type=schema.field("user_id").type),
+                      "history": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64()))})
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, num_cpus=None if address else workers, log_to_driver=False)
+    t0 = time.perf_counter()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        # One input block per batch, so every actor gets work from the start.
+        blocks = [table.slice(i, batch_size) for i in range(0, max(table.num_rows, 1), batch_size)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            _Actor, fn_constructor_kwargs={"version_dir": str(version_dir), "item_ids": np.asarray(data.item_ids[1:]),
+                                           "schema": schema, "top_n": top_n},
+            batch_size=batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=1)
+        ds.write_parquet(str(tmp))
+        rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
+        old = None
+        if out.exists():  # swap the new dataset in, then drop the old one
+            old = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if started_here:
+            ray.shutdown()
+    report = RetrieveReport(out, len(chosen), rows, time.perf_counter() - t0, unknown)
+    log.info("Ray: wrote %s rows for %s users to %s in %.1fs (%.0f users/s)", f"{rows:,}", f"{len(chosen):,}", out,
+             report.seconds, report.users_per_s)
+    return report
