@@ -93,11 +93,19 @@ def search(index: ItemIndex, queries: np.ndarray, k: int, exclude: Sequence[np.n
     scores, rows = index.search(queries, fetch)
     if not extra:
         return scores[:, :k], rows[:, :k]
-    out_s = np.full((len(rows), k), -np.inf, dtype=np.float32)
-    out_r = np.full((len(rows), k), -1, dtype=np.int64)
-    for i, ex in enumerate(exclude):
-        keep = (rows[i] >= 0) & ~np.isin(rows[i], ex)
-        r, s = rows[i][keep][:k], scores[i][keep][:k]
-        out_r[i, : len(r)] = r
-        out_s[i, : len(s)] = s
+    # Vectorised over the batch: key = query * (ntotal + 1) + row, one isin for all queries.
+    width = index.ntotal + 1
+    q_of = np.repeat(np.arange(len(rows), dtype=np.int64), [len(e) for e in exclude])
+    excluded = q_of * width + np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude])
+    found_keys = np.arange(len(rows), dtype=np.int64)[:, None] * width + rows
+    keep = (rows >= 0) & ~np.isin(found_keys, excluded)
+    # Kept entries first, in their score order (a stable sort of the "dropped" flag).
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, order, axis=1)
+    out_r = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
+    out_s = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32)
+    if out_r.shape[1] < k:  # the catalogue is smaller than k
+        pad = k - out_r.shape[1]
+        out_r = np.pad(out_r, ((0, 0), (0, pad)), constant_values=-1)
+        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
     return out_s, out_r
