@@ -1,4 +1,5 @@
 """The ONNX encoder: padded item histories in, query vectors out (onnxruntime, no torch)."""
+
 from __future__ import annotations
 
 import logging

@@ -6,6 +6,7 @@ and queries get 0, so |q − x|² = |q|² + M² − 2 q·x and the nearest items
 the best by inner product. IVF clustering works well in L2; with raw inner products it
 crowds popular, large-norm items into a few lists and needs most lists probed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,9 @@ class ItemIndex:
         return scores.astype(np.float32), rows
 
 
-def load_index(path: Path | str, params: dict[str, Any], *, mips_max_norm2: float | None = None,
-               use_gpu: bool | None = None) -> ItemIndex:
+def load_index(
+    path: Path | str, params: dict[str, Any], *, mips_max_norm2: float | None = None, use_gpu: bool | None = None
+) -> ItemIndex:
     """Read an index and set its search parameters; on a GPU build with a device, move it there."""
     index = faiss.read_index(str(path))
     if use_gpu is None:
@@ -81,8 +83,9 @@ def load_index(path: Path | str, params: dict[str, Any], *, mips_max_norm2: floa
     return item_index
 
 
-def search(index: ItemIndex, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: ItemIndex, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows per query, never a row in that query's `exclude` (e.g. the history).
 
     FAISS is asked for k plus the longest exclusion list, then excluded rows are dropped, so

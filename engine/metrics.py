@@ -4,6 +4,7 @@ Every item the user interacted with before the target is excluded from the ranki
 target itself is a repeat of an earlier item it is therefore excluded too and counts as a miss:
 the protocol ranks new items only (`repeat_targets` counts such users so it never hides).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -11,6 +11,7 @@ r + 1 (token 0 is padding). A version is written in a hidden staging folder and 
 place when complete, so a reader never sees half a version. Every file's sha256 is in the
 manifest; `open_version` refuses a version whose files do not match.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
@@ -65,9 +66,8 @@ class Manifest:
     def from_dict(cls, raw: dict[str, Any], where: str) -> "Manifest":
         try:
             if raw.get("schema_version") != SCHEMA_VERSION:
-                raise ArtifactError(
-                    f"{where}: manifest schema version {raw.get('schema_version')!r}, this attnrec reads {SCHEMA_VERSION}"
-                )
+                found = raw.get("schema_version")
+                raise ArtifactError(f"{where}: manifest schema version {found!r}, this attnrec reads {SCHEMA_VERSION}")
             files = {role: FileEntry(**entry) for role, entry in raw["files"].items()}
             return cls(**{**raw, "files": files})
         except (KeyError, TypeError) as exc:
@@ -117,7 +117,9 @@ def open_version(path: Path | str, *, verify: bool = True) -> Manifest:
                 raise ArtifactError(f"{fpath}: size {size} bytes, manifest says {entry.bytes}")
             digest = sha256_file(fpath)
             if digest != entry.sha256:
-                raise ArtifactError(f"{fpath}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…")
+                raise ArtifactError(
+                    f"{fpath}: sha256 {digest[:12]}… does not match the manifest's {entry.sha256[:12]}…"
+                )
     return manifest
 
 

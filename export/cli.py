@@ -3,6 +3,7 @@
 Subcommands import what they need when they run, so `attnrec --help` and the serving
 commands never load torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,12 @@ log = logging.getLogger("attnrec")
 def _setup_logging(verbose: bool) -> None:
     from rich.logging import RichHandler
 
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(show_path=False, rich_tracebacks=False)], force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
 
@@ -28,17 +33,33 @@ def _setup_logging(verbose: bool) -> None:
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     src = g.add_mutually_exclusive_group(required=required)
-    src.add_argument("--data", type=Path, help="interaction log: CSV, TSV, Parquet, MovieLens, RecBole .inter or SASRec text")
-    src.add_argument("--dataset", help="download a public dataset into the cache (needs internet): "
-                                       "ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small")
-    g.add_argument("--format", default="auto", choices=["auto", "csv", "tsv", "parquet", "movielens", "recbole", "sasrec"],
-                   help="input format (default: detected from the file name and content)")
+    src.add_argument(
+        "--data", type=Path, help="interaction log: CSV, TSV, Parquet, MovieLens, RecBole .inter or SASRec text"
+    )
+    src.add_argument(
+        "--dataset",
+        help="download a public dataset into the cache (needs internet): "
+        "ml-100k, ml-1m, ml-10m, ml-20m, ml-25m, ml-latest-small",
+    )
+    g.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "csv", "tsv", "parquet", "movielens", "recbole", "sasrec"],
+        help="input format (default: detected from the file name and content)",
+    )
     g.add_argument("--user-col", help="user id column (default: detected, e.g. user_id / userId)")
     g.add_argument("--item-col", help="item id column (default: detected, e.g. item_id / movieId)")
     g.add_argument("--time-col", help="timestamp column (default: detected; without one, file order is time order)")
-    g.add_argument("--kcore", type=int, default=0, metavar="K",
-                   help="keep only users and items with at least K interactions, iteratively (default: 0, off)")
-    g.add_argument("--cache-dir", type=Path, help="download cache for --dataset (default: $ATTNREC_CACHE or ~/.cache/attnrec)")
+    g.add_argument(
+        "--kcore",
+        type=int,
+        default=0,
+        metavar="K",
+        help="keep only users and items with at least K interactions, iteratively (default: 0, off)",
+    )
+    g.add_argument(
+        "--cache-dir", type=Path, help="download cache for --dataset (default: $ATTNREC_CACHE or ~/.cache/attnrec)"
+    )
 
 
 def _load_log(args: argparse.Namespace):
@@ -65,10 +86,21 @@ def _load_split(args: argparse.Namespace):
     log_, source = _load_log(args)
     data = build_sequences(log_)
     split = leave_one_out(data)
-    info = {"source": source, "format": args.format, "interactions": int(len(data.items)), "users": data.n_users,
-            "items": data.n_items, "kcore": args.kcore}
-    log.info("%d users, %d items, %s interactions; %d evaluated users", data.n_users, data.n_items,
-             f"{len(data.items):,}", len(split.test))
+    info = {
+        "source": source,
+        "format": args.format,
+        "interactions": int(len(data.items)),
+        "users": data.n_users,
+        "items": data.n_items,
+        "kcore": args.kcore,
+    }
+    log.info(
+        "%d users, %d items, %s interactions; %d evaluated users",
+        data.n_users,
+        data.n_items,
+        f"{len(data.items):,}",
+        len(split.test),
+    )
     return split, info
 
 
@@ -108,8 +140,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
             kw = {"action": argparse.BooleanOptionalAction}
         else:
             kw = {"type": kind, **({"choices": ["ce", "sampled"]} if f.name == "loss" else {})}
-        g.add_argument("--" + f.name.replace("_", "-"), default=default,
-                       help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw)
+        g.add_argument(
+            "--" + f.name.replace("_", "-"), default=default, help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw
+        )
 
 
 def _train_config(args: argparse.Namespace):
@@ -120,19 +153,32 @@ def _train_config(args: argparse.Namespace):
 
 def _add_publish_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("index")
-    g.add_argument("--index", dest="index_factory",
-                   help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: Flat up to 50,000 items, else IVF)")
-    g.add_argument("--export-hidden", action="store_true",
-                   help="the ONNX encoder also outputs every position's hidden state (B, L, D) for a ranker; "
-                        "costs the full last block per request")
+    g.add_argument(
+        "--index",
+        dest="index_factory",
+        help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: Flat up to 50,000 items, else IVF)",
+    )
+    g.add_argument(
+        "--export-hidden",
+        action="store_true",
+        help="the ONNX encoder also outputs every position's hidden state (B, L, D) for a ranker; "
+        "costs the full last block per request",
+    )
     g.add_argument("--recall-n", type=int, default=200, help="N of the recall@N the index is tuned for (default: 200)")
-    g.add_argument("--target-recall", type=float, default=0.98, help="recall@N to reach against exact search (default: 0.98)")
+    g.add_argument(
+        "--target-recall", type=float, default=0.98, help="recall@N to reach against exact search (default: 0.98)"
+    )
     _add_eval_users(p)
 
 
 def _add_eval_users(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-users", type=int, default=0, metavar="N",
-                   help="evaluate a seeded sample of N users instead of all (for huge catalogues; default: 0, all)")
+    p.add_argument(
+        "--eval-users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="evaluate a seeded sample of N users instead of all (for huge catalogues; default: 0, all)",
+    )
 
 
 def _publish(model, split, info, args, training: dict) -> dict:
@@ -140,15 +186,27 @@ def _publish(model, split, info, args, training: dict) -> dict:
     from .publish import publish
 
     version_dir, manifest, metrics = publish(
-        model, split, args.out, args.name, training=training, data_info=info, index_factory=args.index_factory,
-        recall_n=args.recall_n, target_recall=args.target_recall, eval_users=args.eval_users,
-        with_hidden=args.export_hidden, seed=args.seed,
-        progress=not args.quiet)
+        model,
+        split,
+        args.out,
+        args.name,
+        training=training,
+        data_info=info,
+        index_factory=args.index_factory,
+        recall_n=args.recall_n,
+        target_recall=args.target_recall,
+        eval_users=args.eval_users,
+        with_hidden=args.export_hidden,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
     print_report(metrics)
     idx = manifest.index
     recall = idx["recall@%d" % idx["recall_n"]]
-    print(f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
-          f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e})")
+    print(
+        f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
+        f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e})"
+    )
     return metrics
 
 
@@ -160,11 +218,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     result = train(split, cfg, checkpoint=ckpt, resume=args.resume, progress=not args.quiet)
-    log.info("best validation NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)", result.best_valid_ndcg10,
-             result.best_epoch, result.epochs_run, result.seconds)
-    training = {"config": asdict(cfg), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                "train_seconds": result.seconds, "best_valid_ndcg@10": result.best_valid_ndcg10,
-                "history": result.history, "checkpoint": str(ckpt)}
+    log.info(
+        "best validation NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)",
+        result.best_valid_ndcg10,
+        result.best_epoch,
+        result.epochs_run,
+        result.seconds,
+    )
+    training = {
+        "config": asdict(cfg),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_seconds": result.seconds,
+        "best_valid_ndcg@10": result.best_valid_ndcg10,
+        "history": result.history,
+        "checkpoint": str(ckpt),
+    }
     _publish(result.model, split, info, args, training)
     return 0
 
@@ -179,15 +248,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     state = torch.load(args.checkpoint, weights_only=False)
     cfg = TrainConfig(**state["train_config"])
     split, info = _load_split(args)
-    if split.data.n_items != state["n_items"] or state.get("item_ids_sha256", item_ids_digest(split.data.item_ids)) \
-            != item_ids_digest(split.data.item_ids):
-        raise ValueError(f"{args.checkpoint} was trained on another item catalogue ({state['n_items']} items) than "
-                         f"this data's ({split.data.n_items} items); export it with the data it was trained on")
+    if split.data.n_items != state["n_items"] or state.get(
+        "item_ids_sha256", item_ids_digest(split.data.item_ids)
+    ) != item_ids_digest(split.data.item_ids):
+        raise ValueError(
+            f"{args.checkpoint} was trained on another item catalogue ({state['n_items']} items) than "
+            f"this data's ({split.data.n_items} items); export it with the data it was trained on"
+        )
     model = SASRec(cfg.model_config(state["n_items"]))
     model.load_state_dict(state["best_state"])
     args.seed = cfg.seed
-    training = {"config": asdict(cfg), "best_epoch": state["best_epoch"], "epochs_run": state["epoch"],
-                "best_valid_ndcg@10": state["best"], "history": state["history"], "checkpoint": str(args.checkpoint)}
+    training = {
+        "config": asdict(cfg),
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "best_valid_ndcg@10": state["best"],
+        "history": state["history"],
+        "checkpoint": str(args.checkpoint),
+    }
     _publish(model, split, info, args, training)
     return 0
 
@@ -196,8 +274,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_repo, print_report
 
     log_, _ = _load_log(args)
-    result = evaluate_repo(args.repo, args.name, log_, version=args.version, threads=args.threads,
-                           max_users=args.eval_users, progress=not args.quiet)
+    result = evaluate_repo(
+        args.repo,
+        args.name,
+        log_,
+        version=args.version,
+        threads=args.threads,
+        max_users=args.eval_users,
+        progress=not args.quiet,
+    )
     print_report(result)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -220,12 +305,29 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from .retrieve_ray import retrieve_ray
 
-        report = retrieve_ray(version_dir, manifest, data, args.out, top_n=args.top_n, users=users,
-                              batch_size=args.batch_size, address=None if args.ray == "local" else args.ray,
-                              workers=args.workers)
+        report = retrieve_ray(
+            version_dir,
+            manifest,
+            data,
+            args.out,
+            top_n=args.top_n,
+            users=users,
+            batch_size=args.batch_size,
+            address=None if args.ray == "local" else args.ray,
+            workers=args.workers,
+        )
     else:
-        report = retrieve(version_dir, manifest, data, args.out, top_n=args.top_n, users=users,
-                          batch_size=args.batch_size, threads=args.threads, progress=not args.quiet)
+        report = retrieve(
+            version_dir,
+            manifest,
+            data,
+            args.out,
+            top_n=args.top_n,
+            users=users,
+            batch_size=args.batch_size,
+            threads=args.threads,
+            progress=not args.quiet,
+        )
     if report.unknown_users and args.strict_users:
         log.error("%d requested users were not found (--strict-users)", len(report.unknown_users))
         return 3
@@ -235,13 +337,24 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 def cmd_synth(args: argparse.Namespace) -> int:
     from .data.synthetic import SyntheticConfig, generate, write
 
-    cfg = SyntheticConfig(n_users=args.users, n_items=args.items, mean_length=args.mean_length, seed=args.seed,
-                          popularity_exponent=args.popularity_exponent)
+    cfg = SyntheticConfig(
+        n_users=args.users,
+        n_items=args.items,
+        mean_length=args.mean_length,
+        seed=args.seed,
+        popularity_exponent=args.popularity_exponent,
+    )
     t = time.perf_counter()
     log_ = generate(cfg, progress=not args.quiet)
     write(log_, args.out)
-    log.info("wrote %s interactions (%d users, %d items) to %s in %.1fs", f"{len(log_):,}", args.users, args.items,
-             args.out, time.perf_counter() - t)
+    log.info(
+        "wrote %s interactions (%d users, %d items) to %s in %.1fs",
+        f"{len(log_):,}",
+        args.users,
+        args.items,
+        args.out,
+        time.perf_counter() - t,
+    )
     return 0
 
 
@@ -259,29 +372,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnrec", description="attnrec: train, export, evaluate and serve attention-based recommenders "
-                                     "(SASRec + FAISS + onnxruntime).",
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="attnrec",
+        description="attnrec: train, export, evaluate and serve attention-based recommenders "
+        "(SASRec + FAISS + onnxruntime).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train SASRec, evaluate, export ONNX + FAISS index as a new repository version",
-                       description="Train a SASRec encoder on an interaction log (leave-one-out split, early stopping "
-                                   "on validation NDCG@10), then export the verified ONNX encoder and a tuned FAISS index "
-                                   "as a new version of REPO_DIR/MODEL_NAME.")
+    p = sub.add_parser(
+        "train",
+        help="train SASRec, evaluate, export ONNX + FAISS index as a new repository version",
+        description="Train a SASRec encoder on an interaction log (leave-one-out split, early stopping "
+        "on validation NDCG@10), then export the verified ONNX encoder and a tuned FAISS index "
+        "as a new version of REPO_DIR/MODEL_NAME.",
+    )
     _add_data_args(p)
     p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="model repository")
     p.add_argument("--name", required=True, metavar="MODEL_NAME", help="model name inside the repository")
-    p.add_argument("--checkpoint", type=Path, help="training checkpoint (default: REPO_DIR/MODEL_NAME/.train/checkpoint.pt)")
+    p.add_argument(
+        "--checkpoint", type=Path, help="training checkpoint (default: REPO_DIR/MODEL_NAME/.train/checkpoint.pt)"
+    )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     _add_train_args(p)
     _add_publish_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a repository version (ONNX encoder, exact full ranking)",
-                       description="Evaluate the newest valid (or --version) version of a model on an interaction log, "
-                                   "with the same leave-one-out split as training. No torch needed.")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a repository version (ONNX encoder, exact full ranking)",
+        description="Evaluate the newest valid (or --version) version of a model on an interaction log, "
+        "with the same leave-one-out split as training. No torch needed.",
+    )
     p.add_argument("--repo", type=Path, required=True, metavar="REPO_DIR")
     p.add_argument("--name", required=True, metavar="MODEL_NAME")
     p.add_argument("--version", type=int, help="version number (default: newest valid)")
@@ -291,10 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("export", help="export a training checkpoint (ONNX + FAISS index) as a new version",
-                       description="Export the best weights of a training checkpoint as a new repository version. "
-                                   "The data must be the data the checkpoint was trained on (for the id map, the "
-                                   "index tuning queries and the evaluation).")
+    p = sub.add_parser(
+        "export",
+        help="export a training checkpoint (ONNX + FAISS index) as a new version",
+        description="Export the best weights of a training checkpoint as a new repository version. "
+        "The data must be the data the checkpoint was trained on (for the id map, the "
+        "index tuning queries and the evaluation).",
+    )
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR")
     p.add_argument("--name", required=True, metavar="MODEL_NAME")
@@ -302,27 +429,42 @@ def build_parser() -> argparse.ArgumentParser:
     _add_publish_args(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("retrieve", help="every user's top-N candidates to Parquet (ONNX + FAISS, no torch)",
-                       description="Offline candidate retrieval with a repository version's ONNX encoder and FAISS "
-                                   "index: for every user of the interaction log (or those in --users), the top-N "
-                                   "items not yet seen, from the user's whole history, written to Parquet "
-                                   "(user_id, rank, item_id, score, model_version). Streams users in batches; the "
-                                   "output file appears only when complete.")
+    p = sub.add_parser(
+        "retrieve",
+        help="every user's top-N candidates to Parquet (ONNX + FAISS, no torch)",
+        description="Offline candidate retrieval with a repository version's ONNX encoder and FAISS "
+        "index: for every user of the interaction log (or those in --users), the top-N "
+        "items not yet seen, from the user's whole history, written to Parquet "
+        "(user_id, rank, item_id, score, model_version). Streams users in batches; the "
+        "output file appears only when complete.",
+    )
     p.add_argument("--repo", type=Path, required=True, metavar="REPO_DIR")
     p.add_argument("--name", required=True, metavar="MODEL_NAME")
     p.add_argument("--version", type=int, help="version number (default: newest valid)")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.parquet")
     p.add_argument("--top-n", type=int, default=100, help="candidates per user (default: 100)")
     p.add_argument("--users", type=Path, metavar="FILE", help="only these users: one external user id per line")
-    p.add_argument("--strict-users", action="store_true",
-                   help="exit with status 3 when a user in --users is not in the data (default: warn and go on)")
-    p.add_argument("--batch-size", type=int, default=1024, help="users per batch and per Parquet row group (default: 1024)")
+    p.add_argument(
+        "--strict-users",
+        action="store_true",
+        help="exit with status 3 when a user in --users is not in the data (default: warn and go on)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=1024, help="users per batch and per Parquet row group (default: 1024)"
+    )
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="run as a Ray Data pipeline and write a Parquet dataset (a folder) at --out: on a new local "
-                        "Ray instance, or on the cluster at ADDRESS (e.g. ray://head:10001 or auto); needs attnrec[ray] "
-                        "and a repository path every node can read")
-    p.add_argument("--workers", type=int, default=2, help="Ray actors, one CPU each, each loading the model once (default: 2)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run as a Ray Data pipeline and write a Parquet dataset (a folder) at --out: on a new local "
+        "Ray instance, or on the cluster at ADDRESS (e.g. ray://head:10001 or auto); needs attnrec[ray] "
+        "and a repository path every node can read",
+    )
+    p.add_argument(
+        "--workers", type=int, default=2, help="Ray actors, one CPU each, each loading the model once (default: 2)"
+    )
     _add_data_args(p)
     p.set_defaults(func=cmd_retrieve)
 
@@ -338,8 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--items", type=int, default=3000)
     p.add_argument("--mean-length", type=float, default=30.0, help="mean interactions per user (default: 30)")
-    p.add_argument("--popularity-exponent", type=float, default=0.8,
-                   help="Zipf exponent of item popularity; lower spreads interactions over more items (default: 0.8)")
+    p.add_argument(
+        "--popularity-exponent",
+        type=float,
+        default=0.8,
+        help="Zipf exponent of item popularity; lower spreads interactions over more items (default: 0.8)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 

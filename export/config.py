@@ -1,4 +1,5 @@
 """Model and training settings: plain dataclasses, importable without torch (the CLI builds its flags from them)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -42,8 +43,11 @@ class TrainConfig:
 
     def model_config(self, n_items: int) -> SASRecConfig:
         return SASRecConfig(
-            n_items=n_items, max_len=self.max_len, dim=self.dim, n_blocks=self.n_blocks,
-            n_heads=self.n_heads, ffn_dim=self.ffn_dim, dropout=self.dropout,
+            n_items=n_items,
+            max_len=self.max_len,
+            dim=self.dim,
+            n_blocks=self.n_blocks,
+            n_heads=self.n_heads,
+            ffn_dim=self.ffn_dim,
+            dropout=self.dropout,
         )
-
-

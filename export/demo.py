@@ -3,6 +3,7 @@
 Generates a log, trains a small SASRec, evaluates it, publishes a repository version, then
 answers a few example users through the serving runtime (ONNX encoder + FAISS, no torch).
 """
+
 from __future__ import annotations
 
 import logging
@@ -10,7 +11,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -21,11 +21,11 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
     from engine.encoder import OnnxEncoder
     from engine.index import load_index, search
 
+    from .config import TrainConfig
     from .data.sequences import build_sequences, leave_one_out
     from .data.synthetic import SyntheticConfig, generate, write
     from .evaluate import load_item_ids, print_report
     from .publish import publish
-    from .config import TrainConfig
     from .train import train
 
     console = Console()
@@ -36,30 +36,61 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
     write(log_, data_path)
     data = build_sequences(log_)
     split = leave_one_out(data)
-    console.print(f"[bold]1/4 data[/] {len(log_):,} synthetic interactions, {data.n_users} users, {data.n_items} items "
-                  f"→ {data_path}")
+    console.print(
+        f"[bold]1/4 data[/] {len(log_):,} synthetic interactions, {data.n_users} users, {data.n_items} items "
+        f"→ {data_path}"
+    )
 
     # A fixed epoch count keeps the demo's numbers reproducible; the time budget only guards
     # slow machines (it would end training early there, and the numbers would differ).
-    cfg = TrainConfig(max_len=50, dim=64, n_blocks=2, n_heads=1, dropout=0.2, batch_size=128, epochs=15,
-                      patience=4, time_budget_s=150, seed=seed)
+    cfg = TrainConfig(
+        max_len=50,
+        dim=64,
+        n_blocks=2,
+        n_heads=1,
+        dropout=0.2,
+        batch_size=128,
+        epochs=15,
+        patience=4,
+        time_budget_s=150,
+        seed=seed,
+    )
     console.print("[bold]2/4 training[/] SASRec, full-softmax cross-entropy, early stopping on validation NDCG@10")
     result = train(split, cfg, checkpoint=out / "checkpoint.pt", progress=not quiet)
 
     console.print("[bold]3/4 export[/] ONNX encoder (verified against torch) + FAISS index + evaluation")
     repo = out / "repo"
     version_dir, manifest, metrics = publish(
-        result.model, split, repo, "demo", seed=seed, progress=not quiet,
-        training={"config": asdict(cfg), "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                  "train_seconds": result.seconds, "history": result.history},
-        data_info={"source": str(data_path), "synthetic": True, "users": data.n_users, "items": data.n_items,
-                   "interactions": len(log_)})
+        result.model,
+        split,
+        repo,
+        "demo",
+        seed=seed,
+        progress=not quiet,
+        training={
+            "config": asdict(cfg),
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "train_seconds": result.seconds,
+            "history": result.history,
+        },
+        data_info={
+            "source": str(data_path),
+            "synthetic": True,
+            "users": data.n_users,
+            "items": data.n_items,
+            "interactions": len(log_),
+        },
+    )
     print_report(metrics, console)
 
     console.print(f"[bold]4/4 serving runtime[/] {version_dir} through onnxruntime + FAISS (no torch)")
     encoder = OnnxEncoder(version_dir / manifest.files["encoder"].path, manifest.model["max_len"])
-    index = load_index(version_dir / manifest.files["index"].path, manifest.index["params"],
-                       mips_max_norm2=manifest.index["mips_max_norm2"])
+    index = load_index(
+        version_dir / manifest.files["index"].path,
+        manifest.index["params"],
+        mips_max_norm2=manifest.index["mips_max_norm2"],
+    )
     item_ids = load_item_ids(version_dir, manifest)
     table = Table(title="example recommendations (test users: full history → top 5, seen items excluded)")
     for col in ("user", "last 5 items of history", "top 5", "held-out next item", "hit"):
@@ -68,12 +99,18 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
         hist = split.test.history(j)
         scores, rows = search(index, encoder.encode_histories([hist]), 5, exclude=[hist - 1])
         target = split.test.targets[j]
-        table.add_row(str(data.user_ids[split.test.users[j]]), " ".join(map(str, item_ids[hist[-5:] - 1])),
-                      " ".join(map(str, item_ids[rows[0]])), str(item_ids[target - 1]),
-                      "✓" if target - 1 in rows[0] else "")
+        table.add_row(
+            str(data.user_ids[split.test.users[j]]),
+            " ".join(map(str, item_ids[hist[-5:] - 1])),
+            " ".join(map(str, item_ids[rows[0]])),
+            str(item_ids[target - 1]),
+            "✓" if target - 1 in rows[0] else "",
+        )
     console.print(table)
     t = metrics["test"]
     pop = metrics["baselines"]["popularity"]["test"]
-    console.print(f"test NDCG@10 {t['ndcg@10']:.4f} vs popularity {pop['ndcg@10']:.4f}; "
-                  f"repository: {repo}; total {time.perf_counter() - t0:.0f}s")
+    console.print(
+        f"test NDCG@10 {t['ndcg@10']:.4f} vs popularity {pop['ndcg@10']:.4f}; "
+        f"repository: {repo}; total {time.perf_counter() - t0:.0f}s"
+    )
     return 0

@@ -4,6 +4,7 @@ What is measured is what is served: the version's ONNX encoder and item vectors,
 ranking over the catalogue, seen items excluded. A popularity ranking is reported beside it
 so accuracy is never read alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def protocol(split: LeaveOneOut, evaluated: int) -> dict[str, Any]:
     return {
         "name": "leave-one-out, full ranking",
         "split": "per user by time: last interaction = test target, second to last = validation target, "
-                 "the rest = training",
+        "the rest = training",
         "ranking": f"full ranking over all {split.data.n_items} catalogue items (no sampled negatives)",
         "exclude_seen": True,
         "min_interactions": 3,
@@ -42,17 +43,26 @@ def protocol(split: LeaveOneOut, evaluated: int) -> dict[str, Any]:
     }
 
 
-def _run(query: Callable, item_vectors: np.ndarray, es: EvalSet, popularity: np.ndarray, label: str,
-         progress: bool) -> dict[str, float]:
+def _run(
+    query: Callable, item_vectors: np.ndarray, es: EvalSet, popularity: np.ndarray, label: str, progress: bool
+) -> dict[str, float]:
     hist = [es.history(j) for j in range(len(es))]
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(label, total=len(es))
-        return evaluate_full_ranking(query, item_vectors, hist, es.targets, popularity, ks=KS,
-                                     progress=lambda n: bar.advance(task, n))
+        return evaluate_full_ranking(
+            query, item_vectors, hist, es.targets, popularity, ks=KS, progress=lambda n: bar.advance(task, n)
+        )
 
 
-def evaluate_query_fn(query: Callable, item_vectors: np.ndarray, split: LeaveOneOut, *, max_users: int = 0,
-                      seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def evaluate_query_fn(
+    query: Callable,
+    item_vectors: np.ndarray,
+    split: LeaveOneOut,
+    *,
+    max_users: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Test and validation metrics of a model (`query`: token histories → vectors) and of popularity.
 
     `max_users` > 0 evaluates a seeded sample of that many users (the same users for every
@@ -68,8 +78,9 @@ def evaluate_query_fn(query: Callable, item_vectors: np.ndarray, split: LeaveOne
         out[which] = _run(query, item_vectors, es, pop, f"{which} ranking", progress)
     ones = lambda h: np.ones((len(h), 1), dtype=np.float32)  # noqa: E731 — every user scores by popularity
     pop_vec = pop.astype(np.float32)[:, None]
-    out["baselines"] = {"popularity": {w: _run(ones, pop_vec, es, pop, f"{w} popularity", False)
-                                       for w, es in sets.items()}}
+    out["baselines"] = {
+        "popularity": {w: _run(ones, pop_vec, es, pop, f"{w} popularity", False) for w, es in sets.items()}
+    }
     return out
 
 
@@ -81,18 +92,39 @@ def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
     return np.asarray(json.loads((version_dir / manifest.files["item_ids"].path).read_text()))
 
 
-def evaluate_version(version_dir: Path, manifest: Manifest, split: LeaveOneOut, *, threads: int = 0,
-                     max_users: int = 0, progress: bool = True) -> dict[str, Any]:
-    encoder = OnnxEncoder(version_dir / manifest.files["encoder"].path, manifest.model["max_len"],
-                          intra_op_threads=threads)
-    result = evaluate_query_fn(encoder.encode_histories, load_item_vectors(version_dir, manifest), split,
-                               max_users=max_users, progress=progress)
+def evaluate_version(
+    version_dir: Path,
+    manifest: Manifest,
+    split: LeaveOneOut,
+    *,
+    threads: int = 0,
+    max_users: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    encoder = OnnxEncoder(
+        version_dir / manifest.files["encoder"].path, manifest.model["max_len"], intra_op_threads=threads
+    )
+    result = evaluate_query_fn(
+        encoder.encode_histories,
+        load_item_vectors(version_dir, manifest),
+        split,
+        max_users=max_users,
+        progress=progress,
+    )
     result["model"] = {"name": manifest.name, "version": manifest.version, "path": str(version_dir)}
     return result
 
 
-def evaluate_repo(repo: Path, name: str, log_, *, version: int | None = None, threads: int = 0,
-                  max_users: int = 0, progress: bool = True) -> dict[str, Any]:
+def evaluate_repo(
+    repo: Path,
+    name: str,
+    log_,
+    *,
+    version: int | None = None,
+    threads: int = 0,
+    max_users: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Evaluate the newest valid (or the given) version on an interaction log, same split as training."""
     from .data.sequences import build_sequences, leave_one_out
 

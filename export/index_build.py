@@ -3,6 +3,7 @@
 Recall@N is measured against exact inner-product search, on real query vectors (validation
 users' encodings), and the cheapest setting that reaches the target is kept.
 """
+
 from __future__ import annotations
 
 import logging
@@ -110,8 +111,15 @@ class TuneResult:
     reached_target: bool = True
 
 
-def tune(index: ItemIndex, vectors: np.ndarray, queries: np.ndarray, *, n: int = 200,
-         target_recall: float = 0.98, timing_queries: int = 200) -> TuneResult:
+def tune(
+    index: ItemIndex,
+    vectors: np.ndarray,
+    queries: np.ndarray,
+    *,
+    n: int = 200,
+    target_recall: float = 0.98,
+    timing_queries: int = 200,
+) -> TuneResult:
     """Smallest nprobe / efSearch whose recall@n on `queries` reaches `target_recall`.
 
     Doubling finds the first setting that reaches the target, then bisection narrows it to

@@ -5,9 +5,11 @@ layer, so a user's query vector scores items by inner product — the same inner
 FAISS index searches. Histories are left-padded with token 0; positions are counted from the
 right, so a history padded to any length gives the same query vector.
 """
+
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ class CausalSelfAttention(nn.Module):
 
         blocked (B, 1, L, L): True where query i may not attend to key j.
         """
-        b, l = x.shape[0], x.shape[1]
+        b, t = x.shape[0], x.shape[1]
         d = self.dim
         if last_only:  # the query of one row, keys and values of all: a fraction of the work
             q = F.linear(x[:, -1:], self.qkv.weight[:d], self.qkv.bias[:d])
@@ -52,8 +54,8 @@ class CausalSelfAttention(nn.Module):
         lq = q.shape[1]
         # (B, H, L, D/H)
         q = q.view(b, lq, self.n_heads, d // self.n_heads).transpose(1, 2)
-        k = k.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
-        v = v.view(b, l, self.n_heads, d // self.n_heads).transpose(1, 2)
+        k = k.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+        v = v.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
         att = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Lq, L)
         att = att.masked_fill(blocked, _BLOCKED)
         att = self.attn_drop(F.softmax(att, dim=-1))
@@ -112,13 +114,13 @@ class SASRec(nn.Module):
 
     def _inputs(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens (B, L) int64, left-padded with 0 → embeddings (B, L, D), blocked-attention mask (B, 1, L, L)."""
-        l = tokens.shape[1]
+        t = tokens.shape[1]
         valid = tokens > 0  # (B, L)
         # Right-aligned positions: the last item always has position max_len - 1.
-        pos = torch.arange(self.cfg.max_len - l, self.cfg.max_len, device=tokens.device)
+        pos = torch.arange(self.cfg.max_len - t, self.cfg.max_len, device=tokens.device)
         x = self.item_emb(tokens) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)
         x = self.drop(x) * valid.unsqueeze(-1)
-        idx = torch.arange(l, device=tokens.device)
+        idx = torch.arange(t, device=tokens.device)
         future = idx.unsqueeze(0) > idx.unsqueeze(1)  # (L, L): key j comes after query i
         blocked = future | ~valid.unsqueeze(1)  # (B, L, L): the future and padding keys
         return x, blocked.unsqueeze(1)

@@ -1,4 +1,5 @@
 """Exporting the SASRec encoder to ONNX and proving it computes what torch computes."""
+
 from __future__ import annotations
 
 import logging
@@ -55,9 +56,14 @@ def export_encoder(model: SASRec, path: Path, *, with_hidden: bool = False, opti
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
         torch.onnx.export(
-            module, (example,), str(raw), input_names=["history"], output_names=names,
+            module,
+            (example,),
+            str(raw),
+            input_names=["history"],
+            output_names=names,
             dynamic_axes={k: v for k, v in axes.items() if k in names or k == "history"},
-            opset_version=OPSET, dynamo=False,
+            opset_version=OPSET,
+            dynamo=False,
         )
     if optimize:
         import onnxruntime as ort
@@ -79,8 +85,14 @@ class ParityReport:
     n_histories: int
 
 
-def check_parity(model: SASRec, path: Path, real_histories: Sequence[np.ndarray] = (), *, seed: int = 0,
-                 tolerance: float = PARITY_TOLERANCE) -> ParityReport:
+def check_parity(
+    model: SASRec,
+    path: Path,
+    real_histories: Sequence[np.ndarray] = (),
+    *,
+    seed: int = 0,
+    tolerance: float = PARITY_TOLERANCE,
+) -> ParityReport:
     """Compare onnxruntime with torch eager on random and real histories of several lengths.
 
     Each length is checked as a single history and inside a batch padded to a longer one, so
@@ -118,12 +130,15 @@ def check_parity(model: SASRec, path: Path, real_histories: Sequence[np.ndarray]
         count += len(rand) + len(real) + 3
     report = ParityReport(max(by_length.values()), by_length, count)
     if report.max_abs_diff > tolerance:
-        raise ParityError(f"ONNX encoder differs from torch by {report.max_abs_diff:.2e} (> {tolerance:.0e}); by length {by_length}")
+        raise ParityError(
+            f"ONNX encoder differs from torch by {report.max_abs_diff:.2e} (> {tolerance:.0e}); by length {by_length}"
+        )
     return report
 
 
-def time_encoders(model: SASRec, path: Path, *, length: int = 200, batch: int = 1, repeats: int = 50,
-                  threads: int = 0) -> dict[str, float]:
+def time_encoders(
+    model: SASRec, path: Path, *, length: int = 200, batch: int = 1, repeats: int = 50, threads: int = 0
+) -> dict[str, float]:
     """Median ms per call at (batch, length): torch eager vs onnxruntime on the CPU."""
     length = min(length, model.cfg.max_len)
     tokens = np.random.default_rng(0).integers(1, model.cfg.n_items + 1, size=(batch, length))
@@ -143,4 +158,10 @@ def time_encoders(model: SASRec, path: Path, *, length: int = 200, batch: int = 
     with torch.no_grad():
         torch_ms = median_ms(lambda: model(tt))
     ort_ms = median_ms(lambda: session.run(["query"], {"history": tokens}))
-    return {"batch": batch, "length": length, "torch_ms": torch_ms, "onnxruntime_ms": ort_ms, "speedup": torch_ms / ort_ms}
+    return {
+        "batch": batch,
+        "length": length,
+        "torch_ms": torch_ms,
+        "onnxruntime_ms": ort_ms,
+        "speedup": torch_ms / ort_ms,
+    }

@@ -6,6 +6,7 @@ Parquet row group, so memory does not grow with the number of users. The output 
 under a hidden temporary name and renamed into place when complete: a crash never leaves a
 file that looks finished.
 """
+
 from __future__ import annotations
 
 import logging
@@ -73,11 +74,21 @@ def _id_type(ids: np.ndarray) -> pa.DataType:
 
 
 def output_schema(data: SequenceData, manifest: Manifest, top_n: int) -> pa.Schema:
-    return pa.schema([("user_id", _id_type(data.user_ids)), ("rank", pa.int32()),
-                      ("item_id", _id_type(data.item_ids[1:])), ("score", pa.float32()),
-                      ("model_version", pa.int32())],
-                     metadata={"model": manifest.name, "model_version": str(manifest.version),
-                               "top_n": str(top_n), "exclude_seen": "true"})
+    return pa.schema(
+        [
+            ("user_id", _id_type(data.user_ids)),
+            ("rank", pa.int32()),
+            ("item_id", _id_type(data.item_ids[1:])),
+            ("score", pa.float32()),
+            ("model_version", pa.int32()),
+        ],
+        metadata={
+            "model": manifest.name,
+            "model_version": str(manifest.version),
+            "top_n": str(top_n),
+            "exclude_seen": "true",
+        },
+    )
 
 
 class BatchRetriever:
@@ -86,27 +97,42 @@ class BatchRetriever:
     Shared by the single-process job and the Ray actors, so both compute the same thing.
     """
 
-    def __init__(self, version_dir: Path, manifest: Manifest, item_ids: np.ndarray, schema: pa.Schema, top_n: int,
-                 threads: int = 0) -> None:
-        self.encoder = OnnxEncoder(Path(version_dir) / manifest.files["encoder"].path, manifest.model["max_len"],
-                                   intra_op_threads=threads)
-        self.index = load_index(Path(version_dir) / manifest.files["index"].path, manifest.index["params"],
-                                mips_max_norm2=manifest.index.get("mips_max_norm2"))
+    def __init__(
+        self,
+        version_dir: Path,
+        manifest: Manifest,
+        item_ids: np.ndarray,
+        schema: pa.Schema,
+        top_n: int,
+        threads: int = 0,
+    ) -> None:
+        self.encoder = OnnxEncoder(
+            Path(version_dir) / manifest.files["encoder"].path, manifest.model["max_len"], intra_op_threads=threads
+        )
+        self.index = load_index(
+            Path(version_dir) / manifest.files["index"].path,
+            manifest.index["params"],
+            mips_max_norm2=manifest.index.get("mips_max_norm2"),
+        )
         self.item_ids, self.schema, self.top_n, self.version = item_ids, schema, top_n, manifest.version
 
     def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
         """histories: token arrays (catalogue row + 1), one per user."""
-        scores, found = search(self.index, self.encoder.encode_histories(histories), self.top_n,
-                               exclude=[h - 1 for h in histories])
+        scores, found = search(
+            self.index, self.encoder.encode_histories(histories), self.top_n, exclude=[h - 1 for h in histories]
+        )
         ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
         ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
-        return pa.table({
-            "user_id": pa.array(np.repeat(user_ids, ok.sum(axis=1)), type=self.schema.field("user_id").type),
-            "rank": ranks[ok],
-            "item_id": pa.array(self.item_ids[found[ok]], type=self.schema.field("item_id").type),
-            "score": scores[ok].astype(np.float32),
-            "model_version": np.full(int(ok.sum()), self.version, dtype=np.int32),
-        }, schema=self.schema)
+        return pa.table(
+            {
+                "user_id": pa.array(np.repeat(user_ids, ok.sum(axis=1)), type=self.schema.field("user_id").type),
+                "rank": ranks[ok],
+                "item_id": pa.array(self.item_ids[found[ok]], type=self.schema.field("item_id").type),
+                "score": scores[ok].astype(np.float32),
+                "model_version": np.full(int(ok.sum()), self.version, dtype=np.int32),
+            },
+            schema=self.schema,
+        )
 
 
 def _report_unknown(unknown: list) -> None:
@@ -115,9 +141,18 @@ def _report_unknown(unknown: list) -> None:
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
 
 
-def retrieve(version_dir: Path, manifest: Manifest, data: SequenceData, out: Path, *, top_n: int = 100,
-             users: np.ndarray | None = None, batch_size: int = 1024, threads: int = 0, progress: bool = True
-             ) -> RetrieveReport:
+def retrieve(
+    version_dir: Path,
+    manifest: Manifest,
+    data: SequenceData,
+    out: Path,
+    *,
+    top_n: int = 100,
+    users: np.ndarray | None = None,
+    batch_size: int = 1024,
+    threads: int = 0,
+    progress: bool = True,
+) -> RetrieveReport:
     """Top-`top_n` items for each user in `data` (or the external ids in `users`), seen items
     excluded, written to `out` as Parquet: user_id, rank (1-based), item_id, score, model_version.
 
@@ -133,8 +168,13 @@ def retrieve(version_dir: Path, manifest: Manifest, data: SequenceData, out: Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")
     t0, rows = time.perf_counter(), 0
-    columns = [TextColumn("[bold]retrieve"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[rate]}")]
+    columns = [
+        TextColumn("[bold]retrieve"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[rate]}"),
+    ]
     try:
         with pq.ParquetWriter(tmp, schema) as writer, Progress(*columns, disable=not progress) as bar:
             task = bar.add_task("users", total=len(chosen), rate="")
@@ -143,12 +183,20 @@ def retrieve(version_dir: Path, manifest: Manifest, data: SequenceData, out: Pat
                 table = step(data.user_ids[batch], [data.sequence(u) for u in batch])
                 writer.write_table(table)  # one row group per batch of users
                 rows += table.num_rows
-                bar.update(task, advance=len(batch), rate=f"{(s + len(batch)) / (time.perf_counter() - t0):,.0f} users/s")
+                bar.update(
+                    task, advance=len(batch), rate=f"{(s + len(batch)) / (time.perf_counter() - t0):,.0f} users/s"
+                )
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             tmp.unlink()
     report = RetrieveReport(out, len(chosen), rows, time.perf_counter() - t0, unknown)
-    log.info("wrote %s rows for %s users to %s in %.1fs (%.0f users/s)", f"{rows:,}", f"{len(chosen):,}", out,
-             report.seconds, report.users_per_s)
+    log.info(
+        "wrote %s rows for %s users to %s in %.1fs (%.0f users/s)",
+        f"{rows:,}",
+        f"{len(chosen):,}",
+        out,
+        report.seconds,
+        report.users_per_s,
+    )
     return report

@@ -4,6 +4,7 @@ Each Ray actor loads the version's ONNX encoder and FAISS index once (from the r
 path, which every node must see) and runs the very `BatchRetriever` of the single-process
 job on its batches, so both give the same rows. Ray is an optional extra: `attnrec[ray]`.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,9 +42,18 @@ class _Actor:
         return self.step(user_ids, histories)
 
 
-def retrieve_ray(version_dir: Path, manifest: Manifest, data: SequenceData, out: Path, *, top_n: int = 100,
-                 users: np.ndarray | None = None, batch_size: int = 1024, address: str | None = None,
-                 workers: int = 2) -> RetrieveReport:
+def retrieve_ray(
+    version_dir: Path,
+    manifest: Manifest,
+    data: SequenceData,
+    out: Path,
+    *,
+    top_n: int = 100,
+    users: np.ndarray | None = None,
+    batch_size: int = 1024,
+    address: str | None = None,
+    workers: int = 2,
+) -> RetrieveReport:
     """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
     try:
         import ray
@@ -58,8 +68,12 @@ def retrieve_ray(version_dir: Path, manifest: Manifest, data: SequenceData, out:
     offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     values = np.concatenate([data.sequence(u) for u in chosen]) if len(chosen) else np.zeros(0, np.int64)
-    table = pa.table({"user_id": pa.array(data.user_ids[chosen], type=schema.field("user_id").type),
-                      "history": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64()))})
+    table = pa.table(
+        {
+            "user_id": pa.array(data.user_ids[chosen], type=schema.field("user_id").type),
+            "history": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64())),
+        }
+    )
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -71,9 +85,18 @@ def retrieve_ray(version_dir: Path, manifest: Manifest, data: SequenceData, out:
         # One input block per batch, so every actor gets work from the start.
         blocks = [table.slice(i, batch_size) for i in range(0, max(table.num_rows, 1), batch_size)]
         ds = ray.data.from_arrow(blocks).map_batches(
-            _Actor, fn_constructor_kwargs={"version_dir": str(version_dir), "item_ids": np.asarray(data.item_ids[1:]),
-                                           "schema": schema, "top_n": top_n},
-            batch_size=batch_size, batch_format="pyarrow", concurrency=workers, num_cpus=1)
+            _Actor,
+            fn_constructor_kwargs={
+                "version_dir": str(version_dir),
+                "item_ids": np.asarray(data.item_ids[1:]),
+                "schema": schema,
+                "top_n": top_n,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=workers,
+            num_cpus=1,
+        )
         ds.write_parquet(str(tmp))
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in tmp.glob("*.parquet"))
         old = None
@@ -89,6 +112,12 @@ def retrieve_ray(version_dir: Path, manifest: Manifest, data: SequenceData, out:
         if started_here:
             ray.shutdown()
     report = RetrieveReport(out, len(chosen), rows, time.perf_counter() - t0, unknown)
-    log.info("Ray: wrote %s rows for %s users to %s in %.1fs (%.0f users/s)", f"{rows:,}", f"{len(chosen):,}", out,
-             report.seconds, report.users_per_s)
+    log.info(
+        "Ray: wrote %s rows for %s users to %s in %.1fs (%.0f users/s)",
+        f"{rows:,}",
+        f"{len(chosen):,}",
+        out,
+        report.seconds,
+        report.users_per_s,
+    )
     return report

@@ -5,6 +5,7 @@ scored against every item, as it is at serving time. For catalogues too large fo
 sampled option scores it against shared negatives drawn ∝ popularity^0.75 with the logQ
 correction, which keeps the estimate of the full softmax unbiased in expectation.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,8 +22,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from engine.metrics import evaluate_full_ranking
 
-from .data.sequences import LeaveOneOut
 from .config import TrainConfig
+from .data.sequences import LeaveOneOut
 from .model import SASRec
 
 log = logging.getLogger(__name__)
@@ -90,10 +91,10 @@ def _seen_before(inputs: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
 
     Evaluation never ranks seen items, so training does not spend the softmax on them either.
     """
-    b, l = inputs.shape
-    pos = torch.arange(l).expand(b, l)
-    # first[b, i]: first position of item row i in window b (l when absent)
-    first = torch.full((b, n_items + 1), l, dtype=torch.long)
+    b, t = inputs.shape
+    pos = torch.arange(t).expand(b, t)
+    # first[b, i]: first position of item row i in window b (t when absent)
+    first = torch.full((b, n_items + 1), t, dtype=torch.long)
     first.scatter_reduce_(1, inputs, pos, reduce="amin")
     first = first[:, 1:]  # drop padding
     seen = first.unsqueeze(1) <= pos.unsqueeze(2)  # (B, L, I)
@@ -117,7 +118,9 @@ def query_vectors(model: SASRec, histories: list[np.ndarray], batch_size: int = 
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), dtype=np.float32)
 
 
-def validate(model: SASRec, split: LeaveOneOut, users: np.ndarray, popularity: np.ndarray, which: str = "valid") -> dict:
+def validate(
+    model: SASRec, split: LeaveOneOut, users: np.ndarray, popularity: np.ndarray, which: str = "valid"
+) -> dict:
     es = split.valid if which == "valid" else split.test
     hist = [es.history(j) for j in users]
     items = model.item_vectors().detach().numpy()
@@ -165,8 +168,9 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
 
 
-def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = None, resume: bool = False,
-          progress: bool = True) -> TrainResult:
+def train(
+    split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = None, resume: bool = False, progress: bool = True
+) -> TrainResult:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -176,14 +180,21 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
     model = SASRec(cfg.model_config(n_items), sparse_items=sparse)
     opt = _Optimizer(model, cfg, sparse)
     # The averaged copy (when on) is what is validated, checkpointed as best and exported.
-    ema = (torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay))
-           if cfg.ema_decay > 0 else None)
+    ema = (
+        torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg.ema_decay)
+        )
+        if cfg.ema_decay > 0
+        else None
+    )
     popularity = split.train_popularity()[1:].astype(np.float64)
     starts, ends = training_windows(split, cfg.max_len)
     if len(starts) == 0:
         raise ValueError("no user has two or more training interactions: nothing to train on")
     n_valid = len(split.valid)
-    val_users = np.arange(n_valid) if n_valid <= cfg.val_users else np.sort(rng.choice(n_valid, cfg.val_users, replace=False))
+    val_users = (
+        np.arange(n_valid) if n_valid <= cfg.val_users else np.sort(rng.choice(n_valid, cfg.val_users, replace=False))
+    )
     neg_cdf = logq = None
     if cfg.loss == "sampled":
         p = (popularity + 1.0) ** 0.75
@@ -201,8 +212,10 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
         budget = {"epochs", "patience", "time_budget_s", "threads"}
         changed = sorted(k for k, v in asdict(cfg).items() if k not in budget and state["train_config"].get(k) != v)
         if changed:
-            raise ValueError(f"{checkpoint} was written with other settings ({', '.join(changed)}); "
-                             "start without --resume or with the same settings")
+            raise ValueError(
+                f"{checkpoint} was written with other settings ({', '.join(changed)}); "
+                "start without --resume or with the same settings"
+            )
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -216,8 +229,13 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
 
     t0 = time.perf_counter()
     n_batches = math.ceil(len(starts) / cfg.batch_size)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[status]}")]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[status]}"),
+    ]
     with Progress(*columns, disable=not progress, transient=False) as bar:
         ep_task = bar.add_task("epochs", total=cfg.epochs, completed=epoch, status="")
         b_task = bar.add_task("batches", total=n_batches, status="")
@@ -250,22 +268,43 @@ def train(split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = Non
             evaluated = ema.module if ema is not None else model
             metrics = validate(evaluated, split, val_users, popularity)
             ndcg = metrics["ndcg@10"]
-            history.append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg, "valid_hr@10": metrics["hr@10"]})
+            history.append(
+                {"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg, "valid_hr@10": metrics["hr@10"]}
+            )
             if ndcg > best:
                 best, best_epoch, bad = ndcg, epoch, 0
                 best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
             else:
                 bad += 1
             bar.update(ep_task, advance=1, status=f"valid NDCG@10 {ndcg:.4f} (best {best:.4f} @ {best_epoch})")
-            log.info("epoch %d: loss %.4f, valid NDCG@10 %.4f (best %.4f at epoch %d)", epoch, total / n_batches, ndcg,
-                     best, best_epoch)
+            log.info(
+                "epoch %d: loss %.4f, valid NDCG@10 %.4f (best %.4f at epoch %d)",
+                epoch,
+                total / n_batches,
+                ndcg,
+                best,
+                best_epoch,
+            )
             if checkpoint:
-                _save_checkpoint(checkpoint, {
-                    "train_config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "epoch": epoch, "best": best, "best_epoch": best_epoch, "bad": bad, "best_state": best_state,
-                    "history": history, "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                    "n_items": n_items, "item_ids_sha256": item_ids_digest(split.data.item_ids), "ema": ema.state_dict() if ema is not None else None,
-                })
+                _save_checkpoint(
+                    checkpoint,
+                    {
+                        "train_config": asdict(cfg),
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "epoch": epoch,
+                        "best": best,
+                        "best_epoch": best_epoch,
+                        "bad": bad,
+                        "best_state": best_state,
+                        "history": history,
+                        "numpy_rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(),
+                        "n_items": n_items,
+                        "item_ids_sha256": item_ids_digest(split.data.item_ids),
+                        "ema": ema.state_dict() if ema is not None else None,
+                    },
+                )
             if cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached after epoch %d", cfg.time_budget_s, epoch)
                 break

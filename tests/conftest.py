@@ -22,8 +22,9 @@ def tiny_model(small_split):
     """A briefly trained SASRec (a few epochs): enough for parity and pipeline tests."""
     from export.train import TrainConfig, train
 
-    cfg = TrainConfig(max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=3, patience=3, batch_size=64,
-                      seed=0, threads=2)
+    cfg = TrainConfig(
+        max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=3, patience=3, batch_size=64, seed=0, threads=2
+    )
     return train(small_split, cfg, progress=False).model
 
 
@@ -33,8 +34,24 @@ def make_log(rows, source="mem"):
     return InteractionLog(np.array(u), np.array(i), np.array(t, dtype=np.float64), source)
 
 
-TRAIN = ["--epochs", "3", "--patience", "3", "--dim", "16", "--n-blocks", "1", "--max-len", "16", "--ffn-dim", "32",
-         "--batch-size", "64", "--threads", "2"]
+TRAIN = [
+    "--epochs",
+    "3",
+    "--patience",
+    "3",
+    "--dim",
+    "16",
+    "--n-blocks",
+    "1",
+    "--max-len",
+    "16",
+    "--ffn-dim",
+    "32",
+    "--batch-size",
+    "64",
+    "--threads",
+    "2",
+]
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """The fixed CLI contract: `attnrec train` publishes a version; `attnrec evaluate --json` reads it back."""
+
 import json
 import subprocess
 import sys
@@ -46,9 +47,13 @@ def test_evaluate_skips_a_tampered_newer_version(trained_repo, tmp_path):
     np.save(repo / "seq" / "2" / "item_embeddings.npy", emb * 2)  # tampered: checksum no longer matches
     out = tmp_path / "eval.json"
     try:
-        assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--json", str(out)]) == 0
+        assert (
+            main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--json", str(out)]) == 0
+        )
         assert json.loads(out.read_text())["model"]["version"] == 1
-        assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--version", "2", "--data", str(data)]) == 2
+        assert (
+            main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--version", "2", "--data", str(data)]) == 2
+        )
     finally:
         shutil.rmtree(repo / "seq" / "2")
 
@@ -62,22 +67,41 @@ def test_bad_data_fails_with_file_and_line(tmp_path, capsys):
 def test_evaluation_and_retrieval_never_import_torch(trained_repo, tmp_path):
     data, repo = trained_repo
     out = tmp_path / "cands.parquet"
-    code = ("import sys; from export.cli import main; "
-            f"rc = main(['-q', 'evaluate', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}]); "
-            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
-            f"rc = main(['-q', 'retrieve', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}, "
-            f"'--out', {str(out)!r}]); "
-            "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
-            "import engine.encoder, engine.index, engine.metrics, engine.repository; "
-            "assert 'torch' not in sys.modules")
+    code = (
+        "import sys; from export.cli import main; "
+        f"rc = main(['-q', 'evaluate', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}]); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
+        f"rc = main(['-q', 'retrieve', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}, "
+        f"'--out', {str(out)!r}]); "
+        "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
+        "import engine.encoder, engine.index, engine.metrics, engine.repository; "
+        "assert 'torch' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def test_evaluate_on_a_sample_of_users(trained_repo, tmp_path):
     data, repo = trained_repo
     out = tmp_path / "eval.json"
-    assert main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--eval-users", "50",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                "--repo",
+                str(repo),
+                "--name",
+                "seq",
+                "--data",
+                str(data),
+                "--eval-users",
+                "50",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["protocol"]["users_evaluated"] == 50 and result["protocol"]["users_eligible"] == 400
     assert result["test"]["users"] == 50 and result["baselines"]["popularity"]["test"]["users"] == 50

@@ -1,4 +1,5 @@
 """The MovieLens downloader against a local HTTP server serving a zip built here (no real network)."""
+
 from __future__ import annotations
 
 import hashlib

@@ -20,7 +20,9 @@ def test_default_factory_is_exact_for_small_and_ivf_for_large_catalogues():
 
 
 def test_recall_at():
-    assert recall_at(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 9], [7, 8, 9]])) == pytest.approx((2 / 3 + 0) / 2)
+    assert recall_at(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 9], [7, 8, 9]])) == pytest.approx(
+        (2 / 3 + 0) / 2
+    )
 
 
 def test_exact_index_matches_brute_force_inner_product():

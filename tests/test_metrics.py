@@ -19,10 +19,14 @@ def test_hit_positions():
 
 def test_full_ranking_metrics_against_hand_computed_values():
     # 4 items with fixed scores per user (query = one-hot row of this score table).
-    table = np.array([[0.9, 0.8, 0.7, 0.1],   # user 0: excludes item 0 → ranking 1,2,3; target 2 at position 1
-                      [0.1, 0.2, 0.3, 0.4],   # user 1: target 0 is last of 4 → position 3
-                      [0.5, 0.9, 0.1, 0.2]],  # user 2: target 1 at position 0
-                     dtype=np.float32)
+    table = np.array(
+        [
+            [0.9, 0.8, 0.7, 0.1],  # user 0: excludes item 0 → ranking 1,2,3; target 2 at position 1
+            [0.1, 0.2, 0.3, 0.4],  # user 1: target 0 is last of 4 → position 3
+            [0.5, 0.9, 0.1, 0.2],
+        ],  # user 2: target 1 at position 0
+        dtype=np.float32,
+    )
     item_vectors = np.eye(4, dtype=np.float32)
     histories = [np.array([1]), np.array([], dtype=np.int64), np.array([3])]  # tokens = row + 1
     targets = np.array([3, 1, 2])  # tokens
@@ -42,6 +46,12 @@ def test_full_ranking_metrics_against_hand_computed_values():
 
 def test_a_repeated_target_is_excluded_and_counted():
     item_vectors = np.eye(2, dtype=np.float32)
-    m = evaluate_full_ranking(lambda h: np.array([[1.0, 0.0]], dtype=np.float32), item_vectors,
-                              [np.array([1])], np.array([1]), np.ones(2), ks=(1,))
+    m = evaluate_full_ranking(
+        lambda h: np.array([[1.0, 0.0]], dtype=np.float32),
+        item_vectors,
+        [np.array([1])],
+        np.array([1]),
+        np.ones(2),
+        ks=(1,),
+    )
     assert m["hr@1"] == 0.0 and m["repeat_targets"] == 1

@@ -43,7 +43,9 @@ def test_onnx_export_matches_torch(tmp_path, tiny_model, small_split):
     enc = OnnxEncoder(path, tiny_model.cfg.max_len)
     got = enc.encode_histories(real[:4])
     with torch.no_grad():
-        want = np.stack([tiny_model(torch.tensor(np.array([h[-tiny_model.cfg.max_len:]])))[0].numpy() for h in real[:4]])
+        want = np.stack(
+            [tiny_model(torch.tensor(np.array([h[-tiny_model.cfg.max_len :]])))[0].numpy() for h in real[:4]]
+        )
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert enc.providers[-1] == "CPUExecutionProvider"
 

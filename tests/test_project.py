@@ -1,7 +1,13 @@
 """Project-level promises: CI runs the README's test command; the serving half stays torch-free."""
+
 import ast
 import pathlib
 import re
+import shutil
+import subprocess
+import sys
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -26,3 +32,13 @@ def test_engine_never_imports_torch_or_export():
                 names = [node.module]
             for name in names:
                 assert name.split(".")[0] not in {"torch", "export", "onnx"}, f"{path}: imports {name}"
+
+
+def test_code_passes_ruff():
+    ruff = shutil.which("ruff") or str(pathlib.Path(sys.executable).parent / "ruff")
+    if not pathlib.Path(ruff).exists():
+        pytest.skip("ruff is not installed (it comes with the test extra)")
+    dirs = ["engine", "export", "tests", "benchmarks"]
+    for args in (["check"], ["format", "--check"]):
+        result = subprocess.run([ruff, *args, *dirs], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr

@@ -1,4 +1,5 @@
 """Interaction-log readers and the k-core filter, on small files written here (no MovieLens data)."""
+
 from __future__ import annotations
 
 import logging
@@ -102,11 +103,13 @@ def test_blank_lines_are_skipped(tmp_path):
 
 def test_parquet(tmp_path):
     path = tmp_path / "log.parquet"
-    table = pa.table({
-        "user_id": pa.array([3, 1], pa.int32()),
-        "item_id": ["a", "b"],
-        "timestamp": pa.array([1_000, 2_500], pa.timestamp("ms")),
-    })
+    table = pa.table(
+        {
+            "user_id": pa.array([3, 1], pa.int32()),
+            "item_id": ["a", "b"],
+            "timestamp": pa.array([1_000, 2_500], pa.timestamp("ms")),
+        }
+    )
     pq.write_table(table, path)
     log = read_interactions(path)
     assert log.user.dtype == np.int64
@@ -141,7 +144,9 @@ def test_movielens_ratings_dat(tmp_path):
 
 
 def test_movielens_ratings_csv(tmp_path):
-    path = write(tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,307,3.5,1256677221\n1,481,3.5,1256677456\n")
+    path = write(
+        tmp_path, "ratings.csv", "userId,movieId,rating,timestamp\n1,307,3.5,1256677221\n1,481,3.5,1256677456\n"
+    )
     for fmt in ("auto", "movielens"):
         assert_log(read_interactions(path, fmt), [1, 1], [307, 481], [1256677221, 1256677456])
 
@@ -162,7 +167,9 @@ def test_movielens_fixed_layout_refuses_column_names(tmp_path):
 
 
 def test_recbole_inter(tmp_path):
-    text = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n22\t377\t1\t878887116\n"
+    text = (
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n22\t377\t1\t878887116\n"
+    )
     path = write(tmp_path, "toy.inter", text)
     assert_log(read_interactions(path), [196, 22], [242, 377], [881250949, 878887116])
 
@@ -182,8 +189,16 @@ def test_sasrec_text(tmp_path):
 
 @pytest.mark.parametrize(
     "name, fmt",
-    [("x.parquet", "parquet"), ("x.inter", "recbole"), ("u.data", "movielens"), ("ratings.dat", "movielens"),
-     ("ratings.csv", "movielens"), ("x.csv", "csv"), ("x.TSV", "tsv"), ("x.txt", "sasrec")],
+    [
+        ("x.parquet", "parquet"),
+        ("x.inter", "recbole"),
+        ("u.data", "movielens"),
+        ("ratings.dat", "movielens"),
+        ("ratings.csv", "movielens"),
+        ("x.csv", "csv"),
+        ("x.TSV", "tsv"),
+        ("x.txt", "sasrec"),
+    ],
 )
 def test_detect_format(tmp_path, name, fmt):
     path = write(tmp_path, name, "1 2\n3 4\n")
@@ -286,8 +301,17 @@ def test_kcore_needs_two_rounds():
     out, report = kcore(log, 2, 2)
     assert sorted(zip(out.user, out.item)) == [("u1", "a"), ("u1", "b"), ("u2", "a"), ("u2", "b")]
     np.testing.assert_array_equal(out.timestamp, [0, 1, 2, 3])  # rows keep file order
-    assert report == KCoreReport(k_user=2, k_item=2, rounds=2, users_removed=2, items_removed=2,
-                                 interactions_removed=3, users_kept=2, items_kept=2, interactions_kept=4)
+    assert report == KCoreReport(
+        k_user=2,
+        k_item=2,
+        rounds=2,
+        users_removed=2,
+        items_removed=2,
+        interactions_removed=3,
+        users_kept=2,
+        items_kept=2,
+        interactions_kept=4,
+    )
     assert "removed 2 users, 2 items, 3 interactions in 2 round(s)" in str(report)
 
 
@@ -315,8 +339,11 @@ def test_kcore_zero_is_no_filter():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=40),
-       st.integers(0, 3), st.integers(0, 3))
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=40),
+    st.integers(0, 3),
+    st.integers(0, 3),
+)
 def test_kcore_property(pairs, k_user, k_item):
     log = make_log(pairs)
     out, report = kcore(log, k_user, k_item)

@@ -4,7 +4,13 @@ import os
 import pytest
 
 from engine.repository import (
-    ArtifactError, VersionWriter, iter_models, list_versions, newest_valid_version, open_version, sha256_file,
+    ArtifactError,
+    VersionWriter,
+    iter_models,
+    list_versions,
+    newest_valid_version,
+    open_version,
+    sha256_file,
 )
 
 SECTIONS = dict(model={"dim": 4}, encoder={}, index={"factory": "Flat"})

@@ -1,15 +1,16 @@
 """Offline retrieval: exact agreement with a numpy reference, atomic output, unknown users reported."""
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from engine.encoder import OnnxEncoder
 from engine.repository import newest_valid_version
+from export import retrieve as retrieve_mod
 from export.cli import main
 from export.data.readers import read_interactions
 from export.data.sequences import build_sequences
 from export.evaluate import load_item_ids, load_item_vectors
-from export import retrieve as retrieve_mod
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +24,27 @@ def version(trained_repo):
 def test_output_matches_a_numpy_full_ranking(version, tmp_path):
     data_path, repo, version_dir, manifest, data = version
     out = tmp_path / "cands.parquet"
-    assert main(["-q", "retrieve", "--repo", str(repo), "--name", "seq", "--data", str(data_path), "--out", str(out),
-                 "--top-n", "25", "--batch-size", "64"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "retrieve",
+                "--repo",
+                str(repo),
+                "--name",
+                "seq",
+                "--data",
+                str(data_path),
+                "--out",
+                str(out),
+                "--top-n",
+                "25",
+                "--batch-size",
+                "64",
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(out).to_pydict()
     assert pq.ParquetFile(out).num_row_groups == int(np.ceil(data.n_users / 64))  # one row group per batch
     assert len(table["user_id"]) == data.n_users * 25
@@ -49,12 +69,27 @@ def test_unknown_users_are_reported_and_strict_mode_fails(version, tmp_path):
     users = tmp_path / "users.txt"
     users.write_text(f"{data.user_ids[3]}\nnobody\n999999\n{data.user_ids[5]}\n")
     out = tmp_path / "some.parquet"
-    report = retrieve_mod.retrieve(version_dir, manifest, data, out, top_n=5,
-                                   users=retrieve_mod.read_user_file(users), progress=False)
+    report = retrieve_mod.retrieve(
+        version_dir, manifest, data, out, top_n=5, users=retrieve_mod.read_user_file(users), progress=False
+    )
     assert report.unknown_users == ["nobody", "999999"] and report.users == 2
     assert sorted(set(pq.read_table(out).column("user_id").to_pylist())) == sorted([data.user_ids[3], data.user_ids[5]])
-    args = ["-q", "retrieve", "--repo", str(repo), "--name", "seq", "--data", str(data_path), "--out", str(out),
-            "--top-n", "5", "--users", str(users)]
+    args = [
+        "-q",
+        "retrieve",
+        "--repo",
+        str(repo),
+        "--name",
+        "seq",
+        "--data",
+        str(data_path),
+        "--out",
+        str(out),
+        "--top-n",
+        "5",
+        "--users",
+        str(users),
+    ]
     assert main(args) == 0
     assert main([*args, "--strict-users"]) == 3
 

@@ -4,8 +4,16 @@ from export.data.sequences import build_sequences, leave_one_out
 from tests.conftest import make_log
 
 ROWS = [  # user, item, time — deliberately out of order
-    ("b", 30, 5), ("a", 10, 3), ("a", 20, 1), ("a", 30, 2), ("b", 10, 1), ("a", 40, 4),
-    ("c", 20, 1), ("c", 10, 2), ("b", 20, 3), ("b", 40, 4),
+    ("b", 30, 5),
+    ("a", 10, 3),
+    ("a", 20, 1),
+    ("a", 30, 2),
+    ("b", 10, 1),
+    ("a", 40, 4),
+    ("c", 20, 1),
+    ("c", 10, 2),
+    ("b", 20, 3),
+    ("b", 40, 4),
 ]
 
 

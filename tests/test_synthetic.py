@@ -1,4 +1,5 @@
 """The synthetic generator: deterministic, well-formed, long-tailed, and sequential."""
+
 from __future__ import annotations
 
 import numpy as np

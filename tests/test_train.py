@@ -24,11 +24,15 @@ def test_training_beats_popularity_and_is_reproducible(small_split):
     pop = small_split.train_popularity()[1:].astype(float)
     users = np.arange(len(small_split.valid))
     model = validate(a.model, small_split, users, pop)
-    from engine.metrics import evaluate_full_ranking
 
     es = small_split.valid
-    base = evaluate_full_ranking(lambda h: np.ones((len(h), 1), np.float32), pop.astype(np.float32)[:, None],
-                                 [es.history(j) for j in users], es.targets, pop)
+    base = evaluate_full_ranking(
+        lambda h: np.ones((len(h), 1), np.float32),
+        pop.astype(np.float32)[:, None],
+        [es.history(j) for j in users],
+        es.targets,
+        pop,
+    )
     assert model["ndcg@10"] > 1.5 * base["ndcg@10"]  # 4 epochs of a 16-dim model already clear this
     assert a.best_valid_ndcg10 == pytest.approx(model["ndcg@10"])
 
@@ -37,15 +41,21 @@ def test_resume_continues_from_the_checkpoint(tmp_path, small_split):
     ckpt = tmp_path / "ckpt.pt"
     first = train(small_split, TrainConfig(epochs=2, patience=9, **FAST), checkpoint=ckpt, progress=False)
     assert first.epochs_run == 2
-    resumed = train(small_split, TrainConfig(epochs=3, patience=9, **FAST), checkpoint=ckpt, resume=True,
-                    progress=False)
+    resumed = train(
+        small_split, TrainConfig(epochs=3, patience=9, **FAST), checkpoint=ckpt, resume=True, progress=False
+    )
     assert resumed.epochs_run == 3 and len(resumed.history) == 3
     assert resumed.history[:2] == first.history
     straight = train(small_split, TrainConfig(epochs=3, patience=9, **FAST), progress=False)
     assert [h["loss"] for h in straight.history] == pytest.approx([h["loss"] for h in resumed.history], rel=1e-5)
     with pytest.raises(ValueError, match="dim"):
-        train(small_split, TrainConfig(epochs=3, patience=9, **{**FAST, "dim": 8}), checkpoint=ckpt, resume=True,
-              progress=False)
+        train(
+            small_split,
+            TrainConfig(epochs=3, patience=9, **{**FAST, "dim": 8}),
+            checkpoint=ckpt,
+            resume=True,
+            progress=False,
+        )
 
 
 def test_sampled_softmax_trains(small_split):
@@ -63,9 +73,9 @@ def test_seen_mask_hides_earlier_items_of_the_window_but_never_the_target():
     seen = _seen_before(inputs, targets[keep].reshape(1, -1)[0], keep, n_items=4)
     # rows: positions 1..3; columns: catalogue rows (token - 1)
     assert seen.tolist() == [
-        [False, True, False, False],   # saw 2; target 3 is new
-        [False, False, True, False],   # saw 2, 3 → but target 2 (a repeat) stays a candidate
-        [False, True, True, False],    # saw 2, 3; target 4
+        [False, True, False, False],  # saw 2; target 3 is new
+        [False, False, True, False],  # saw 2, 3 → but target 2 (a repeat) stays a candidate
+        [False, True, True, False],  # saw 2, 3; target 4
     ]
 
 

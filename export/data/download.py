@@ -3,6 +3,7 @@
 Only for users who are online; everything else in attnrec reads local files. A failed or
 mismatched download leaves nothing behind, and a cached archive is re-verified, never re-fetched.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,12 @@ class DatasetSpec:
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in (
-        DatasetSpec("ml-100k", "ml-100k/u.data", md5="0e33842e24a9c977be4e0107933c0723",
-                    sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229"),
+        DatasetSpec(
+            "ml-100k",
+            "ml-100k/u.data",
+            md5="0e33842e24a9c977be4e0107933c0723",
+            sha256="50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
+        ),
         DatasetSpec("ml-1m", "ml-1m/ratings.dat", md5="c4d9eecfca2ab87c1945afe126590906"),
         DatasetSpec("ml-10m", "ml-10M100K/ratings.dat", md5="ce571fd55effeba0271552578f2648bd"),
         DatasetSpec("ml-20m", "ml-20m/ratings.csv", md5="cd245b17a1ae2cc31bb14903e1204af3"),
@@ -153,8 +158,13 @@ def _download(url: str, archive: Path, md5: str, sha256: str | None, label: str,
         hashes = {"md5": hashlib.md5(), "sha256": hashlib.sha256()}
         with os.fdopen(fd, "wb") as out, _open(url) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
-            columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
-                       TransferSpeedColumn(), TimeRemainingColumn())
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
             with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
                 task = bar.add_task(f"downloading {label}", total=total)
                 while chunk := response.read(_CHUNK):

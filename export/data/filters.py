@@ -1,4 +1,5 @@
 """Filters over an InteractionLog: iterative k-core."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ class KCoreReport:
         if self.k_user <= 1 and self.k_item <= 1:
             head = "k-core: no filter"
         else:
-            head = (f"k-core (users >= {self.k_user}, items >= {self.k_item} interactions): removed "
-                    f"{self.users_removed} users, {self.items_removed} items, "
-                    f"{self.interactions_removed} interactions in {self.rounds} round(s)")
-        return (f"{head}; kept {self.users_kept} users, {self.items_kept} items, "
-                f"{self.interactions_kept} interactions")
+            head = (
+                f"k-core (users >= {self.k_user}, items >= {self.k_item} interactions): removed "
+                f"{self.users_removed} users, {self.items_removed} items, "
+                f"{self.interactions_removed} interactions in {self.rounds} round(s)"
+            )
+        return f"{head}; kept {self.users_kept} users, {self.items_kept} items, {self.interactions_kept} interactions"
 
 
 def kcore(log: InteractionLog, k_user: int, k_item: int) -> tuple[InteractionLog, KCoreReport]:
@@ -60,10 +62,15 @@ def kcore(log: InteractionLog, k_user: int, k_item: int) -> tuple[InteractionLog
     items_kept = int(np.count_nonzero(item_count))
     kept = int(keep.sum())
     report = KCoreReport(
-        k_user=k_user, k_item=k_item, rounds=rounds,
-        users_removed=n_users - users_kept, items_removed=n_items - items_kept,
+        k_user=k_user,
+        k_item=k_item,
+        rounds=rounds,
+        users_removed=n_users - users_kept,
+        items_removed=n_items - items_kept,
         interactions_removed=len(log) - kept,
-        users_kept=users_kept, items_kept=items_kept, interactions_kept=kept,
+        users_kept=users_kept,
+        items_kept=items_kept,
+        interactions_kept=kept,
     )
     return (log if rounds == 0 else log.take(keep)), report
 

@@ -1,4 +1,5 @@
 """The raw interaction log every reader returns: one row per interaction, external ids."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -4,6 +4,7 @@ Every reader returns an `InteractionLog` or fails with a `DataError` that names 
 1-based line (or Parquet row) and what was wrong: a malformed row is never dropped silently.
 Parsing is done by pyarrow, column-wise; Python loops run only to locate an error.
 """
+
 from __future__ import annotations
 
 import csv
@@ -81,15 +82,18 @@ def detect_format(path: Path) -> str:
         return by_suffix[suffix]
     if suffix == ".txt" and _looks_like_sasrec(path):
         return "sasrec"
-    raise DataError(f"{path}: cannot tell the format from the name or content; pass fmt= one of {', '.join(FORMATS[1:])}")
+    raise DataError(
+        f"{path}: cannot tell the format from the name or content; pass fmt= one of {', '.join(FORMATS[1:])}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Formats
 
 
-def _read_with_header(path, delimiter, *, quoted, user_col, item_col, time_col,
-                      defaults=(USER_NAMES, ITEM_NAMES, TIME_NAMES)) -> InteractionLog:
+def _read_with_header(
+    path, delimiter, *, quoted, user_col, item_col, time_col, defaults=(USER_NAMES, ITEM_NAMES, TIME_NAMES)
+) -> InteractionLog:
     """CSV/TSV with a header line naming the columns."""
     header = _header(path, delimiter, quoted)
     return _read_named_columns(path, header, delimiter, quoted, user_col, item_col, time_col, defaults)
@@ -100,10 +104,13 @@ def _read_recbole(path, *, user_col, item_col, time_col) -> InteractionLog:
     typed = _header(path, "\t", quoted=False)
     untyped = [f for f in typed if ":" not in f]
     if untyped:
-        raise DataError(f"{path}: line 1: header field {untyped[0]!r} has no ':type' (RecBole headers look like 'user_id:token')")
+        raise DataError(
+            f"{path}: line 1: header field {untyped[0]!r} has no ':type' (RecBole headers look like 'user_id:token')"
+        )
     names = [f.split(":", 1)[0] for f in typed]
-    return _read_named_columns(path, names, "\t", False, user_col, item_col, time_col,
-                               (("user_id",), ("item_id",), ("timestamp",)))
+    return _read_named_columns(
+        path, names, "\t", False, user_col, item_col, time_col, (("user_id",), ("item_id",), ("timestamp",))
+    )
 
 
 def _read_named_columns(path, header, delimiter, quoted, user_col, item_col, time_col, defaults):
@@ -114,8 +121,9 @@ def _read_named_columns(path, header, delimiter, quoted, user_col, item_col, tim
     table = _read_delimited(path, delimiter, header, skip_rows=1, quoted=quoted, include=wanted)
     where = _line_locator(path, header_rows=1)
     if time is None:
-        log.warning("%s: no timestamp column (looked for %s); taking row order as time order",
-                    path, ", ".join(defaults[2]))
+        log.warning(
+            "%s: no timestamp column (looked for %s); taking row order as time order", path, ", ".join(defaults[2])
+        )
     return _to_log(path, table[user], table[item], table[time] if time else None, where)
 
 
@@ -123,8 +131,15 @@ def _read_movielens(path, *, user_col, item_col, time_col) -> InteractionLog:
     """ml-100k `u.data`, ml-1m/10m `ratings.dat` or ml-20m/25m/latest `ratings.csv`."""
     layout = _movielens_layout(path)
     if layout == "csv":
-        return _read_with_header(path, ",", quoted=True, user_col=user_col, item_col=item_col,
-                                 time_col=time_col, defaults=(("userId",), ("movieId",), ("timestamp",)))
+        return _read_with_header(
+            path,
+            ",",
+            quoted=True,
+            user_col=user_col,
+            item_col=item_col,
+            time_col=time_col,
+            defaults=(("userId",), ("movieId",), ("timestamp",)),
+        )
     _no_columns(f"movielens {layout}", {"user_col": user_col, "item_col": item_col, "time_col": time_col})
     where = _line_locator(path, header_rows=0)
     if layout == "u.data":
@@ -168,8 +183,9 @@ def _read_parquet(path, *, user_col, item_col, time_col) -> InteractionLog:
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
     if time is None:
-        log.warning("%s: no timestamp column (looked for %s); taking row order as time order",
-                    path, ", ".join(TIME_NAMES))
+        log.warning(
+            "%s: no timestamp column (looked for %s); taking row order as time order", path, ", ".join(TIME_NAMES)
+        )
     return _to_log(path, table[user], table[item], table[time] if time else None, lambda i: f"row {i + 1}")
 
 
@@ -252,8 +268,10 @@ def _parse_time_strings(arr: pa.Array, path, where: Where) -> np.ndarray:
     # No parser takes the whole column: the first row decides the kind, the first misfit is the error.
     first_ok = [p for p in _TIME_PARSERS if _parses(p, arr.slice(0, 1))]
     i = _first_failure(arr, first_ok[0]) if first_ok else 0
-    raise DataError(f"{path}: {where(i)}: unparsable timestamp {arr[i].as_py()!r} "
-                    f"(expected seconds or an ISO 8601 date-time{', like the first row' if first_ok else ''})")
+    raise DataError(
+        f"{path}: {where(i)}: unparsable timestamp {arr[i].as_py()!r} "
+        f"(expected seconds or an ISO 8601 date-time{', like the first row' if first_ok else ''})"
+    )
 
 
 def _parses(parse, a) -> bool:
@@ -296,8 +314,17 @@ class _BadRow:
     actual: int
 
 
-def _read_delimited(path, delimiter, names, *, skip_rows=0, quoted=False, include=None,
-                    count_fields: Callable[[str], int] | None = None, expected: int | None = None) -> pa.Table:
+def _read_delimited(
+    path,
+    delimiter,
+    names,
+    *,
+    skip_rows=0,
+    quoted=False,
+    include=None,
+    count_fields: Callable[[str], int] | None = None,
+    expected: int | None = None,
+) -> pa.Table:
     """Read a delimited file with all wanted columns as strings; a row of the wrong width fails.
 
     `count_fields`/`expected` describe a row's width in the file's own terms for the message
@@ -314,12 +341,15 @@ def _read_delimited(path, delimiter, names, *, skip_rows=0, quoted=False, includ
         return pacsv.read_csv(
             path,
             # Single-threaded so pyarrow numbers the rows; blank lines are skipped (they hold no data).
-            read_options=pacsv.ReadOptions(use_threads=False, column_names=names, skip_rows=skip_rows,
-                                           block_size=1 << 24),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoted else False,
-                                             invalid_row_handler=on_invalid),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in include},
-                                                 include_columns=include),
+            read_options=pacsv.ReadOptions(
+                use_threads=False, column_names=names, skip_rows=skip_rows, block_size=1 << 24
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=delimiter, quote_char='"' if quoted else False, invalid_row_handler=on_invalid
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types={c: pa.string() for c in include}, include_columns=include
+            ),
         )
     except pa.ArrowInvalid as e:
         if not bad:
@@ -337,8 +367,9 @@ def _header(path, delimiter, quoted) -> list[str]:
         first = f.readline()
     if not first.strip():
         raise DataError(f"{path}: line 1: expected a header line naming the columns, found an empty line")
-    fields = next(csv.reader([first.rstrip("\r\n")], delimiter=delimiter,
-                             quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE))
+    fields = next(
+        csv.reader([first.rstrip("\r\n")], delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
+    )
     return [f.strip() for f in fields]
 
 
@@ -356,8 +387,10 @@ def _pick_column(path, names, given, candidates, what, required=True) -> str | N
         if cand.lower() in lower:
             return lower[cand.lower()]
     if required:
-        raise DataError(f"{path}: line 1: no {what} column (looked for {', '.join(candidates)}); "
-                        f"the header has {names}; pass {what.split()[0]}_col=")
+        raise DataError(
+            f"{path}: line 1: no {what} column (looked for {', '.join(candidates)}); "
+            f"the header has {names}; pass {what.split()[0]}_col="
+        )
     return None
 
 

@@ -4,6 +4,7 @@ Internal item ids run 1..n_items; 0 is padding. The id maps are a pure function 
 external ids (integers sorted numerically, strings lexicographically), so the same log always
 gives the same ids, whatever its row order.
 """
+
 from __future__ import annotations
 
 import logging
@@ -64,8 +65,12 @@ def build_sequences(log_: InteractionLog, item_vocab: np.ndarray | None = None) 
         rows = uniq_rows[inv]
         known = rows >= 0
         if not known.all():
-            log.warning("%s: %d interactions with %d items unknown to the model's catalogue are not used",
-                        log_.source, int((~known).sum()), int((uniq_rows < 0).sum()))
+            log.warning(
+                "%s: %d interactions with %d items unknown to the model's catalogue are not used",
+                log_.source,
+                int((~known).sum()),
+                int((uniq_rows < 0).sum()),
+            )
             log_, rows = log_.take(known), rows[known]
         user_ids, uidx = _sorted_unique(log_.user)
         iidx = rows + 1

@@ -42,6 +42,7 @@ Generation is vectorised over users: the loop runs over steps (at most the longe
 sequence), users sorted by length so the active users at any step are a prefix.
 Same config and seed → the same arrays, bit for bit.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -193,8 +194,11 @@ def _sample_popular(world: _World, rng: np.random.Generator, n: int) -> np.ndarr
 
 
 def _switch_topics(
-    cfg: SyntheticConfig, world: _World, rng: np.random.Generator,
-    topic: np.ndarray, home: np.ndarray,
+    cfg: SyntheticConfig,
+    world: _World,
+    rng: np.random.Generator,
+    topic: np.ndarray,
+    home: np.ndarray,
 ) -> np.ndarray:
     """New topics for users leaving `topic`: a home topic or a graph successor."""
     n = len(topic)
@@ -207,8 +211,11 @@ def _switch_topics(
 
 
 def _walk(
-    cfg: SyntheticConfig, world: _World, rng: np.random.Generator,
-    lengths: np.ndarray, progress: bool,
+    cfg: SyntheticConfig,
+    world: _World,
+    rng: np.random.Generator,
+    lengths: np.ndarray,
+    progress: bool,
 ) -> np.ndarray:
     """Internal item indices of all interactions, user-major, in time order."""
     a = cfg.popularity_exponent
@@ -218,8 +225,7 @@ def _walk(
     sorted_len = lengths[order]
     n_active_at = np.searchsorted(-sorted_len, -np.arange(sorted_len[0]), side="left")
 
-    home = rng.choice(len(world.size), size=(cfg.n_users, cfg.n_home_topics),
-                      p=world.topic_weight)[order]
+    home = rng.choice(len(world.size), size=(cfg.n_users, cfg.n_home_topics), p=world.topic_weight)[order]
     topic = home[:, 0].copy()
     pos = _entry_positions(world.size[topic], a, rng.random(cfg.n_users))
     items = np.empty(int(lengths.sum()), dtype=np.int64)
@@ -277,9 +283,7 @@ def generate(config: SyntheticConfig, *, progress: bool = False) -> InteractionL
     items = _walk(config, world, rng, lengths, progress)
     timestamp = _timestamps(config, rng, lengths)
     user = np.repeat(np.arange(1, config.n_users + 1, dtype=np.int64), lengths)
-    source = (
-        f"synthetic(n_users={config.n_users}, n_items={config.n_items}, seed={config.seed})"
-    )
+    source = f"synthetic(n_users={config.n_users}, n_items={config.n_items}, seed={config.seed})"
     return InteractionLog(user, world.item_ids[items], timestamp, source)
 
 
