@@ -119,3 +119,9 @@ def test_export_refuses_a_checkpoint_trained_on_other_items(trained_repo, tmp_pa
     assert main([*args, "--data", str(other)]) == 2
     assert main([*args, "--data", str(data)]) == 0
     assert list_versions(tmp_path / "r", "x") == [1]
+
+
+def test_demo_runs_end_to_end_on_a_small_synthetic_log(tmp_path):
+    assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "300", "--items", "200"]) == 0
+    m = open_version(tmp_path / "demo" / "repo" / "demo" / "1")
+    assert m.metrics["test"]["ndcg@10"] > m.metrics["baselines"]["popularity"]["test"]["ndcg@10"]
