@@ -135,10 +135,18 @@ class BatchRetriever:
         )
 
 
-def _report_unknown(unknown: list) -> None:
+def plan(
+    data: SequenceData, manifest: Manifest, users: np.ndarray | None, top_n: int
+) -> tuple[np.ndarray, list, pa.Schema]:
+    """What both job runners start from: the users to serve (unknown requested ids warned
+    about) and the output schema."""
+    if top_n < 1:
+        raise ValueError(f"top-n must be at least 1, got {top_n}")
+    chosen, unknown = select_users(data, users)
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
+    return chosen, unknown, output_schema(data, manifest, top_n)
 
 
 def retrieve(
@@ -158,11 +166,7 @@ def retrieve(
 
     `data` must be built with the version's id map (build_sequences(log, item_vocab=...)).
     """
-    if top_n < 1:
-        raise ValueError(f"top-n must be at least 1, got {top_n}")
-    chosen, unknown = select_users(data, users)
-    _report_unknown(unknown)
-    schema = output_schema(data, manifest, top_n)
+    chosen, unknown, schema = plan(data, manifest, users, top_n)
     step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from engine.repository import Manifest, open_version
 
 from .data.sequences import SequenceData
-from .retrieve import BatchRetriever, RetrieveReport, _report_unknown, output_schema, select_users
+from .retrieve import BatchRetriever, RetrieveReport, plan
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,7 @@ def retrieve_ray(
         import ray
     except ImportError as exc:
         raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
-    if top_n < 1:
-        raise ValueError(f"top-n must be at least 1, got {top_n}")
-    chosen, unknown = select_users(data, users)
-    _report_unknown(unknown)
-    schema = output_schema(data, manifest, top_n)
+    chosen, unknown, schema = plan(data, manifest, users, top_n)
     lengths = data.lengths[chosen]
     offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
