@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 
 @dataclass
@@ -42,12 +42,6 @@ class TrainConfig:
     seed: int = 0
 
     def model_config(self, n_items: int) -> SASRecConfig:
-        return SASRecConfig(
-            n_items=n_items,
-            max_len=self.max_len,
-            dim=self.dim,
-            n_blocks=self.n_blocks,
-            n_heads=self.n_heads,
-            ffn_dim=self.ffn_dim,
-            dropout=self.dropout,
-        )
+        """The model's part of these settings: every SASRecConfig field but the catalogue size."""
+        shape = {f.name: getattr(self, f.name) for f in fields(SASRecConfig) if f.name != "n_items"}
+        return SASRecConfig(n_items=n_items, **shape)
