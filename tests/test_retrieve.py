@@ -13,6 +13,11 @@ from export.data.sequences import build_sequences
 from export.evaluate import load_item_ids, load_item_vectors
 
 
+def retrieve_args(repo, data_path, out, *extra: str) -> list[str]:
+    """`attnrec retrieve` arguments for the shared test model."""
+    return ["-q", "retrieve", "--repo", str(repo), "--name", "seq", "--data", str(data_path), "--out", str(out), *extra]
+
+
 @pytest.fixture(scope="module")
 def version(trained_repo):
     data_path, repo = trained_repo
@@ -24,27 +29,7 @@ def version(trained_repo):
 def test_output_matches_a_numpy_full_ranking(version, tmp_path):
     data_path, repo, version_dir, manifest, data = version
     out = tmp_path / "cands.parquet"
-    assert (
-        main(
-            [
-                "-q",
-                "retrieve",
-                "--repo",
-                str(repo),
-                "--name",
-                "seq",
-                "--data",
-                str(data_path),
-                "--out",
-                str(out),
-                "--top-n",
-                "25",
-                "--batch-size",
-                "64",
-            ]
-        )
-        == 0
-    )
+    assert main(retrieve_args(repo, data_path, out, "--top-n", "25", "--batch-size", "64")) == 0
     table = pq.read_table(out).to_pydict()
     assert pq.ParquetFile(out).num_row_groups == int(np.ceil(data.n_users / 64))  # one row group per batch
     assert len(table["user_id"]) == data.n_users * 25
@@ -74,22 +59,7 @@ def test_unknown_users_are_reported_and_strict_mode_fails(version, tmp_path):
     )
     assert report.unknown_users == ["nobody", "999999"] and report.users == 2
     assert sorted(set(pq.read_table(out).column("user_id").to_pylist())) == sorted([data.user_ids[3], data.user_ids[5]])
-    args = [
-        "-q",
-        "retrieve",
-        "--repo",
-        str(repo),
-        "--name",
-        "seq",
-        "--data",
-        str(data_path),
-        "--out",
-        str(out),
-        "--top-n",
-        "5",
-        "--users",
-        str(users),
-    ]
+    args = retrieve_args(repo, data_path, out, "--top-n", "5", "--users", str(users))
     assert main(args) == 0
     assert main([*args, "--strict-users"]) == 3
 
