@@ -3,7 +3,8 @@
 Layout::
 
     <repo>/<name>/<version>/manifest.json     version = 1, 2, 3, ... (newest = largest)
-                            encoder.onnx      history tokens -> query vector
+                            encoder.onnx      history tokens -> query vector [+ hidden states]
+                            ranker.onnx       (optional) history x candidates -> scores
                             item_embeddings.npy, items.faiss, item_ids.json, item_popularity.npy
 
 Catalogue rows 0..n_items-1 index every per-item file; the encoder's input token of row r is
@@ -45,7 +46,8 @@ class FileEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """What a version holds. Roles in `files`: encoder, item_embeddings, index, item_ids, item_popularity."""
+    """What a version holds. Roles in `files`: encoder, item_embeddings, index, item_ids, item_popularity,
+    and ranker when the version has a second stage (then the `ranker` section describes it)."""
 
     name: str
     version: int
@@ -57,6 +59,7 @@ class Manifest:
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation at export time
     training: dict[str, Any] = field(default_factory=dict)  # config, seed, epochs, wall time
     data: dict[str, Any] = field(default_factory=dict)  # source, counts
+    ranker: dict[str, Any] = field(default_factory=dict)  # inputs, n_candidates, features, parity; {} = none
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:

@@ -42,3 +42,21 @@ def test_code_passes_ruff():
     for args in (["check"], ["format", "--check"]):
         result = subprocess.run([ruff, *args, *dirs], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_generated_grpc_stubs_match_their_proto_sources():
+    from engine.rpc.regenerate import stale
+
+    assert stale() == [], "run: python -m engine.rpc.regenerate"
+
+
+def test_generated_stubs_import_without_protobuf_version_warnings():
+    import importlib
+    import warnings
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    for path in sorted((root / "engine" / "rpc").rglob("*_pb2*.py")):
+        module = ".".join(path.relative_to(root).with_suffix("").parts)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            importlib.import_module(module)

@@ -1,0 +1,46 @@
+"""engine.pipeline: the one recommend path that the server, retrieval and evaluation share."""
+
+import numpy as np
+import pytest
+
+from engine.metrics import topk_excluding
+from engine.pipeline import Pipeline
+from engine.repository import newest_valid_version
+
+
+@pytest.fixture(scope="module")
+def pipeline(trained_repo):
+    _, repo = trained_repo
+    path, _ = newest_valid_version(repo, "seq")
+    return Pipeline.load(path)
+
+
+def test_recommend_is_exact_top_k_without_seen_and_excluded_items(pipeline):
+    rng = np.random.default_rng(0)
+    vectors = np.load(pipeline.path / pipeline.manifest.files["item_embeddings"].path)
+    histories = [rng.choice(pipeline.n_items, size=n, replace=False) for n in (1, 5, 30, 7)]
+    exclude = [np.array([], np.int64), rng.choice(pipeline.n_items, 3), np.array([0, 1]), np.array([], np.int64)]
+    got = pipeline.recommend(histories, 10, exclude=exclude)
+
+    query = pipeline.encoder.encode_histories([h + 1 for h in histories])
+    want = topk_excluding(query @ vectors.T, [np.union1d(h, e) for h, e in zip(histories, exclude)], 10)
+    np.testing.assert_array_equal(got.rows, want)
+    for i, h in enumerate(histories):
+        assert not np.isin(got.rows[i], np.union1d(h, exclude[i])).any()
+        np.testing.assert_allclose(got.scores[i], query[i] @ vectors[got.rows[i]].T, rtol=1e-5, atol=1e-5)
+    assert got.timings["encoder"] > 0 and got.timings["search"] > 0
+
+
+def test_empty_history_gets_popular_items_minus_excluded(pipeline):
+    got = pipeline.recommend(
+        [np.array([], np.int64), np.array([3])], 5, exclude=[np.array([pipeline.popular_rows[0]]), []]
+    )
+    np.testing.assert_array_equal(got.rows[0], pipeline.popular_rows[1:6])
+    np.testing.assert_array_equal(got.scores[0], pipeline.popularity[pipeline.popular_rows[1:6]])
+    assert got.rows[1][0] >= 0 and 3 not in got.rows[1]
+
+
+def test_more_than_the_catalogue_leaves_empty_slots(pipeline):
+    got = pipeline.recommend([np.array([0, 1])], pipeline.n_items + 3)
+    assert (got.rows[0, -5:] == -1).all() and np.isneginf(got.scores[0, -5:]).all()
+    assert sorted(got.rows[0, : pipeline.n_items - 2]) == list(range(2, pipeline.n_items))
