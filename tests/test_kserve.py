@@ -359,3 +359,19 @@ def test_reflection_over_the_private_pool_describes_the_service(served):
         assert SERVICE_NAME in database.get_services()
         service = DescriptorPool(database).FindServiceByName(SERVICE_NAME)
         assert {"ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryModelLoad"} <= set(service.methods_by_name)
+
+
+def test_regenerate_check_catches_an_edited_proto(tmp_path, monkeypatch, capsys):
+    """`python -m engine.rpc.regenerate --check` fails when a .proto changed after its stubs were made."""
+    import shutil
+
+    from engine.rpc import regenerate
+
+    assert regenerate.main(["--check"]) == 0
+    protos = tmp_path / "proto"
+    shutil.copytree(regenerate.PROTO_ROOT, protos)
+    edited = protos / "inference" / "grpc_service.proto"
+    edited.write_text(edited.read_text().replace("bool live = 1;", "bool live = 1;\n  string note = 2;"))
+    monkeypatch.setattr(regenerate, "PROTO_ROOT", protos)
+    assert regenerate.main(["--check"]) == 1
+    assert "inference/grpc_service.proto" in capsys.readouterr().err
