@@ -116,3 +116,12 @@ class ModelHost(Protocol):
         ...
 
     async def unload(self, name: str) -> None: ...
+
+
+class BatcherSettings(Protocol):
+    """What a ServedModel behind a dynamic batcher also exposes (optional; the KServe servicer
+    reads these with getattr and describes the model as unbatched-by-the-server without them)."""
+
+    max_queue_delay_us: int  # how long a request waits for others before its batch runs
+    preferred_batch_sizes: tuple[int, ...]  # batch sizes the batcher aims for, if any
+    max_queue_size: int  # requests waiting beyond this are refused with RESOURCE_EXHAUSTED; 0 = unbounded

@@ -30,6 +30,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PROTO_ROOT = ROOT / "proto"
 HEADER = "# attnrec: generated from proto/{src} sha256={digest} by {tools} (python -m engine.rpc.regenerate)\n"
+# Proto packages whose stubs register in engine.rpc.pool.POOL instead of protobuf's default pool:
+# Triton's Python packages register the same `inference.*` symbols there (see pool.py).
+PRIVATE_POOL_PACKAGES = {"inference"}
 _HEADER_RE = re.compile(r"^# attnrec: generated from proto/(\S+) sha256=([0-9a-f]{64})")
 
 
@@ -88,6 +91,16 @@ def _rewrite_imports(text: str, tops: set[str]) -> str:
     return re.sub(rf"^import ({alternatives})(\w*) as ", rf"from {PACKAGE} import \1\2 as ", text, flags=re.M)
 
 
+def _use_private_pool(text: str) -> str:
+    """Register the file in engine.rpc.pool.POOL rather than in protobuf's default pool."""
+    text = text.replace("_descriptor_pool.Default().AddSerializedFile(", "_attnrec_pool.add_serialized_file(", 1)
+    return text.replace(
+        "from google.protobuf.internal import builder as _builder\n",
+        f"from google.protobuf.internal import builder as _builder\nfrom {PACKAGE} import pool as _attnrec_pool\n",
+        1,
+    )
+
+
 def generate() -> list[Path]:
     sources = proto_sources()
     py = _tools_python()
@@ -106,6 +119,8 @@ def generate() -> list[Path]:
             for generated in stub_paths(src):
                 tmp_file = out / generated.relative_to(HERE)
                 text = _rewrite_imports(tmp_file.read_text(), tops)
+                if src.parts[0] in PRIVATE_POOL_PACKAGES and generated.name.endswith("_pb2.py"):
+                    text = _use_private_pool(text)
                 if generated.suffix == ".py":
                     text = HEADER.format(src=src.as_posix(), digest=digest(src), tools=GRPC_TOOLS) + text
                 generated.parent.mkdir(parents=True, exist_ok=True)

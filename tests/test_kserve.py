@@ -1,0 +1,377 @@
+"""The KServe V2 / Triton surface over a real port, called with tritonclient (unchanged, from PyPI)
+and with our own stubs; the encoder behind it is a real onnxruntime session (tests/kserve_host.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.utils import InferenceServerException
+
+from engine.interceptors import ErrorInterceptor
+from engine.kserve import SERVICE_NAME, add_to_server
+from engine.kserve.tensors import DTYPES, encode_bytes
+from engine.rpc.inference import grpc_service_pb2 as pb
+from engine.rpc.inference import grpc_service_pb2_grpc as pb_grpc
+from engine.rpc.inference import model_config_pb2 as mc
+from engine.rpc.pool import POOL
+from tests.kserve_host import TestHost
+
+
+@pytest.fixture(scope="module")
+def served(trained_repo):
+    """(url, host): a grpc.aio server with the KServe servicer and server reflection, on its own loop."""
+    from grpc_reflection.v1alpha import reflection
+
+    _, repo = trained_repo
+    host = TestHost(repo, "seq")
+    loop = asyncio.new_event_loop()
+    started: queue.Queue = queue.Queue()
+
+    async def serve():
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        add_to_server(server, host)
+        reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        started.put((server, port))
+        await server.wait_for_termination()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+    thread.start()
+    server, port = started.get(timeout=30)
+    yield f"127.0.0.1:{port}", host
+    asyncio.run_coroutine_threadsafe(server.stop(grace=None), loop).result(10)
+    thread.join(10)
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    c = tc.InferenceServerClient(served[0])
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def stub(served):
+    with grpc.insecure_channel(served[0]) as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def _histories(host, rng):
+    n = host.get("encoder").pipeline.n_items
+    tokens = rng.integers(1, n + 1, size=(5, 9)).astype(np.int64)
+    tokens[1, :4] = 0  # left padding, as pad_histories makes it
+    tokens[3, :8] = 0
+    return tokens
+
+
+def _code(exc: InferenceServerException) -> str:
+    return exc.status().rsplit(".", 1)[-1]
+
+
+def test_our_messages_are_wire_compatible_with_tritons():
+    """Every field we declare has Triton's number and type (names from tritonclient's own stubs)."""
+    theirs = {**tc.service_pb2.DESCRIPTOR.message_types_by_name, **tc.model_config_pb2.DESCRIPTOR.message_types_by_name}
+
+    def walk(ours, other):
+        for f in ours.fields:
+            g = other.fields_by_name[f.name]
+            assert (f.number, f.type, f.is_repeated) == (g.number, g.type, g.is_repeated), f.full_name
+            if f.message_type is not None:
+                walk(f.message_type, g.message_type)
+            if f.enum_type is not None:
+                assert {v.name: v.number for v in f.enum_type.values}.items() <= {
+                    v.name: v.number for v in g.enum_type.values
+                }.items()
+
+    for fd in (pb.DESCRIPTOR, mc.DESCRIPTOR):
+        for name, message in fd.message_types_by_name.items():
+            walk(message, theirs[name])
+    ours = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    other = tc.service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert ours.full_name == other.full_name == "inference.GRPCInferenceService"
+    for method in ours.methods:
+        twin = other.methods_by_name[method.name]
+        assert (method.input_type.name, method.output_type.name) == (twin.input_type.name, twin.output_type.name)
+
+
+def test_health_and_metadata(client, served):
+    host = served[1]
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("encoder")
+    assert client.is_model_ready("encoder", host.get("encoder").version)
+    assert not client.is_model_ready("no_such_model")
+    assert not client.is_model_ready("encoder", "999")
+    meta = client.get_server_metadata()
+    assert meta.name == "attnrec" and "model_configuration" in meta.extensions
+    model = client.get_model_metadata("encoder")
+    dim = host.get("encoder").pipeline.encoder.session.get_outputs()[0].shape[-1]
+    assert model.platform == "onnxruntime_onnx" and list(model.versions) == [host.get("encoder").version]
+    assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("history", "INT64", [-1, -1])]
+    assert ("query", "FP32", [-1, dim]) in [(t.name, t.datatype, list(t.shape)) for t in model.outputs]
+
+
+def test_model_config_follows_tritons_conventions(client, served):
+    config = client.get_model_config("encoder").config
+    dim = served[1].get("encoder").pipeline.encoder.session.get_outputs()[0].shape[-1]
+    assert (config.name, config.platform, config.backend, config.max_batch_size) == (
+        "encoder",
+        "onnxruntime_onnx",
+        "onnxruntime",
+        64,
+    )
+    # dims leave the batch dimension out when max_batch_size > 0
+    assert [(i.name, tc.model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in config.input] == [
+        ("history", "TYPE_INT64", [-1])
+    ]
+    query = next(o for o in config.output if o.name == "query")
+    assert (tc.model_config_pb2.DataType.Name(query.data_type), list(query.dims)) == ("TYPE_FP32", [dim])
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+    assert config.dynamic_batching.default_queue_policy.max_queue_size == 256
+    # an identity model reports BYTES as Triton's TYPE_STRING, and no batcher
+    identity = client.get_model_config("identity_bytes").config
+    assert tc.model_config_pb2.DataType.Name(identity.input[0].data_type) == "TYPE_STRING"
+    assert not identity.HasField("dynamic_batching")
+
+
+def test_infer_raw_with_tritonclient_equals_the_session(client, served):
+    host = served[1]
+    session = host.get("encoder").session
+    tokens = _histories(host, np.random.default_rng(0))
+    expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"history": tokens})))
+    inp = tc.InferInput("history", list(tokens.shape), "INT64")
+    inp.set_data_from_numpy(tokens)
+    result = client.infer("encoder", [inp], request_id="r-1")
+    assert result.get_response().id == "r-1"
+    assert result.get_response().model_version == host.get("encoder").version
+    for name, value in expected.items():
+        got = result.as_numpy(name)
+        assert got.dtype == value.dtype and got.shape == value.shape
+        np.testing.assert_array_equal(got, value)
+    only = client.infer("encoder", [inp], outputs=[tc.InferRequestedOutput("query")])
+    assert [o.name for o in only.get_response().outputs] == ["query"]
+    np.testing.assert_array_equal(only.as_numpy("query"), expected["query"])
+
+
+def test_infer_typed_contents_with_our_stubs(stub, served):
+    host = served[1]
+    session = host.get("encoder").session
+    tokens = _histories(host, np.random.default_rng(1))
+    request = pb.ModelInferRequest(model_name="encoder", id="typed")
+    tensor = request.inputs.add(name="history", datatype="INT64", shape=list(tokens.shape))
+    tensor.contents.int64_contents.extend(tokens.reshape(-1).tolist())
+    request.outputs.add(name="query")
+    response = stub.ModelInfer(request)
+    assert response.id == "typed" and [o.name for o in response.outputs] == ["query"]
+    out = response.outputs[0]
+    got = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(list(out.shape))
+    np.testing.assert_array_equal(got, session.run(["query"], {"history": tokens})[0])
+
+
+def _sample(datatype: str, rng) -> np.ndarray:
+    if datatype == "BYTES":
+        return np.array([[b"", b"item-1", "ünïcode".encode()], [b"\x00\xff", b"x" * 300, b"z"]], dtype=object)
+    dtype = DTYPES[datatype]
+    if dtype.kind == "b":
+        return rng.integers(0, 2, size=(2, 3)).astype(bool)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        values = rng.integers(info.min, info.max, size=(2, 3), dtype=dtype, endpoint=True)
+        values[0, 0], values[0, 1] = info.min, info.max
+        return values
+    return rng.standard_normal((2, 3)).astype(dtype)
+
+
+@pytest.mark.parametrize("datatype", list(DTYPES))
+def test_every_datatype_round_trips_raw_and_typed(client, stub, datatype):
+    rng = np.random.default_rng(7)
+    x = _sample(datatype, rng)
+    model = f"identity_{datatype.lower()}"
+    inp = tc.InferInput("x", list(x.shape), datatype)
+    inp.set_data_from_numpy(x)
+    y = client.infer(model, [inp]).as_numpy("y")
+    assert y.shape == x.shape
+    np.testing.assert_array_equal(y, x)
+    if datatype == "FP16":  # no typed field: it must travel raw
+        return
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="x", datatype=datatype, shape=list(x.shape))
+    field = {
+        "BOOL": "bool_contents",
+        "INT8": "int_contents",
+        "INT16": "int_contents",
+        "INT32": "int_contents",
+        "INT64": "int64_contents",
+        "UINT8": "uint_contents",
+        "UINT16": "uint_contents",
+        "UINT32": "uint_contents",
+        "UINT64": "uint64_contents",
+        "FP32": "fp32_contents",
+        "FP64": "fp64_contents",
+        "BYTES": "bytes_contents",
+    }[datatype]
+    getattr(tensor.contents, field).extend(x.reshape(-1).tolist())
+    response = stub.ModelInfer(request)
+    assert response.outputs[0].datatype == datatype
+    raw = response.raw_output_contents[0]
+    if datatype == "BYTES":
+        assert raw == encode_bytes(x)
+    else:
+        np.testing.assert_array_equal(np.frombuffer(raw, dtype=DTYPES[datatype]).reshape(x.shape), x)
+
+
+def _raw_request(model, name, datatype, shape, raw):
+    request = pb.ModelInferRequest(model_name=model)
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(raw)
+    return request
+
+
+def _fails(stub, request, code, *fragments):
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request)
+    assert err.value.code() == code, err.value.details()
+    for fragment in fragments:
+        assert fragment in err.value.details(), err.value.details()
+
+
+def test_bad_requests_get_clear_status_codes(stub, client):
+    tokens = np.ones((2, 3), dtype=np.int64)
+    bad = grpc.StatusCode.INVALID_ARGUMENT
+    ok_raw = tokens.tobytes()
+    _fails(stub, _raw_request("nope", "history", "INT64", [2, 3], ok_raw), grpc.StatusCode.NOT_FOUND, "nope")
+    versioned = _raw_request("encoder", "history", "INT64", [2, 3], ok_raw)
+    versioned.model_version = "999"
+    _fails(stub, versioned, grpc.StatusCode.NOT_FOUND, "999")
+    _fails(stub, _raw_request("encoder", "history", "FP32", [2, 3], ok_raw), bad, "INT64", "FP32")
+    _fails(stub, _raw_request("encoder", "history", "INT64", [2, 4], ok_raw), bad, "64 raw bytes", "got 48")
+    _fails(stub, _raw_request("encoder", "histry", "INT64", [2, 3], ok_raw), bad, "no input 'histry'")
+    _fails(stub, _raw_request("encoder", "history", "INT64", [6], ok_raw), bad, "shape")
+    _fails(stub, _raw_request("encoder", "history", "INT64", [2, 3], (tokens * 10**6).tobytes()), bad, "tokens")
+    _fails(stub, _raw_request("identity_bytes", "x", "BYTES", [1, 2], encode_bytes(np.array([b"a"]))), bad, "BYTES")
+    _fails(stub, _raw_request("identity_bf16", "x", "BF16", [1, 1], b"\0\0"), grpc.StatusCode.NOT_FOUND)
+    _fails(stub, _raw_request("identity_fp32", "x", "BF16", [1, 1], b"\0\0"), bad, "BF16")
+    mixed = _raw_request("encoder", "history", "INT64", [2, 3], ok_raw)
+    mixed.inputs[0].contents.int64_contents.extend([1] * 6)
+    _fails(stub, mixed, bad, "raw_input_contents")
+    typed = pb.ModelInferRequest(model_name="encoder")
+    typed.inputs.add(name="history", datatype="INT64", shape=[2, 3]).contents.fp32_contents.extend([1.0] * 6)
+    _fails(stub, typed, bad, "int64_contents", "fp32_contents")
+    short = pb.ModelInferRequest(model_name="encoder")
+    short.inputs.add(name="history", datatype="INT64", shape=[2, 3]).contents.int64_contents.extend([1] * 5)
+    _fails(stub, short, bad, "needs 6 elements, got 5")
+    fp16 = pb.ModelInferRequest(model_name="identity_fp16")
+    fp16.inputs.add(name="x", datatype="FP16", shape=[1, 1]).contents.fp32_contents.append(1.0)
+    _fails(stub, fp16, bad, "raw")
+    wide = pb.ModelInferRequest(model_name="identity_int8")
+    wide.inputs.add(name="x", datatype="INT8", shape=[1, 1]).contents.int_contents.append(300)
+    _fails(stub, wide, bad, "range of INT8")
+    unknown_output = _raw_request("encoder", "history", "INT64", [2, 3], ok_raw)
+    unknown_output.outputs.add(name="scores")
+    _fails(stub, unknown_output, bad, "no output 'scores'")
+    _fails(stub, pb.ModelInferRequest(model_name="encoder"), bad, "needs inputs ['history']")
+    too_big = np.ones((65, 1), dtype=np.int64)
+    _fails(stub, _raw_request("encoder", "history", "INT64", [65, 1], too_big.tobytes()), bad, "max_batch_size")
+    with pytest.raises(InferenceServerException) as err:  # and as tritonclient users see it
+        client.get_model_metadata("nope")
+    assert _code(err.value) == "NOT_FOUND"
+
+
+def test_statistics_count_what_ran(client, served):
+    host = served[1]
+    before = host.get("encoder").stats.inference_count
+    tokens = _histories(host, np.random.default_rng(2))
+    inp = tc.InferInput("history", list(tokens.shape), "INT64")
+    inp.set_data_from_numpy(tokens)
+    client.infer("encoder", [inp])
+    stats = client.get_inference_statistics("encoder").model_stats
+    assert len(stats) == 1 and stats[0].name == "encoder"
+    assert stats[0].inference_count == before + len(tokens)
+    assert stats[0].inference_stats.success.count == host.get("encoder").stats.success_count
+    assert stats[0].inference_stats.success.ns > 0 and stats[0].last_inference > 0
+    assert any(b.batch_size == len(tokens) and b.compute_infer.count >= 1 for b in stats[0].batch_stats)
+    everything = client.get_inference_statistics().model_stats
+    assert {s.name for s in everything} == {m.name for m in host.models()}
+
+
+def test_stream_infer_answers_every_request_with_its_id(client, served):
+    host = served[1]
+    session = host.get("encoder").session
+    rng = np.random.default_rng(3)
+    batches = [_histories(host, rng) for _ in range(4)]
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i, tokens in enumerate(batches):
+            inp = tc.InferInput("history", list(tokens.shape), "INT64")
+            inp.set_data_from_numpy(tokens)
+            client.async_stream_infer("encoder", [inp], request_id=str(i))
+        client.async_stream_infer("nope", [inp], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(len(batches) + 1)]
+    finally:
+        client.stop_stream()
+    errors = [e for r, e in got if e is not None]
+    assert len(errors) == 1 and "nope" in str(errors[0])
+    results = {r.get_response().id: r for r, e in got if e is None}
+    assert sorted(results) == [str(i) for i in range(len(batches))]
+    for i, tokens in enumerate(batches):
+        np.testing.assert_array_equal(results[str(i)].as_numpy("query"), session.run(["query"], {"history": tokens})[0])
+
+
+def test_repository_index_load_and_unload(client, served):
+    host = served[1]
+    index = {m.name: m for m in client.get_model_repository_index().models}
+    assert index["encoder"].state == "READY" and index["encoder"].version == host.get("encoder").version
+    client.unload_model("encoder")
+    try:
+        assert not client.is_model_ready("encoder") and not client.is_server_ready()
+        assert "encoder" not in {m.name for m in client.get_model_repository_index().models}
+        inp = tc.InferInput("history", [1, 1], "INT64")
+        inp.set_data_from_numpy(np.ones((1, 1), dtype=np.int64))
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("encoder", [inp])
+        assert _code(err.value) == "NOT_FOUND"
+    finally:
+        client.load_model("encoder")
+    assert client.is_model_ready("encoder") and client.is_server_ready()
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("nope")
+    assert _code(err.value) == "NOT_FOUND"
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("encoder", config='{"max_batch_size": 8}')
+    assert _code(err.value) == "INVALID_ARGUMENT"
+
+
+def test_reflection_over_the_private_pool_describes_the_service(served):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(served[0]) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert SERVICE_NAME in database.get_services()
+        service = DescriptorPool(database).FindServiceByName(SERVICE_NAME)
+        assert {"ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryModelLoad"} <= set(service.methods_by_name)
+
+
+def test_regenerate_check_catches_an_edited_proto(tmp_path, monkeypatch, capsys):
+    """`python -m engine.rpc.regenerate --check` fails when a .proto changed after its stubs were made."""
+    import shutil
+
+    from engine.rpc import regenerate
+
+    assert regenerate.main(["--check"]) == 0
+    protos = tmp_path / "proto"
+    shutil.copytree(regenerate.PROTO_ROOT, protos)
+    edited = protos / "inference" / "grpc_service.proto"
+    edited.write_text(edited.read_text().replace("bool live = 1;", "bool live = 1;\n  string note = 2;"))
+    monkeypatch.setattr(regenerate, "PROTO_ROOT", protos)
+    assert regenerate.main(["--check"]) == 1
+    assert "inference/grpc_service.proto" in capsys.readouterr().err
