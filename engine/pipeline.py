@@ -109,7 +109,8 @@ class Pipeline:
         popular items.
         """
         t = {"encoder": 0.0, "search": 0.0, "ranker": 0.0}
-        histories = [np.asarray(h, dtype=np.int64)[-self.max_len :] for h in histories]
+        # Every item of the history is excluded; only the most recent max_len are encoded.
+        histories = [np.asarray(h, dtype=np.int64) for h in histories]
         seen = [
             h if exclude is None else np.union1d(h, np.asarray(exclude[i], np.int64)) for i, h in enumerate(histories)
         ]
@@ -122,7 +123,7 @@ class Pipeline:
             return Recommendations(rows, scores, t)
 
         t0 = time.perf_counter()
-        tokens = pad_histories([histories[i] + 1 for i in active], self.max_len)
+        tokens = pad_histories([histories[i][-self.max_len :] + 1 for i in active], self.max_len)
         outs = self.encoder.run(tokens)
         t1 = time.perf_counter()
         use_ranker = rank and self.ranker is not None

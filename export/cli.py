@@ -292,16 +292,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .data.sequences import build_sequences
+    from .retrieve import read_user_file, retrieve
+
+    users = read_user_file(args.users) if args.users else None
+    if args.server:
+        from .retrieve_server import retrieve_from_server
+
+        log_, _ = _load_log(args)
+        with _client(args) as client:
+            report = retrieve_from_server(
+                client,
+                build_sequences(log_),
+                args.out,
+                top_n=args.top_n,
+                users=users,
+                batch_size=args.batch_size,
+                progress=not args.quiet,
+            )
+        return 3 if report.unknown_users and args.strict_users else 0
+    if args.repo is None or args.name is None:
+        raise ValueError("retrieve needs --repo and --name (or --server HOST:PORT)")
     from engine.repository import resolve_version
 
-    from .data.sequences import build_sequences
     from .evaluate import load_item_ids
-    from .retrieve import read_user_file, retrieve
 
     version_dir, manifest = resolve_version(args.repo, args.name, args.version)
     log_, _ = _load_log(args)
     data = build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest))
-    users = read_user_file(args.users) if args.users else None
     if args.ray is not None:
         from .retrieve_ray import retrieve_ray
 
@@ -331,6 +349,87 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if report.unknown_users and args.strict_users:
         log.error("%d requested users were not found (--strict-users)", len(report.unknown_users))
         return 3
+    return 0
+
+
+# ── serving (never imports torch) ─────────────────────────────────────────────────────────
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from engine.server import serve
+    from engine.settings import from_args
+
+    return asyncio.run(serve(from_args(args)))
+
+
+def _add_client_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("server connection")
+    g.add_argument("--server", required=required, metavar="HOST:PORT", help="address of a running `attnrec serve`")
+    g.add_argument("--token", default=None, help="bearer token (default: $ATTNREC_AUTH_TOKEN)")
+    g.add_argument("--tls", action="store_true", help="TLS with the system's root certificates")
+    g.add_argument("--tls-ca", type=Path, help="CA bundle (PEM) that signed the server's certificate (turns TLS on)")
+    g.add_argument("--tls-cert", type=Path, help="client certificate (PEM), for mutual TLS")
+    g.add_argument("--tls-key", type=Path, help="client private key (PEM), for mutual TLS")
+    g.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default: 30)")
+
+
+def _client(args: argparse.Namespace):
+    import os
+
+    from engine.client import RecommenderClient
+
+    token = args.token if args.token is not None else os.environ.get("ATTNREC_AUTH_TOKEN", "")
+    return RecommenderClient(
+        args.server,
+        token=token,
+        timeout=args.timeout,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import grpc
+    from rich.console import Console
+    from rich.table import Table
+
+    split = lambda s: [x for x in (s or "").split(",") if x]  # noqa: E731
+    try:
+        with _client(args) as client:
+            if args.reload:
+                print(json.dumps(client.reload(), indent=2))
+                return 0
+            if args.info:
+                print(json.dumps(client.model_info(), indent=2))
+                return 0
+            r = client.recommend(
+                split(args.history), args.k, exclude=split(args.exclude), n_candidates=args.n_candidates, timings=True
+            )
+    except grpc.RpcError as exc:
+        log.error("%s: %s", exc.code().name, exc.details())
+        return 1
+    if args.json:
+        print(json.dumps(asdict(r), indent=2))
+        return 0
+    table = Table(title=f"{r.model} v{r.version}: top {len(r.items)}")
+    table.add_column("rank", justify="right")
+    table.add_column("item")
+    table.add_column("score", justify="right")
+    for i, (item, score) in enumerate(zip(r.items, r.scores), 1):
+        table.add_row(str(i), item, f"{score:.4f}")
+    console = Console()
+    console.print(table)
+    notes = [f"{r.unknown_items} unknown history items skipped"] if r.unknown_items else []
+    notes += ["popularity fallback (no known history item)"] if r.popularity_fallback else []
+    notes += [f"{r.truncated_items} oldest items not encoded (max length)"] if r.truncated_items else []
+    t = r.timings
+    notes.append(
+        f"server {t['total_ms']:.2f} ms (queue {t['queue_ms']:.2f}, encoder {t['encoder_ms']:.2f}, "
+        f"search {t['search_ms']:.2f}, ranker {t['ranker_ms']:.2f}; batch of {t['batch_size']})"
+    )
+    console.print("\n".join(notes))
     return 0
 
 
@@ -436,10 +535,11 @@ def build_parser() -> argparse.ArgumentParser:
         "index: for every user of the interaction log (or those in --users), the top-N "
         "items not yet seen, from the user's whole history, written to Parquet "
         "(user_id, rank, item_id, score, model_version). Streams users in batches; the "
-        "output file appears only when complete.",
+        "output file appears only when complete. With --server, the same job through a running "
+        "`attnrec serve` (RecommendStream) instead of a local repository.",
     )
-    p.add_argument("--repo", type=Path, required=True, metavar="REPO_DIR")
-    p.add_argument("--name", required=True, metavar="MODEL_NAME")
+    p.add_argument("--repo", type=Path, metavar="REPO_DIR", help="model repository (not with --server)")
+    p.add_argument("--name", metavar="MODEL_NAME", help="model name (not with --server)")
     p.add_argument("--version", type=int, help="version number (default: newest valid)")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.parquet")
     p.add_argument("--top-n", type=int, default=100, help="candidates per user (default: 100)")
@@ -466,7 +566,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="Ray actors, one CPU each, each loading the model once (default: 2)"
     )
     _add_data_args(p)
+    _add_client_args(p, required=False)
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve the newest valid version of a repository model over gRPC (no torch)",
+        description="Serve a model repository's newest valid version: the attnrec.v1.Recommender API, "
+        "grpc.health.v1 and server reflection, with dynamic batching, hot swap of new versions, "
+        "Prometheus metrics and a graceful drain on SIGTERM/SIGINT. Every flag can also be set "
+        "with an ATTNREC_<FLAG> environment variable (e.g. ATTNREC_PORT) or in a TOML --config file.",
+    )
+    from engine.settings import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "query",
+        help="ask a running server for one user's recommendations (or its model info)",
+        description="Call attnrec.v1.Recommender on a running server with the typed client (engine/client.py).",
+    )
+    _add_client_args(p)
+    p.add_argument("--history", default="", help="the user's item ids, oldest first, comma-separated")
+    p.add_argument("--k", type=int, default=10, help="how many items (default: 10)")
+    p.add_argument("--exclude", default="", help="item ids never to return, comma-separated")
+    p.add_argument("--n-candidates", type=int, default=0, help="index candidates for the ranker (0: the model's)")
+    p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    p.add_argument("--info", action="store_true", help="print the serving model's info instead")
+    p.add_argument("--reload", action="store_true", help="ask the server to load the newest valid version now")
+    p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("demo", help="synthetic data → train → evaluate → export → example recommendations (~2 min)")
     p.add_argument("--out", type=Path, default=Path("attnrec-demo"), help="working folder (default: ./attnrec-demo)")

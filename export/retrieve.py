@@ -73,7 +73,7 @@ def _id_type(ids: np.ndarray) -> pa.DataType:
     return pa.int64() if ids.dtype.kind in "iu" else pa.string()
 
 
-def output_schema(data: SequenceData, manifest: Manifest, top_n: int) -> pa.Schema:
+def output_schema(data: SequenceData, model: str, version: int, top_n: int) -> pa.Schema:
     return pa.schema(
         [
             ("user_id", _id_type(data.user_ids)),
@@ -83,8 +83,8 @@ def output_schema(data: SequenceData, manifest: Manifest, top_n: int) -> pa.Sche
             ("model_version", pa.int32()),
         ],
         metadata={
-            "model": manifest.name,
-            "model_version": str(manifest.version),
+            "model": model,
+            "model_version": str(version),
             "top_n": str(top_n),
             "exclude_seen": "true",
         },
@@ -146,7 +146,7 @@ def plan(
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
-    return chosen, unknown, output_schema(data, manifest, top_n)
+    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n)
 
 
 def retrieve(

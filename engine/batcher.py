@@ -1,0 +1,199 @@
+"""Dynamic batching: requests wait briefly for others, then run together off the event loop.
+
+One `Batcher` per served model. Requests are queued with a *group* (the model version they
+were pinned to); a batch holds requests of one group only, so a request always computes on
+the version it started with, even across a hot swap. Inference runs in a thread pool:
+onnxruntime and FAISS release the GIL, and the event loop keeps accepting requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from .served import DeadlineExpired, InvalidRequest, ModelStats, QueueFull, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """Triton's dynamic_batching knobs (flags of `attnrec serve`)."""
+
+    max_batch_size: int = 32  # rows per batch
+    max_queue_delay_us: int = 0  # how long the first request waits for others (0: take what is queued)
+    max_queue_size: int = 1024  # queued requests beyond this are refused (RESOURCE_EXHAUSTED); 0 = no limit
+    instances: int = 1  # batches of one model that may run at the same time
+
+
+@dataclass(frozen=True)
+class Completed:
+    """A request's result and how it was batched."""
+
+    value: Any
+    queue_s: float
+    batch_size: int  # requests in its batch
+    batch_rows: int
+
+
+@dataclass
+class _Pending:
+    item: Any
+    rows: int
+    group: Any  # compared with ==: batches never mix groups
+    deadline: float | None  # time.monotonic()
+    enqueued: float  # time.monotonic()
+    future: asyncio.Future
+
+
+# run(group, items) -> one result per item, in order; called in the executor.
+RunBatch = Callable[[Any, Sequence[Any]], Sequence[Any]]
+# observe(batch_rows, queue_seconds of each request): telemetry hook, called on the event loop.
+Observe = Callable[[int, Sequence[float]], None]
+
+
+class Batcher:
+    def __init__(
+        self,
+        name: str,
+        run: RunBatch,
+        settings: BatchSettings,
+        executor: Executor,
+        stats: ModelStats,
+        observe: Observe | None = None,
+    ) -> None:
+        if settings.max_batch_size < 1 or settings.instances < 1:
+            raise ValueError(f"{name}: max_batch_size and instances must be at least 1")
+        self.name, self.run, self.settings, self.executor, self.stats = name, run, settings, executor, stats
+        self.observe = observe
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._workers: list[asyncio.Task] = []
+        self._closed = False
+
+    def start(self) -> None:
+        if not self._workers:
+            self._workers = [asyncio.ensure_future(self._work()) for _ in range(self.settings.instances)]
+
+    async def close(self) -> None:
+        """Stop the workers; whatever is still queued is answered UNAVAILABLE."""
+        self._closed = True
+        for w in self._workers:
+            w.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        while self._queue:
+            p = self._queue.popleft()
+            if not p.future.done():
+                p.future.set_exception(Unavailable(f"{self.name}: the server is shutting down"))
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def submit(self, item: Any, *, group: Any = None, rows: int = 1, deadline: float | None = None) -> Completed:
+        """Queue one request of `rows` rows and wait for its result."""
+        if self._closed:
+            raise Unavailable(f"{self.name}: the server is shutting down")
+        if rows > self.settings.max_batch_size:
+            raise InvalidRequest(f"{self.name}: {rows} rows exceed max_batch_size {self.settings.max_batch_size}")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            self._fail(0)
+            raise DeadlineExpired(f"{self.name}: the deadline had passed before the request was queued")
+        if self.settings.max_queue_size and len(self._queue) >= self.settings.max_queue_size:
+            self._fail(0)
+            raise QueueFull(f"{self.name}: queue full ({self.settings.max_queue_size} requests waiting); retry later")
+        self.start()
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(item, rows, group, deadline, now, fut))
+        self._arrived.set()
+        return await fut
+
+    def _fail(self, ns: int) -> None:
+        self.stats.fail_count += 1
+        self.stats.fail_ns += ns
+
+    async def _collect(self) -> list[_Pending]:
+        """Wait for a first request, up to max_queue_delay for more, then take one group's batch."""
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        limit = self.settings.max_batch_size
+        delay = self.settings.max_queue_delay_us / 1e6
+        if delay > 0:
+            until = self._queue[0].enqueued + delay
+            while sum(p.rows for p in self._queue) < limit and (left := until - time.monotonic()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+        batch: list[_Pending] = []
+        rows, now = 0, time.monotonic()
+        while self._queue:
+            p = self._queue[0]
+            if p.future.done():  # the caller went away (cancelled)
+                self._queue.popleft()
+                continue
+            if p.deadline is not None and p.deadline <= now:  # expired requests are not computed
+                self._queue.popleft()
+                self._fail(int((now - p.enqueued) * 1e9))
+                p.future.set_exception(DeadlineExpired(f"{self.name}: the deadline passed while queued"))
+                continue
+            if batch and (p.group != batch[0].group or rows + p.rows > limit):
+                break
+            batch.append(self._queue.popleft())
+            rows += p.rows
+        return batch
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            start = time.monotonic()
+            rows = sum(p.rows for p in batch)
+            queue_s = [start - p.enqueued for p in batch]
+            try:
+                results = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
+                error = None
+            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
+                results, error = None, exc
+                if not getattr(exc, "code", None):
+                    log.exception("%s: batch of %d failed", self.name, len(batch))
+            end = time.monotonic()
+            self._account(batch, rows, start, end, error is None)
+            if self.observe is not None:
+                self.observe(rows, queue_s)
+            for i, p in enumerate(batch):
+                if p.future.done():
+                    continue
+                if error is not None:
+                    p.future.set_exception(error)
+                else:
+                    p.future.set_result(Completed(results[i], queue_s[i], len(batch), rows))
+
+    def _account(self, batch: list[_Pending], rows: int, start: float, end: float, ok: bool) -> None:
+        s, compute_ns = self.stats, int((end - start) * 1e9)
+        s.execution_count += 1
+        s.inference_count += rows
+        s.compute_infer_ns += compute_ns
+        s.last_inference_ms = int(time.time() * 1000)
+        count_ns = s.batch_stats.setdefault(rows, [0, 0])
+        count_ns[0] += 1
+        count_ns[1] += compute_ns
+        for p in batch:
+            total = int((end - p.enqueued) * 1e9)
+            s.queue_ns += int((start - p.enqueued) * 1e9)
+            if ok:
+                s.success_count += 1
+                s.success_ns += total
+            else:
+                self._fail(total)

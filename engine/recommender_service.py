@@ -1,0 +1,127 @@
+"""`attnrec.v1.Recommender`: the domain API. Thin: convert, call the pipeline model, convert back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import grpc
+
+from .host import Host
+from .rpc.attnrec.v1 import recommender_pb2 as pb
+from .rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
+from .served import ServingError, Unavailable
+from .served_models import Answer
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline on the time.monotonic() clock (None: the client set none)."""
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+class RecommenderService(pb_grpc.RecommenderServicer):
+    def __init__(self, host: Host, *, stream_window: int = 64) -> None:
+        self.host, self.stream_window = host, stream_window
+
+    async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendReply:
+        return await self._recommend(request, deadline_of(context))
+
+    async def RecommendStream(self, requests, context):
+        """Requests are computed concurrently (up to stream_window ahead); replies go out in order."""
+        deadline = deadline_of(context)
+        order: asyncio.Queue = asyncio.Queue(maxsize=max(1, self.stream_window))
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await order.put(asyncio.ensure_future(self._answer_or_error(request, deadline)))
+            finally:
+                await order.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (task := await order.get()) is not None:
+                yield await task
+            await reader  # a broken request stream ends the call with its error
+        finally:
+            reader.cancel()
+            while not order.empty():
+                task = order.get_nowait()
+                if task is not None:
+                    task.cancel()
+
+    async def GetModelInfo(self, request: pb.ModelInfoRequest, context) -> pb.ModelInfo:
+        return self._info()
+
+    async def ReloadModel(self, request: pb.ReloadModelRequest, context) -> pb.ModelInfo:
+        await self.host.reload(force=True)
+        return self._info()
+
+    # ── conversions ───────────────────────────────────────────────────────────────────────
+    async def _recommend(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
+        start = time.perf_counter()
+        answer = await self.host.pipeline.recommend(
+            request.history, request.k, exclude=request.exclude, n_candidates=request.n_candidates, deadline=deadline
+        )
+        return self._reply(request, answer, start)
+
+    async def _answer_or_error(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
+        try:
+            return await self._recommend(request, deadline)
+        except ServingError as exc:
+            error = pb.Error(code=exc.code.value[0], message=str(exc))
+            return pb.RecommendReply(request_id=request.request_id, error=error)
+
+    def _reply(self, request: pb.RecommendRequest, a: Answer, start: float) -> pb.RecommendReply:
+        reply = pb.RecommendReply(
+            items=a.items,
+            scores=a.scores.tolist(),
+            model=self.host.name,
+            model_version=a.version,
+            unknown_items=a.unknown_items,
+            popularity_fallback=a.popularity_fallback,
+            truncated_items=a.truncated_items,
+            request_id=request.request_id,
+        )
+        if request.include_timings:
+            t = a.timings
+            reply.timings.CopyFrom(
+                pb.Timings(
+                    queue_ms=t["queue"] * 1e3,
+                    encoder_ms=t.get("encoder", 0.0) * 1e3,
+                    search_ms=t.get("search", 0.0) * 1e3,
+                    ranker_ms=t.get("ranker", 0.0) * 1e3,
+                    total_ms=(time.perf_counter() - start) * 1e3,
+                    batch_size=int(t["batch_size"]),
+                )
+            )
+        self.host.telemetry.observe_stage("pipeline", "total", time.perf_counter() - start)
+        return reply
+
+    def _info(self) -> pb.ModelInfo:
+        v = self.host.current
+        if v is None:
+            raise Unavailable(f"model {self.host.name!r} is not loaded yet")
+        p, m = v.pipeline, v.pipeline.manifest
+        return pb.ModelInfo(
+            model=m.name,
+            version=m.version,
+            n_items=p.n_items,
+            max_history=p.max_len,
+            dim=int(m.model.get("dim", 0)),
+            has_ranker=p.ranker is not None,
+            default_n_candidates=p.n_candidates,
+            item_id_type=v.id_type,
+            index_factory=str(m.index.get("factory", "")),
+            providers=p.encoder.providers,
+            created_at=m.created_at,
+            metrics_json=json.dumps(m.metrics),
+        )
+
+
+def add_to(server: grpc.aio.Server, host: Host, stream_window: int = 64) -> None:
+    pb_grpc.add_RecommenderServicer_to_server(RecommenderService(host, stream_window=stream_window), server)

@@ -1,0 +1,374 @@
+"""The three `ServedModel`s of a host: tensors in, tensors out, each through its own batcher.
+
+    encoder   history INT64 (B, L) tokens (row + 1, left-padded with 0)
+              → query FP32 (B, D) [+ hidden FP32 (B, L, D) when the encoder exports it]
+    ranker    the ranker's own inputs (engine/ranker.py: history, hidden, candidates,
+              candidate_scores) → scores FP32 (B, N); only when the version has a ranker
+    pipeline  the whole request path with external item ids:
+              history BYTES (B, H) item ids, oldest first, "" = padding (skipped)
+              k INT64 (B, 1) optional (default 10)
+              exclude BYTES (B, E) optional, "" = padding
+              n_candidates INT64 (B, 1) optional (0: the model's default)
+              → items BYTES (B, K) best first, "" where the catalogue ran out (K = the largest k)
+                scores FP32 (B, K), -inf where no item
+                unknown_items INT64 (B, 1): history ids not in the catalogue (skipped)
+                popularity_fallback BOOL (B, 1): no known history item, popular items answered
+
+Each row of a request is one batch row; rows of different requests are padded to the longest
+in the batch (histories on the left, candidates on the right) and cut back for the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from .batcher import Batcher, BatchSettings
+from .encoder import pad_histories
+from .served import InvalidRequest, ModelStats, TensorSpec, Unavailable
+
+if TYPE_CHECKING:
+    from .host import Host, LoadedVersion
+    from .telemetry import Telemetry
+
+DEFAULT_K = 10
+
+
+class _Model:
+    name = ""
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, host: "Host", batching: BatchSettings, executor: Executor, telemetry: "Telemetry") -> None:
+        self.host, self.telemetry = host, telemetry
+        self.max_batch_size = batching.max_batch_size
+        self._stats = ModelStats()
+        observe = lambda rows, queue_s: telemetry.observe_batch(self.name, rows, queue_s)  # noqa: E731
+        self.batcher = Batcher(self.name, self._run, batching, executor, self._stats, observe)
+
+    @property
+    def version(self) -> str:
+        v = self.host.current
+        return str(v.version) if v else ""
+
+    @property
+    def ready(self) -> bool:
+        return self.host.is_loaded(self.name) and not self.host.draining
+
+    @property
+    def stats(self) -> ModelStats:
+        return self._stats
+
+    def _pinned(self) -> "LoadedVersion":
+        """The version a new request runs on (kept for the whole request)."""
+        v = self.host.current
+        if v is None or not self.host.is_loaded(self.name):
+            raise Unavailable(f"model {self.name!r} is not loaded")
+        return v
+
+    def _run(self, version: Any, items: Sequence[Any]) -> list[Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _filter(out: dict[str, np.ndarray], wanted: list[str] | None, model: str) -> dict[str, np.ndarray]:
+        if not wanted:
+            return out
+        unknown = [w for w in wanted if w not in out]
+        if unknown:
+            raise InvalidRequest(f"model {model!r} has no outputs {unknown} (it has {sorted(out)})")
+        return {w: out[w] for w in wanted}
+
+
+def _int_tensor(inputs: dict[str, np.ndarray], name: str, model: str, ndim: int) -> np.ndarray:
+    if name not in inputs:
+        raise InvalidRequest(f"model {model!r} needs input {name!r}")
+    x = np.asarray(inputs[name])
+    if x.dtype.kind not in "iu" or x.ndim != ndim:
+        raise InvalidRequest(f"{model}: input {name!r} must be an INT64 tensor of rank {ndim}, got {x.dtype} {x.shape}")
+    return x.astype(np.int64, copy=False)
+
+
+def _check_tokens(tokens: np.ndarray, name: str, v: "LoadedVersion", model: str) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() > v.pipeline.n_items):
+        raise InvalidRequest(f"{model}: {name!r} tokens must be in 0..{v.pipeline.n_items} (row + 1; 0 = padding)")
+
+
+# ── encoder ───────────────────────────────────────────────────────────────────────────────────
+class EncoderModel(_Model):
+    name = "encoder"
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec("history", "INT64", (-1, -1))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        v = self.host.current
+        dim = int(v.pipeline.manifest.model.get("dim", -1)) if v else -1
+        specs = [TensorSpec("query", "FP32", (-1, dim))]
+        if v is not None and "hidden" in v.pipeline.encoder.output_names:
+            specs.append(TensorSpec("hidden", "FP32", (-1, -1, dim)))
+        return specs
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        v = self._pinned()
+        tokens = _int_tensor(inputs, "history", self.name, 2)
+        if tokens.shape[1] > v.pipeline.max_len:
+            raise InvalidRequest(
+                f"encoder: history has {tokens.shape[1]} columns, the model reads at most {v.pipeline.max_len}"
+            )
+        _check_tokens(tokens, "history", v, self.name)
+        done = await self.batcher.submit(tokens, group=v, rows=len(tokens), deadline=deadline)
+        return self._filter(done.value, outputs, self.name)
+
+    def _run(self, v: "LoadedVersion", items: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        t0 = time.perf_counter()
+        rows = [r[r != 0] for tokens in items for r in tokens]  # re-padded to the batch's longest
+        outs = v.pipeline.encoder.run(pad_histories(rows, v.pipeline.max_len))
+        self.telemetry.observe_stage(self.name, "encoder", time.perf_counter() - t0)
+        results, start = [], 0
+        for tokens in items:
+            b, length = tokens.shape
+            part = {"query": outs["query"][start : start + b]}
+            if "hidden" in outs:
+                hidden = (
+                    outs["hidden"][start : start + b, -length:] if length else outs["hidden"][start : start + b, :0]
+                )
+                if hidden.shape[1] < length:  # the batch was shorter than this request's padding
+                    hidden = np.pad(hidden, ((0, 0), (length - hidden.shape[1], 0), (0, 0)))
+                part["hidden"] = hidden
+            results.append(part)
+            start += b
+        return results
+
+
+# ── ranker ────────────────────────────────────────────────────────────────────────────────────
+_RANKER_SPECS = {
+    "history": TensorSpec("history", "INT64", (-1, -1)),
+    "hidden": TensorSpec("hidden", "FP32", (-1, -1, -1)),
+    "candidates": TensorSpec("candidates", "INT64", (-1, -1)),
+    "candidate_scores": TensorSpec("candidate_scores", "FP32", (-1, -1)),
+}
+
+
+class RankerModel(_Model):
+    name = "ranker"
+
+    def _ranker(self, v: "LoadedVersion | None"):
+        if v is None or v.pipeline.ranker is None:
+            raise Unavailable("the version serving has no ranker")
+        return v.pipeline.ranker
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        v = self.host.current
+        return [_RANKER_SPECS[n] for n in self._ranker(v).input_names] if v and v.pipeline.ranker else []
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("scores", "FP32", (-1, -1))]
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        v = self._pinned()
+        ranker = self._ranker(v)
+        feeds: dict[str, np.ndarray] = {}
+        for name in ranker.input_names:
+            if name == "hidden":
+                x = np.asarray(inputs.get("hidden")) if "hidden" in inputs else None
+                if x is None or x.ndim != 3 or x.dtype.kind != "f":
+                    raise InvalidRequest("ranker: input 'hidden' must be an FP32 tensor (B, L, D)")
+                feeds[name] = x.astype(np.float32, copy=False)
+            elif name == "candidate_scores":
+                x = np.asarray(inputs.get(name)) if name in inputs else None
+                if x is None or x.ndim != 2 or x.dtype.kind != "f":
+                    raise InvalidRequest("ranker: input 'candidate_scores' must be an FP32 tensor (B, N)")
+                feeds[name] = x.astype(np.float32, copy=False)
+            else:
+                feeds[name] = _int_tensor(inputs, name, self.name, 2)
+                _check_tokens(feeds[name], name, v, self.name)
+        b = {len(x) for x in feeds.values()}
+        if len(b) != 1:
+            raise InvalidRequest(
+                f"ranker: inputs disagree on the batch size: { {k: x.shape for k, x in feeds.items()} }"
+            )
+        if "candidate_scores" in feeds and feeds["candidate_scores"].shape != feeds["candidates"].shape:
+            raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
+        if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
+            raise InvalidRequest("ranker: hidden must have as many positions as history")
+        done = await self.batcher.submit(feeds, group=v, rows=b.pop(), deadline=deadline)
+        return self._filter({"scores": done.value}, outputs, self.name)
+
+    def _run(self, v: "LoadedVersion", items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
+        t0 = time.perf_counter()
+        names = list(items[0])
+        feeds = {}
+        for name in names:
+            parts = [it[name] for it in items]
+            if name in ("history", "hidden"):  # left-padded: pad on the left to the longest
+                width = max(p.shape[1] for p in parts)
+                parts = [np.pad(p, [(0, 0), (width - p.shape[1], 0)] + [(0, 0)] * (p.ndim - 2)) for p in parts]
+            else:  # candidate slots: pad on the right with empty slots (token 0, score 0)
+                width = max(p.shape[1] for p in parts)
+                parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
+            feeds[name] = np.concatenate(parts)
+        scores = self._ranker(v).score(feeds)
+        self.telemetry.observe_stage(self.name, "ranker", time.perf_counter() - t0)
+        results, start = [], 0
+        for it in items:
+            b, n = it["candidates"].shape
+            results.append(scores[start : start + b, :n])
+            start += b
+        return results
+
+
+# ── pipeline ──────────────────────────────────────────────────────────────────────────────────
+@dataclass(frozen=True)
+class _Query:
+    rows: np.ndarray  # known history rows, oldest first
+    exclude: np.ndarray
+    k: int
+
+
+@dataclass
+class Answer:
+    """One user's recommendations, in external ids."""
+
+    items: list[str]
+    scores: np.ndarray  # float32, best first
+    version: int
+    unknown_items: int
+    popularity_fallback: bool
+    truncated_items: int
+    timings: dict[str, float] = field(default_factory=dict)  # seconds; batch_size as a count
+
+
+class PipelineModel(_Model):
+    name = "pipeline"
+    platform = "attnrec_pipeline"
+
+    def __init__(self, *args: Any, max_k: int) -> None:
+        super().__init__(*args)
+        self.max_k = max_k
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec("history", "BYTES", (-1, -1)),
+            TensorSpec("k", "INT64", (-1, 1)),
+            TensorSpec("exclude", "BYTES", (-1, -1)),
+            TensorSpec("n_candidates", "INT64", (-1, 1)),
+        ]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [
+            TensorSpec("items", "BYTES", (-1, -1)),
+            TensorSpec("scores", "FP32", (-1, -1)),
+            TensorSpec("unknown_items", "INT64", (-1, 1)),
+            TensorSpec("popularity_fallback", "BOOL", (-1, 1)),
+        ]
+
+    async def recommend(
+        self,
+        history: Sequence[str],
+        k: int,
+        *,
+        exclude: Sequence[str] = (),
+        n_candidates: int = 0,
+        deadline: float | None = None,
+    ) -> Answer:
+        """One user's top-k external ids. Unknown history ids are skipped and counted."""
+        if not 1 <= k <= self.max_k:
+            raise InvalidRequest(f"k must be in 1..{self.max_k}, got {k}")
+        if n_candidates < 0 or n_candidates > self.max_k:
+            raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
+        v = self._pinned()
+        lookup = v.rows_by_key
+        found = [lookup.get(x) for x in history]
+        rows = np.array([r for r in found if r is not None], dtype=np.int64)
+        excl = np.array([r for r in (lookup.get(x) for x in exclude) if r is not None], dtype=np.int64)
+        p = v.pipeline
+        # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
+        n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
+        done = await self.batcher.submit(_Query(rows, excl, k), group=(v, n), deadline=deadline)
+        out_rows, scores, timings = done.value
+        keep = out_rows >= 0
+        return Answer(
+            items=v.item_keys[out_rows[keep]].tolist(),
+            scores=scores[keep],
+            version=v.version,
+            unknown_items=len(found) - len(rows),
+            popularity_fallback=len(rows) == 0,
+            truncated_items=max(0, len(rows) - p.max_len),
+            timings={**timings, "queue": done.queue_s, "batch_size": done.batch_size},
+        )
+
+    def _run(self, group: tuple["LoadedVersion", int], items: Sequence[_Query]) -> list[tuple]:
+        v, n = group
+        recs = v.pipeline.recommend(
+            [q.rows for q in items], max(q.k for q in items), exclude=[q.exclude for q in items], n_candidates=n or None
+        )
+        for stage in ("encoder", "search", "ranker"):
+            if recs.timings.get(stage):
+                self.telemetry.observe_stage(self.name, stage, recs.timings[stage])
+        return [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]
+
+    async def infer(
+        self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        if "history" not in inputs:
+            raise InvalidRequest("pipeline needs input 'history' (BYTES item ids, '' = padding)")
+        history = _id_matrix(inputs["history"], "history")
+        b = len(history)
+        if b > self.max_batch_size:
+            raise InvalidRequest(f"pipeline: {b} rows exceed max_batch_size {self.max_batch_size}")
+        exclude = _id_matrix(inputs["exclude"], "exclude") if "exclude" in inputs else [[] for _ in range(b)]
+        ks = _per_row(inputs, "k", b, DEFAULT_K)
+        ncs = _per_row(inputs, "n_candidates", b, 0)
+        if len(exclude) != b:
+            raise InvalidRequest(f"pipeline: exclude has {len(exclude)} rows, history {b}")
+        answers = await asyncio.gather(
+            *(
+                self.recommend(history[i], int(ks[i]), exclude=exclude[i], n_candidates=int(ncs[i]), deadline=deadline)
+                for i in range(b)
+            )
+        )
+        width = max((len(a.items) for a in answers), default=0)
+        items = np.full((b, width), b"", dtype=object)
+        scores = np.full((b, width), -np.inf, dtype=np.float32)
+        for i, a in enumerate(answers):
+            items[i, : len(a.items)] = [x.encode() for x in a.items]
+            scores[i, : len(a.items)] = a.scores
+        out = {
+            "items": items,
+            "scores": scores,
+            "unknown_items": np.array([[a.unknown_items] for a in answers], dtype=np.int64).reshape(b, 1),
+            "popularity_fallback": np.array([[a.popularity_fallback] for a in answers], dtype=bool).reshape(b, 1),
+        }
+        return self._filter(out, outputs, self.name)
+
+
+def _id_matrix(x: np.ndarray, name: str) -> list[list[str]]:
+    """A BYTES (B, H) tensor → one list of ids per row, "" padding dropped."""
+    x = np.asarray(x, dtype=object)
+    if x.ndim != 2:
+        raise InvalidRequest(f"pipeline: input {name!r} must be a BYTES tensor (B, H), got shape {x.shape}")
+    decode = lambda s: s.decode() if isinstance(s, bytes) else str(s)  # noqa: E731
+    return [[s for s in map(decode, row) if s] for row in x]
+
+
+def _per_row(inputs: dict[str, np.ndarray], name: str, b: int, default: int) -> np.ndarray:
+    if name not in inputs:
+        return np.full(b, default, dtype=np.int64)
+    x = np.asarray(inputs[name])
+    if x.dtype.kind not in "iu" or x.size != b:
+        raise InvalidRequest(f"pipeline: input {name!r} must be INT64 with one value per row ({b}), got {x.shape}")
+    return x.reshape(b).astype(np.int64)

@@ -1,0 +1,150 @@
+"""`attnrec serve` settings: one typed dataclass, filled from flags, ATTNREC_* variables and a TOML file.
+
+Precedence: command-line flag > environment variable (ATTNREC_<FIELD>, e.g. ATTNREC_PORT)
+> config file (--config FILE.toml, keys = field names) > default. Every field is a flag
+(`--max-batch-size` for `max_batch_size`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # imported when used: `attnrec --help` should not load onnxruntime and FAISS
+    from .batcher import BatchSettings
+    from .pipeline import RuntimeOptions
+
+ENV_PREFIX = "ATTNREC_"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    repo: Path
+    model: str = ""
+    address: str = "[::]"
+    port: int = 8001
+    metrics_port: int = 8002
+    max_batch_size: int = 32
+    max_queue_delay_us: int = 0
+    max_queue_size: int = 1024
+    instances: int = 1
+    max_k: int = 1000
+    stream_window: int = 64
+    providers: str = ""
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    graph_optimization: str = "all"
+    faiss_gpu: str = "auto"
+    poll_interval: float = 0.0
+    grace: float = 10.0
+    shutdown_delay: float = 0.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token: str = ""
+    auth_token_file: Path | None = None
+
+    @property
+    def batching(self) -> "BatchSettings":
+        from .batcher import BatchSettings
+
+        return BatchSettings(self.max_batch_size, self.max_queue_delay_us, self.max_queue_size, self.instances)
+
+    @property
+    def runtime(self) -> "RuntimeOptions":
+        from .pipeline import RuntimeOptions
+
+        gpu = {"auto": None, "on": True, "off": False}[self.faiss_gpu]
+        providers = tuple(p.strip() for p in self.providers.split(",") if p.strip()) or None
+        return RuntimeOptions(providers, self.intra_op_threads, self.inter_op_threads, self.graph_optimization, gpu)
+
+    def token(self) -> str:
+        """The bearer token clients must send ("" = no check)."""
+        if self.auth_token_file is not None:
+            return Path(self.auth_token_file).read_text().strip()
+        return self.auth_token
+
+
+HELP = {
+    "repo": "model repository folder",
+    "model": "model name in the repository (default: the only one there)",
+    "address": "address to listen on",
+    "port": "gRPC port (0: any free port, logged)",
+    "metrics_port": "Prometheus /metrics HTTP port (0: off)",
+    "max_batch_size": "rows per batch of the dynamic batcher",
+    "max_queue_delay_us": "microseconds the first queued request waits for others (0: batch whatever is queued)",
+    "max_queue_size": "queued requests per model beyond which RESOURCE_EXHAUSTED is answered (0: no limit)",
+    "instances": "batches of one model that may run at the same time",
+    "max_k": "largest k (and n_candidates) a request may ask for",
+    "stream_window": "requests of one RecommendStream computed ahead of the reply being read",
+    "providers": "onnxruntime execution providers, comma-separated (default: TensorRT → CUDA → CPU, as available)",
+    "intra_op_threads": "onnxruntime intra-op threads (0: all cores)",
+    "inter_op_threads": "onnxruntime inter-op threads (0: default)",
+    "graph_optimization": "onnxruntime graph optimisation: disable, basic, extended, all",
+    "faiss_gpu": "FAISS on the GPU: auto (when a GPU build and a device are present), on, off",
+    "poll_interval": "seconds between checks of the repository for new versions (0: off)",
+    "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
+    "shutdown_delay": "seconds to keep serving while reporting NOT_SERVING before draining (load balancer lag)",
+    "tls_cert": "server certificate chain (PEM); with --tls-key turns TLS on",
+    "tls_key": "server private key (PEM)",
+    "tls_client_ca": "CA bundle (PEM) for client certificates: turns mutual TLS on",
+    "auth_token": "bearer token every RPC but health checks must send as `authorization: Bearer TOKEN` "
+    "(prefer ATTNREC_AUTH_TOKEN or --auth-token-file: flags show in `ps`)",
+    "auth_token_file": "file holding the bearer token",
+}
+CHOICES = {"graph_optimization": ["disable", "basic", "extended", "all"], "faiss_gpu": ["auto", "on", "off"]}
+
+
+def _kind(f) -> type:
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    return Path if "Path" in t else int if t == "int" else float if t == "float" else str
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per field; defaults are resolved later (flag > env > file > default)."""
+    parser.add_argument("--config", type=Path, metavar="FILE.toml", help="settings file (keys: the flag names)")
+    for f in fields(ServerSettings):
+        default = None if f.default is MISSING else f.default
+        env = ENV_PREFIX + f.name.upper()
+        shown = "" if f.name == "auth_token" else f" (default: {default if default not in (None, '') else 'unset'})"
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_kind(f),
+            default=None,
+            choices=CHOICES.get(f.name),
+            help=f"{HELP[f.name]}; env {env}{shown}",
+        )
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ) -> ServerSettings:
+    file: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        import tomllib
+
+        with open(args.config, "rb") as fh:
+            file = {k.replace("-", "_"): v for k, v in tomllib.load(fh).items()}
+        unknown = sorted(set(file) - {f.name for f in fields(ServerSettings)})
+        if unknown:
+            raise ValueError(f"{args.config}: unknown settings {unknown}")
+    values: dict[str, Any] = {}
+    for f in fields(ServerSettings):
+        kind = _kind(f)
+        flag = getattr(args, f.name, None)
+        env = environ.get(ENV_PREFIX + f.name.upper())
+        if flag is not None:
+            values[f.name] = flag
+        elif env is not None:
+            try:
+                values[f.name] = kind(env)
+            except ValueError as exc:
+                raise ValueError(f"{ENV_PREFIX + f.name.upper()}={env!r}: not a valid {kind.__name__}") from exc
+            if f.name in CHOICES and env not in CHOICES[f.name]:
+                raise ValueError(f"{ENV_PREFIX + f.name.upper()}={env!r}: choose from {CHOICES[f.name]}")
+        elif f.name in file:
+            values[f.name] = kind(file[f.name])
+    if "repo" not in values:
+        raise ValueError("no model repository: pass --repo DIR (or set ATTNREC_REPO)")
+    return ServerSettings(**values)

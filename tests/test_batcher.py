@@ -1,0 +1,89 @@
+"""The dynamic batcher: own rows back, queue limits, deadlines (expired requests not computed), groups."""
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from engine.batcher import Batcher, BatchSettings
+from engine.served import DeadlineExpired, ModelStats, QueueFull
+
+
+class Recorder:
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[tuple[object, list]] = []
+        self.delay, self.gate = delay, threading.Event()
+        self.gate.set()
+
+    def __call__(self, group, items):
+        self.gate.wait(10)
+        time.sleep(self.delay)
+        self.batches.append((group, list(items)))
+        return [(group, x * 10) for x in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_are_batched_and_get_their_own_results():
+    rec = Recorder(delay=0.01)
+
+    async def main():
+        b = Batcher("m", rec, BatchSettings(max_batch_size=8), ThreadPoolExecutor(1), ModelStats())
+        out = await asyncio.gather(*(b.submit(i, group="v1") for i in range(40)))
+        await b.close()
+        return out, b.stats
+
+    out, stats = run(main())
+    assert [o.value for o in out] == [("v1", i * 10) for i in range(40)]
+    assert max(len(items) for _, items in rec.batches) == 8 and len(rec.batches) < 40
+    assert stats.inference_count == 40 and stats.success_count == 40 and stats.execution_count == len(rec.batches)
+    assert sum(c for c, _ in stats.batch_stats.values()) == len(rec.batches)
+
+
+def test_full_queue_is_refused_and_expired_requests_are_not_computed():
+    rec = Recorder()
+    rec.gate.clear()  # the first batch blocks until released
+
+    async def main():
+        b = Batcher("m", rec, BatchSettings(max_batch_size=1, max_queue_size=2), ThreadPoolExecutor(1), ModelStats())
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.05)  # taken by the worker, now blocked
+        soon = asyncio.ensure_future(b.submit(1, deadline=time.monotonic() + 0.05))
+        later = asyncio.ensure_future(b.submit(2))
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull, match="queue full"):
+            await b.submit(3)
+        with pytest.raises(DeadlineExpired):
+            await b.submit(4, deadline=time.monotonic() - 1)
+        await asyncio.sleep(0.1)  # request 1's deadline passes while it waits
+        rec.gate.set()
+        results = await asyncio.gather(first, soon, later, return_exceptions=True)
+        await b.close()
+        return results, b.stats
+
+    (first, soon, later), stats = run(main())
+    assert first.value == (None, 0) and later.value == (None, 20)
+    assert isinstance(soon, DeadlineExpired)
+    assert [items for _, items in rec.batches] == [[0], [2]]  # 1, 3 and 4 were never computed
+    assert stats.fail_count == 3 and stats.success_count == 2
+
+
+def test_batches_never_mix_groups():
+    rec = Recorder(delay=0.005)
+
+    async def main():
+        b = Batcher(
+            "m", rec, BatchSettings(max_batch_size=64, max_queue_delay_us=20_000), ThreadPoolExecutor(1), ModelStats()
+        )
+        out = await asyncio.gather(*(b.submit(i, group=("v1" if i < 10 else "v2")) for i in range(20)))
+        await b.close()
+        return out
+
+    out = run(main())
+    assert [o.value[0] for o in out] == ["v1"] * 10 + ["v2"] * 10
+    assert all(len(items) <= 10 for _, items in rec.batches)
+    assert len(rec.batches) == 2  # the queue delay gathered each group into one batch
