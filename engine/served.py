@@ -49,6 +49,7 @@ class TensorSpec:
     name: str
     datatype: str  # KServe V2 datatype name: "INT64", "FP32", "BYTES", ...
     shape: tuple[int, ...]  # full shape, batch dimension first; -1 = variable
+    optional: bool = False  # an input a request may leave out (Triton's ModelInput.optional)
 
 
 @dataclass

@@ -46,6 +46,10 @@ class _Model:
     def __init__(self, host: "Host", batching: BatchSettings, executor: Executor, telemetry: "Telemetry") -> None:
         self.host, self.telemetry = host, telemetry
         self.max_batch_size = batching.max_batch_size
+        # What ModelConfig's dynamic_batching reports (engine/served.py: BatcherSettings).
+        self.max_queue_delay_us = batching.max_queue_delay_us
+        self.max_queue_size = batching.max_queue_size
+        self.preferred_batch_sizes: tuple[int, ...] = ()
         self._stats = ModelStats()
         observe = lambda rows, queue_s: telemetry.observe_batch(self.name, rows, queue_s)  # noqa: E731
         self.batcher = Batcher(self.name, self._run, batching, executor, self._stats, observe)
@@ -262,9 +266,9 @@ class PipelineModel(_Model):
     def inputs(self) -> list[TensorSpec]:
         return [
             TensorSpec("history", "BYTES", (-1, -1)),
-            TensorSpec("k", "INT64", (-1, 1)),
-            TensorSpec("exclude", "BYTES", (-1, -1)),
-            TensorSpec("n_candidates", "INT64", (-1, 1)),
+            TensorSpec("k", "INT64", (-1, 1), optional=True),
+            TensorSpec("exclude", "BYTES", (-1, -1), optional=True),
+            TensorSpec("n_candidates", "INT64", (-1, 1), optional=True),
         ]
 
     @property

@@ -22,10 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import recommender_service
+from . import kserve, recommender_service
 from .host import Host
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from .repository import iter_models
+from .rpc.pool import POOL
 from .settings import ServerSettings
 from .telemetry import Telemetry
 
@@ -51,9 +52,14 @@ def recommender(host: Host, settings: ServerSettings) -> Service:
     )
 
 
+def inference(host: Host, settings: ServerSettings) -> Service:
+    """KServe V2 / Triton's `inference.GRPCInferenceService` over the same models and batchers."""
+    return Service(kserve.SERVICE_NAME, lambda server: kserve.add_to_server(server, host))
+
+
 def services() -> list[ServiceFactory]:
     """The services `attnrec serve` exposes besides health and reflection."""
-    return [recommender]
+    return [recommender, inference]
 
 
 def choose_model(repo: Path, name: str) -> str:
@@ -111,7 +117,9 @@ class Server:
             service.add(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [*self._names(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        # POOL: the KServe stubs live in a private descriptor pool (see engine/rpc/pool.py); it
+        # falls back to the default pool, so reflection describes every service from it.
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.address}:{s.port}"
         creds = credentials(s)

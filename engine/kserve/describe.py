@@ -36,7 +36,8 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
         backend=BACKENDS.get(model.platform, "attnrec"),
         max_batch_size=model.max_batch_size,
         input=[
-            mc.ModelInput(name=s.name, data_type=CONFIG_DTYPES[s.datatype], dims=_dims(model, s)) for s in model.inputs
+            mc.ModelInput(name=s.name, data_type=CONFIG_DTYPES[s.datatype], dims=_dims(model, s), optional=s.optional)
+            for s in model.inputs
         ],
         output=[
             mc.ModelOutput(name=s.name, data_type=CONFIG_DTYPES[s.datatype], dims=_dims(model, s))

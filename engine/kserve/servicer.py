@@ -80,7 +80,7 @@ def decode_inputs(model: ServedModel, request: pb.ModelInferRequest) -> dict[str
             arrays[name] = from_raw(name, tensor.datatype, shape, raw[i])
         else:
             arrays[name] = from_contents(name, tensor.datatype, shape, tensor.contents)
-    missing = [n for n in specs if n not in arrays]
+    missing = [n for n, spec in specs.items() if n not in arrays and not spec.optional]
     if missing:
         raise InvalidRequest(f"model '{model.name}' needs inputs {missing}")
     return arrays
