@@ -31,22 +31,23 @@ def served(trained_repo):
     _, repo = trained_repo
     host = TestHost(repo, "seq")
     loop = asyncio.new_event_loop()
-    started: queue.Queue = queue.Queue()
+    # run_forever (not run_until_complete of a serve coroutine): the loop must outlive
+    # server.stop() so that stop's own result reaches the test thread.
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
 
-    async def serve():
+    async def start():
         server = grpc.aio.server(interceptors=[ErrorInterceptor()])
         add_to_server(server, host)
         reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        started.put((server, port))
-        await server.wait_for_termination()
+        return server, port
 
-    thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
-    thread.start()
-    server, port = started.get(timeout=30)
+    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
     yield f"127.0.0.1:{port}", host
-    asyncio.run_coroutine_threadsafe(server.stop(grace=None), loop).result(10)
+    asyncio.run_coroutine_threadsafe(server.stop(grace=None), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
     loop.close()
 
