@@ -206,9 +206,17 @@ def infer(address: str, model_name: str, tokens, output: str = "query"):
         client.close()
 
 
-def check(onnx_path: Path, cfg: MLServerConfig = MLServerConfig(), *, venv: Path = DEFAULT_VENV, log=print) -> float:
-    """Start MLServer, send V2 ModelInfer calls (one history, then a batch), and compare with onnxruntime
-    in this process. Returns the largest |difference|; raises if above 1e-5."""
+def check(
+    onnx_path: Path,
+    cfg: MLServerConfig = MLServerConfig(),
+    *,
+    venv: Path = DEFAULT_VENV,
+    n_items: int = 1000,
+    length: int = 50,
+    log=print,
+) -> float:
+    """Start MLServer, send V2 ModelInfer calls (one history, then a batch of 4; tokens 1..n_items), and
+    compare with onnxruntime in this process. Returns the largest |difference|; raises if above 1e-5."""
     import numpy as np
 
     from engine.encoder import make_session
@@ -219,7 +227,7 @@ def check(onnx_path: Path, cfg: MLServerConfig = MLServerConfig(), *, venv: Path
     with MLServer(onnx_path, cfg, venv=venv) as server:
         log(f"MLServer ready at {server.grpc_address} (gRPC), {server.http_url} (HTTP)")
         for batch in (1, 4):
-            tokens = rng.integers(1, 1000, size=(batch, 50), dtype=np.int64)
+            tokens = rng.integers(1, n_items + 1, size=(batch, length), dtype=np.int64)
             got = infer(server.grpc_address, server.model_name, tokens)
             want = session.run(["query"], {"history": tokens})[0]
             diff = float(np.abs(got - want).max())
