@@ -18,7 +18,8 @@ mode=${1:-}; shift || true
 case "$mode" in
 prepare)
   ../shared/tools/gpu-wheel-parts.sh
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> "$(git rev-parse --git-path info/exclude)"
+  exclude=$(git rev-parse --git-path info/exclude)  # a worktree's .git is a file: ask git where it is
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   faiss=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("faiss-cpu"))')
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \

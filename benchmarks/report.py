@@ -36,6 +36,8 @@ class Table:
 
 
 def _cell(v: Any) -> str:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return f"{v:,}"
     if isinstance(v, float):
         if math.isnan(v):
             return "–"

@@ -145,6 +145,24 @@ def test_attnrec_bench_subcommand_writes_the_selected_stage(tmp_path):
     ]
 
 
+def test_stages_on_a_repository_version(tmp_path, trained_repo):
+    """--model: the version's encoder in the model stage, its trained embeddings in the retrieval stage."""
+    from benchmarks.cli import main
+
+    _, repo = trained_repo
+    version = repo / "seq" / "1"
+    args = ["--stages", "model,retrieval", *FAST, "--model", str(version), "--out", str(tmp_path)]
+    assert main([*args, "--work-dir", str(tmp_path / "work")]) == 0
+    model = json.loads((tmp_path / f"bench-model-{DATE}.json").read_text())["data"]
+    assert model["encoder_config"]["max_len"] == 16 and str(version) in model["source"]
+    assert {p["length"] for p in model["points"] if p["model"] == "encoder"} == {5}  # 20 > max_len is skipped
+    retrieval = json.loads((tmp_path / f"bench-retrieval-{DATE}.json").read_text())["data"]
+    trained = [p for p in retrieval["points"] if p["data"].startswith("trained")]
+    items = np.load(version / "item_embeddings.npy")
+    assert trained and {(p["n"], p["dim"]) for p in trained} == {items.shape}
+    assert [p["recall"] for p in trained if p["family"] == "exact"] == [1.0]
+
+
 def test_unknown_stage_fails_before_any_work(tmp_path):
     from benchmarks.cli import main
 
