@@ -28,6 +28,14 @@ def new_figure(n_panels: int, *, width: float = 6.0, height: float = 4.5, cols: 
     return fig, flat[:n_panels]
 
 
+def _plain_minor_ticks(ax) -> None:
+    """No labels on log-scale minor ticks (they crowd the axis); major decades stay labelled."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _err(point: dict, key: str) -> tuple[float, float]:
     lo, hi = point.get(f"{key}_spread", [point[key], point[key]])
     return max(point[key] - lo, 0.0), max(hi - point[key], 0.0)
@@ -87,6 +95,7 @@ def latency_vs_throughput(
     ax.set_xscale("log")
     if log_y:
         ax.set_yscale("log")
+    _plain_minor_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("latency (ms)")
     ax.set_title(title, fontsize=10)
@@ -120,6 +129,7 @@ def recall_vs_latency(
                         textcoords="offset points",
                     )
     ax.set_xscale("log")
+    _plain_minor_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("recall")
     ax.set_ylim(min(0.5, ax.get_ylim()[0]), 1.02)
