@@ -470,6 +470,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, n_users=args.users, n_items=args.items, seed=args.seed, quiet=args.quiet)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from benchmarks.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnrec",
@@ -617,6 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "bench",
+        help="benchmark suite: per-stage latency and throughput as JSON, Markdown and PNG (see README)",
+        description="Run the benchmark stages (model: torch vs onnxruntime; retrieval: exact vs IVF/HNSW; ...) "
+        "with warm-up, fixed windows and repeated points, and write bench-<stage>-<date>.{json,md,png}. "
+        "Same as `python -m benchmarks`.",
+    )
+    from benchmarks.cli import add_arguments as add_bench_arguments  # stdlib only at import time
+
+    add_bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("download", help="download a public dataset into the cache and print the ratings file's path")
     p.add_argument("name", help="ml-100k, ml-1m, ml-10m, ml-20m, ml-25m or ml-latest-small")

@@ -1,0 +1,124 @@
+"""`python -m benchmarks` / `attnrec bench`: run the selected stages and write their reports.
+
+Only the standard library is imported at the top: `attnrec --help` builds this parser too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path("benchmarks/results")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from . import stages
+
+    names = stages.available()
+    p.add_argument(
+        "--stages",
+        default=",".join(names),
+        help=f"comma-separated stages to run, in this order: {', '.join(names)} (default: all)",
+    )
+    p.add_argument("--quick", action="store_true", help="small grids and short windows: the whole suite in < 2 min")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"report folder (default: {DEFAULT_OUT}); files are "
+        "bench-<stage>-<date>.json (raw numbers + machine), .md (tables), .png (plots)",
+    )
+    p.add_argument(
+        "--duration", type=float, help="measuring window per repeat of a point, seconds (default: 0.5; --quick 0.2)"
+    )
+    p.add_argument("--warmup", type=float, help="warm-up before each window, seconds (default: 0.2; --quick 0.05)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="windows per point; figures are their median with [min, max] (default: 3; --quick 2)",
+    )
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op and torch threads (0: all cores)")
+    p.add_argument(
+        "--provider",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="onnxruntime execution provider and torch device (default: cpu)",
+    )
+    p.add_argument(
+        "--model",
+        type=Path,
+        metavar="VERSION_DIR",
+        help="a repository version (<repo>/<name>/<version>) whose encoder, ranker and item embeddings "
+        "are measured besides the synthetic sizes (default: synthetic models and vectors only)",
+    )
+    p.add_argument("--date", help="date in the file names (default: today)")
+    p.add_argument("--note", default="", help="a line recorded with the machine, e.g. 'machine shared with other jobs'")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path(".cache/bench"),
+        help="where synthetic models are exported (default: .cache/bench)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="the --quick code paths on tiny models and catalogues (tests)")
+
+
+def settings_from(args: argparse.Namespace):
+    from .settings import Settings
+    from .timing import Method
+
+    quick = args.quick or args.tiny
+    method = Method(
+        duration_s=args.duration if args.duration is not None else (0.2 if quick else 0.5),
+        warmup_s=args.warmup if args.warmup is not None else (0.05 if quick else 0.2),
+        repeats=args.repeats if args.repeats is not None else (2 if quick else 3),
+    )
+    return Settings(
+        quick=quick,
+        tiny=args.tiny,
+        method=method,
+        threads=args.threads,
+        provider=args.provider,
+        model_path=args.model,
+        work_dir=args.work_dir,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace, prelude=None) -> int:
+    """Run the stages named in args.stages; `prelude(report, settings)` may add sections first (benchmarks.gpu)."""
+    from . import stages
+    from .machine import machine_info
+    from .report import Report
+
+    names = [s.strip() for s in args.stages.split(",") if s.strip()]
+    modules = [(name, stages.load(name)) for name in names]  # unknown names fail before any work
+    settings = settings_from(args)
+    report = Report(args.out, settings=settings.to_dict(), machine=machine_info(args.note), date=args.date)
+    settings.progress("bench", f"stages {', '.join(names)}; {'quick' if settings.quick else 'default'} suite")
+    if prelude is not None:
+        prelude(report, settings)
+    for name, module in modules:
+        section = report.section(name, module.TITLE)
+        t = time.perf_counter()
+        module.run(settings, section)
+        section.wall_s = time.perf_counter() - t
+        settings.progress(name, f"done in {section.wall_s:.1f}s")
+    for path in report.write():
+        settings.progress("bench", f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="attnrec's benchmark suite: latency and throughput per stage, as JSON, Markdown and PNG.",
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
