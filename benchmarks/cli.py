@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="where synthetic models are exported (default: .cache/bench)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-peer-setup",
+        action="store_true",
+        help="the peer stage never creates MLServer's environment (pip); without one its MLServer rows are skipped",
+    )
     p.add_argument("--tiny", action="store_true", help="the --quick code paths on tiny models and catalogues (tests)")
 
 
@@ -84,6 +89,7 @@ def settings_from(args: argparse.Namespace):
         model_path=args.model,
         work_dir=args.work_dir,
         seed=args.seed,
+        peer_setup=not args.no_peer_setup,
     )
 
 

@@ -32,6 +32,7 @@ class Settings:
     model_path: Path | None = None  # a repository version folder to take shapes/weights from; None = synthetic
     work_dir: Path = Path(".cache/bench")  # exported synthetic models go here
     seed: int = 0
+    peer_setup: bool = True  # the peer stage may create MLServer's virtual environment (pip) when absent
     log: Callable[[str], None] = field(default=_print, compare=False, repr=False)
     started: float = field(default_factory=time.perf_counter, compare=False, repr=False)
 
@@ -56,4 +57,5 @@ class Settings:
             "provider": self.provider,
             "model_path": str(self.model_path) if self.model_path else None,
             "seed": self.seed,
+            "peer_setup": self.peer_setup,
         }

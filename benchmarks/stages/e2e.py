@@ -1,0 +1,252 @@
+"""End-to-end stage: the whole pipeline through `attnrec serve` over gRPC, against its floor and ceiling.
+
+Measured in one run, with the same pre-built requests (history 50, k 10):
+- attnrec serve (subprocess; dynamic batching, max batch 32): closed loop over the concurrency
+  grid and open loop at fixed rates (fractions of its best closed-loop throughput), with its CPU
+  time per request and its stage breakdown from the Prometheus endpoint;
+- the floor: a bare grpc.aio echo server answering the same RPC with a reply of the same size;
+- the ceiling: the same `Pipeline.recommend` in a plain Python loop in this process (no gRPC):
+  p50 at batch 1, and throughput at batch 32 (the concurrency-32 ceiling);
+- the naive baseline: torch eager + FAISS in a plain grpc.aio servicer, no batching.
+The model is `--model VERSION_DIR` (copied into the cache) or a cached synthetic 10^5-item
+version (benchmarks/bench_models.py); a version without a trained ranker gets the suite's
+SYNTHETIC ranker, labelled so in the report. The load generator is benchmarks/loadgen.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..report import Section, fmt_spread
+from ..settings import Settings
+
+TITLE = "End to end over gRPC: attnrec serve vs echo floor, in-process ceiling and naive torch servicer"
+K = 10
+TARGET_FRACTION = 0.60  # of the in-process ceiling's throughput at concurrency 32
+TARGET_P50_SLACK_MS = 1.0  # p50 at c=1 within this of echo p50 + in-process p50
+
+
+def grid(settings: Settings) -> dict:
+    if settings.tiny:
+        return dict(closed=(1, 4), naive=(1, 4), open_fractions=(0.5,), history=10, requests=64)
+    if settings.quick:
+        return dict(closed=(1, 32), naive=(1, 32), open_fractions=(0.5,), history=50, requests=512)
+    return dict(
+        closed=(1, 4, 16, 32, 64, 128),
+        naive=(1, 4, 32),
+        open_fractions=(0.25, 0.5, 0.75, 0.9),
+        history=50,
+        requests=2048,
+    )
+
+
+def build_requests(
+    item_ids: np.ndarray, n: int, history: int, k: int, seed: int
+) -> tuple[list[bytes], list[np.ndarray]]:
+    """n serialised RecommendRequests (distinct random items per history) and their histories as rows."""
+    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(len(item_ids), size=min(history, len(item_ids)), replace=False) for _ in range(n)]
+    reqs = [pb.RecommendRequest(history=[str(item_ids[r]) for r in h], k=k).SerializeToString() for h in rows]
+    return reqs, rows
+
+
+def ceiling(version: Path, rows: list[np.ndarray], settings: Settings) -> dict:
+    """Pipeline.recommend in a plain loop: batch 1 (latency) and batch 32 (throughput)."""
+    from engine.pipeline import Pipeline, RuntimeOptions
+
+    from ..timing import measure
+
+    pipe = Pipeline.load(version, RuntimeOptions(intra_op_threads=settings.threads))
+    out = {}
+    for batch in (1, 32):
+        state = {"i": 0}
+
+        def call(batch=batch, state=state):
+            i = state["i"]
+            state["i"] = (i + batch) % len(rows)
+            return pipe.recommend([rows[(i + j) % len(rows)] for j in range(batch)], K)
+
+        out[batch] = measure(call, settings.method, items_per_call=batch)
+    return out
+
+
+def run(settings: Settings, section: Section) -> None:
+    from .. import loadgen, plots
+    from ..bench_models import bench_version
+    from ..loadgen import ClientPool, ClosedLoop, OpenLoop, RecommendTarget, ServerProbe, run_point
+    from ..servers import attnrec_serve, echo_server, naive_server
+
+    g = grid(settings)
+    v = bench_version(settings, "e2e")
+    from engine.repository import open_version
+
+    manifest = open_version(v.path)
+    item_ids = np.asarray(json.loads((v.path / manifest.files["item_ids"].path).read_text()))
+    requests, rows = build_requests(item_ids, g["requests"], g["history"], K, settings.seed)
+    logs = Path(settings.work_dir) / "e2e-logs"
+    method = settings.method
+    section.data.update(
+        model=v.to_dict(),
+        n_items=len(item_ids),
+        index=manifest.index.get("factory"),
+        index_params=manifest.index.get("params"),
+        history=g["history"],
+        k=K,
+        grid=g,
+        client_processes=1,
+    )
+    ranker_label = {"synthetic": "SYNTHETIC ranker (random weights, benchmarks/synthetic_ranker.py)"}.get(
+        v.ranker, f"{v.ranker} ranker"
+    )
+    section.note(
+        f"Model: {v.source}; {len(item_ids):,} items, index {manifest.index.get('factory')} "
+        f"{manifest.index.get('params')}; {ranker_label}, {manifest.ranker.get('n_candidates')} candidates; "
+        f"history {g['history']}, k {K}; {len(requests)} distinct pre-built requests, cycled."
+    )
+    section.note(
+        "Load generator (benchmarks/loadgen.py): one client process (spawned, separate from every server), "
+        "its CPU use reported as client cores; closed loop = C callers each sending on reply; open loop = a "
+        "precomputed uniform send schedule, latency from the scheduled send time (no coordinated omission). "
+        f"Each point: {method.warmup_s}s warm-up + {method.duration_s}s window, {method.repeats} repeats → "
+        "median [min–max]. Server CPU = utime+stime of its process tree over the window / completed requests."
+    )
+
+    points: list[dict] = []
+
+    def closed(name: str, server, levels, probe: ServerProbe | None) -> list[dict]:
+        out = []
+        with ClientPool(RecommendTarget(server.address, requests)) as clients:
+            for c in levels:
+                settings.progress("e2e", f"{name} closed loop c={c}")
+                p = run_point(clients, ClosedLoop(c), method, probe)
+                out.append({"server": name, "mode": "closed", "concurrency": c, **p})
+        return out
+
+    settings.progress("e2e", "in-process ceiling (Pipeline.recommend, no gRPC)")
+    ceil = ceiling(v.path, rows, settings)
+    section.data["ceiling"] = {str(b): p for b, p in ceil.items()}
+
+    with attnrec_serve(v.repo, v.name, logs, threads=settings.threads) as server:
+        probe = ServerProbe(server.pid, server.metrics_url)
+        attn = closed("attnrec", server, g["closed"], probe)
+        best = max(p["throughput_rps"] for p in attn)
+        with ClientPool(RecommendTarget(server.address, requests)) as clients:
+            for f in g["open_fractions"]:
+                rate = max(1.0, round(best * f))
+                settings.progress("e2e", f"attnrec open loop {rate:g} req/s ({f:.0%} of best closed)")
+                p = run_point(clients, OpenLoop(rate), method, probe)
+                attn.append({"server": "attnrec", "mode": "open", "concurrency": None, **p})
+    points += attn
+    with echo_server(K, logs) as server:
+        points += closed("echo", server, g["closed"], ServerProbe(server.pid))
+    with naive_server(v.path, logs, torch_weights=v.torch_weights, threads=settings.threads) as server:
+        points += closed("naive torch+FAISS", server, g["naive"], ServerProbe(server.pid))
+    section.data["points"] = points
+    del loadgen
+
+    _report(section, points, ceil, g)
+    fig, (ax,) = plots.new_figure(1, width=8, height=5.5)
+    series = {
+        name: [p for p in points if p["server"] == name and p["mode"] == "closed"]
+        for name in ("attnrec", "echo", "naive torch+FAISS")
+    }
+    series["attnrec open loop"] = [p for p in points if p["server"] == "attnrec" and p["mode"] == "open"]
+    for p in points:
+        p["label"] = p["load"]
+    plots.latency_vs_throughput(
+        ax,
+        series,
+        throughput_key="throughput_rps",
+        labels_key="label",
+        xlabel="throughput (requests/s)",
+        title=f"Recommend over gRPC, history {g['history']}, k {K}",
+    )
+    section.figure(fig)
+
+
+def _at(points: list[dict], server: str, c: int) -> dict | None:
+    return next((p for p in points if p["server"] == server and p["mode"] == "closed" and p["concurrency"] == c), None)
+
+
+STAGES = ("queue", "encoder", "search", "ranker", "total")
+
+
+def _report(section: Section, points: list[dict], ceil: dict, g: dict) -> None:
+    cols = [
+        "server",
+        "load",
+        "p50 ms",
+        "p90",
+        "p95",
+        "p99 ms",
+        "req/s",
+        "errors",
+        "client cores",
+        "server CPU ms/req",
+        "queue ms",
+        "encoder ms",
+        "search ms",
+        "ranker ms",
+        "total ms",
+        "batch",
+    ]
+    rows = []
+    for p in points:
+        rows.append([
+            p["server"], p["load"], fmt_spread(p, "p50_ms"), p["p90_ms"], p["p95_ms"], fmt_spread(p, "p99_ms"),
+            fmt_spread(p, "throughput_rps"), sum(p["errors_by_code"].values()), p["client_cpu_cores"],
+            p.get("server_cpu_ms_per_req"), *[p.get(f"server_{s}_ms") for s in STAGES], p.get("server_batch_size"),
+        ])  # fmt: skip
+    section.table(
+        "Closed loop (load c=C callers) and open loop (load = target rate); median [min–max] over repeats. "
+        "Stage columns: attnrec's own histograms (encoder/search/ranker per batch, queue/total per request)",
+        cols,
+        rows,
+    )
+    opens = [p for p in points if p["mode"] == "open"]
+    if opens:
+        section.table(
+            "Open loop: schedule kept? (late = sent > 1 ms behind schedule, dropped = not sent, too many in flight)",
+            ["server", "target req/s", "achieved send rate", "completed req/s", "late", "dropped", "p50 ms", "p99 ms"],
+            [[p["server"], p["target_rps"], p["achieved_rps"], p["throughput_rps"], p["late"], p["dropped"],
+              fmt_spread(p, "p50_ms"), fmt_spread(p, "p99_ms")] for p in opens],
+        )  # fmt: skip
+    section.table(
+        "In-process ceiling: Pipeline.recommend in a plain loop (no gRPC)",
+        ["batch", "p50 ms", "p99 ms", "requests/s"],
+        [[b, fmt_spread(p, "p50_ms"), fmt_spread(p, "p99_ms"), fmt_spread(p, "items_per_s")] for b, p in ceil.items()],
+    )
+    checks = {}
+    c32 = 32 if 32 in g["closed"] else max(g["closed"])
+    a32, a1, e1 = _at(points, "attnrec", c32), _at(points, "attnrec", 1), _at(points, "echo", 1)
+    if a32:
+        frac = a32["throughput_rps"] / ceil[32]["items_per_s"]
+        checks["throughput_fraction_of_ceiling"] = {
+            "concurrency": c32, "attnrec_rps": a32["throughput_rps"], "ceiling_rps": ceil[32]["items_per_s"],
+            "fraction": frac, "target": TARGET_FRACTION, "met": frac >= TARGET_FRACTION,
+        }  # fmt: skip
+    if a1 and e1:
+        bound = e1["p50_ms"] + ceil[1]["p50_ms"]
+        checks["p50_c1_vs_floor_plus_ceiling"] = {
+            "attnrec_p50_ms": a1["p50_ms"], "echo_p50_ms": e1["p50_ms"], "in_process_p50_ms": ceil[1]["p50_ms"],
+            "excess_ms": a1["p50_ms"] - bound, "target_ms": TARGET_P50_SLACK_MS,
+            "met": a1["p50_ms"] - bound <= TARGET_P50_SLACK_MS,
+        }  # fmt: skip
+    section.data["checks"] = checks
+    rows = []
+    if "throughput_fraction_of_ceiling" in checks:
+        t = checks["throughput_fraction_of_ceiling"]
+        rows.append([f"req/s at c={t['concurrency']} / in-process batch-32 req/s", f"≥ {TARGET_FRACTION:.0%}",
+                     f"{t['attnrec_rps']:,.0f} / {t['ceiling_rps']:,.0f} = {t['fraction']:.0%}",
+                     "met" if t["met"] else "MISSED"])  # fmt: skip
+    if "p50_c1_vs_floor_plus_ceiling" in checks:
+        t = checks["p50_c1_vs_floor_plus_ceiling"]
+        rows.append(["p50 at c=1 − (echo p50 + in-process p50)", f"≤ {TARGET_P50_SLACK_MS} ms",
+                     f"{t['attnrec_p50_ms']:.3f} − ({t['echo_p50_ms']:.3f} + {t['in_process_p50_ms']:.3f}) = "
+                     f"{t['excess_ms']:+.3f} ms", "met" if t["met"] else "MISSED"])  # fmt: skip
+    section.table("Targets", ["check", "target", "measured", "result"], rows)

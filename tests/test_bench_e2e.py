@@ -1,0 +1,162 @@
+"""The e2e and peer benchmark stages and their load generator, on tiny sizes: consistency, not timings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import loadgen
+from benchmarks.loadgen import ClientPool, ClosedLoop, OpenLoop, RecommendTarget, ServerProbe, run_point, schedule
+from benchmarks.peer import mlserver
+from benchmarks.timing import Method
+
+ROOT = Path(__file__).resolve().parents[1]
+DATE = "2000-01-01"
+METHOD = Method(duration_s=0.4, warmup_s=0.1, repeats=2)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-e2e")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "benchmarks", "--stages", "e2e,peer", "--tiny", "--no-peer-setup", "--date", DATE]
+    cmd += ["--duration", "0.3", "--warmup", "0.1", "--repeats", "2", "--threads", "1"]
+    cmd += ["--out", str(out / "results"), "--work-dir", str(out / "work")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out / "results"
+
+
+def _load(results: Path, stage: str) -> dict:
+    return json.loads((results / f"bench-{stage}-{DATE}.json").read_text())
+
+
+def _check_point(p: dict, duration_s: float) -> None:
+    assert p["errors_by_code"] == {} and p["errors"] == 0
+    assert len(p["repeats"]) == 2
+    for r in p["repeats"]:
+        assert r["requests"] > 0
+        assert r["p50_ms"] <= r["p90_ms"] <= r["p95_ms"] <= r["p99_ms"]
+        assert r["throughput_rps"] == pytest.approx(r["requests"] / duration_s)
+        assert r["client_cpu_cores"] >= 0
+        assert r["server_cpu_ms_per_req"] > 0
+    for key in ("p50_ms", "p99_ms", "throughput_rps"):
+        lo, hi = p[f"{key}_spread"]
+        assert lo <= p[key] <= hi
+        assert p[key] == pytest.approx(float(np.median([r[key] for r in p["repeats"]])))
+
+
+def test_e2e_stage_reports_consistent_points(bench_run):
+    report = _load(bench_run, "e2e")
+    data = report["data"]
+    assert data["model"]["ranker"] == "synthetic"
+    assert "SYNTHETIC ranker" in " ".join(report["notes"])
+    pts = data["points"]
+    closed = {(p["server"], p["concurrency"]) for p in pts if p["mode"] == "closed"}
+    assert closed == {(s, c) for s in ("attnrec", "echo", "naive torch+FAISS") for c in (1, 4)}
+    for p in pts:
+        _check_point(p, 0.3)
+    for p in (p for p in pts if p["server"] == "attnrec"):
+        for stage in ("queue", "encoder", "search", "ranker", "total"):
+            assert p[f"server_{stage}_ms"] >= 0
+        assert p["server_encoder_ms"] > 0 and p["server_ranker_ms"] > 0
+        assert p["server_total_ms"] >= p["server_queue_ms"]
+        assert 1 <= p["server_batch_size"] <= 32
+    opens = [p for p in pts if p["mode"] == "open"]
+    assert len(opens) == 1
+    for r in opens[0]["repeats"]:
+        assert r["sent"] == r["requests"] + r["errors"] + r["unfinished"]
+        assert r["achieved_rps"] == pytest.approx(r["sent"] / 0.3)
+    ceil = data["ceiling"]
+    assert set(ceil) == {"1", "32"} and ceil["32"]["items_per_s"] > 0
+    checks = data["checks"]
+    t = checks["p50_c1_vs_floor_plus_ceiling"]
+    assert t["excess_ms"] == pytest.approx(t["attnrec_p50_ms"] - t["echo_p50_ms"] - t["in_process_p50_ms"])
+    f = checks["throughput_fraction_of_ceiling"]
+    assert f["fraction"] == pytest.approx(f["attnrec_rps"] / ceil["32"]["items_per_s"])
+    md = (bench_run / f"bench-e2e-{DATE}.md").read_text()
+    assert "| Targets" not in md and "**Targets**" in md and f"![e2e](bench-e2e-{DATE}.png)" in md
+
+
+def test_peer_stage_rows_for_both_servers(bench_run):
+    data = _load(bench_run, "peer")["data"]
+    pts = data["points"]
+    assert {p["concurrency"] for p in pts if p["server"] == "attnrec"} == {1, 4}
+    for p in pts:
+        _check_point(p, 0.3)
+    if not mlserver.venv_ready():
+        assert "no MLServer environment" in data["skipped"]
+        pytest.skip(f"no MLServer environment at {mlserver.DEFAULT_VENV}: python -m benchmarks.peer.mlserver --setup")
+    assert {p["concurrency"] for p in pts if p["server"] == "MLServer"} == {1, 4}
+    assert data["checks"]["throughput_ratio"] > 0
+
+
+@pytest.fixture(scope="module")
+def echo(tmp_path_factory):
+    from benchmarks.servers import echo_server
+
+    with echo_server(10, tmp_path_factory.mktemp("echo")) as server:
+        yield server
+
+
+def _requests(n: int = 8) -> list[bytes]:
+    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+
+    return [pb.RecommendRequest(history=[str(i), str(i + 1)], k=10).SerializeToString() for i in range(n)]
+
+
+def test_open_loop_keeps_a_low_rate_and_closed_loop_counts_add_up(echo):
+    with ClientPool(RecommendTarget(echo.address, _requests()), processes=2) as clients:
+        p = run_point(clients, OpenLoop(100.0), METHOD, ServerProbe(echo.pid))
+        for r in p["repeats"]:
+            assert r["achieved_rps"] == pytest.approx(100.0, rel=0.1)
+            assert r["throughput_rps"] == pytest.approx(100.0, rel=0.1)
+            assert r["dropped"] == 0 and r["unfinished"] == 0 and r["errors"] == 0
+            assert r["server_cpu_ms_per_req"] > 0
+        c = run_point(clients, ClosedLoop(2), METHOD)
+        assert c["errors"] == 0 and c["requests"] > 0
+        assert c["p50_ms"] <= c["p99_ms"]
+
+
+def test_errors_are_counted_by_status_code(echo):
+    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+
+    # The echo server parses requests: bytes that are no RecommendRequest fail with INTERNAL.
+    bad = [b"\xff\xff\xff"] + [pb.RecommendRequest(k=1).SerializeToString()]
+    with ClientPool(RecommendTarget(echo.address, bad[1:] + bad)) as clients:
+        p = run_point(clients, ClosedLoop(1), METHOD)
+    assert p["errors"] > 0 and sum(p["errors_by_code"].values()) == sum(r["errors"] for r in p["repeats"])
+    assert set(p["errors_by_code"]) <= {"INTERNAL", "UNKNOWN", "INVALID_ARGUMENT"}
+    assert p["requests"] > 0
+
+
+def test_schedule_is_split_between_processes_without_overlap():
+    load = OpenLoop(1000.0)
+    parts = [schedule(load, 10.0, 11.0, p, 3) for p in range(3)]
+    merged = np.sort(np.concatenate(parts))
+    assert len(merged) == 1000
+    assert np.allclose(np.diff(merged), 1e-3)
+    poisson = schedule(OpenLoop(1000.0, poisson=True), 0.0, 5.0, 0, 1)
+    assert len(poisson) == pytest.approx(5000, rel=0.05)
+
+
+def test_process_tree_cpu_counts_children():
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt=time.process_time()\nwhile time.process_time()-t<0.3: pass\ntime.sleep(5)",
+        ]
+    )
+    try:
+        import time
+
+        time.sleep(1.0)
+        assert loadgen.process_tree_cpu_s(os.getpid()) >= loadgen.process_tree_cpu_s(proc.pid) >= 0.25
+    finally:
+        proc.kill()
+        proc.wait()
