@@ -148,6 +148,8 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
 _RANKER_HELP = {
     "n_candidates": "stage one's top-N that the ranker re-orders (training and serving)",
     "attend_last": "the most recent history positions each candidate attends over",
+    "keys": "what candidates attend over: items (the ranker's own item embeddings) or hidden (the encoder's "
+    "hidden states; the encoder then exports them)",
     "mlp_dim": "hidden size of the ranker's scoring MLP",
     "dropout": "ranker dropout",
     "samples_per_user": "training prefixes per user (the most recent positions of the training part)",

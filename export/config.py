@@ -53,14 +53,15 @@ class RankerConfig:
 
     n_candidates: int = 200  # stage one's top-N: what the ranker re-orders, in training and serving
     attend_last: int = 50  # the most recent history positions each candidate attends over
-    mlp_dim: int = 128  # hidden size of the scoring MLP (two layers: mlp_dim, mlp_dim // 2)
+    keys: str = "items"  # attend over the ranker's own item embeddings ("items") or the encoder's states ("hidden")
+    mlp_dim: int = 64  # hidden size of the scoring MLP (two layers: mlp_dim, mlp_dim // 2)
     dropout: float = 0.1
     samples_per_user: int = 10  # training prefixes per user: the most recent positions of the training part
-    lr: float = 1e-3
+    lr: float = 3e-4
     weight_decay: float = 0.0
-    batch_size: int = 64  # training prefixes per batch (each with n_candidates + 1 slots)
+    batch_size: int = 64  # training prefixes per batch (each with its n_candidates candidates)
     epochs: int = 20
-    patience: int = 3  # epochs without a better two-stage validation NDCG@10 before stopping
+    patience: int = 2  # epochs without a better two-stage validation NDCG@10 before stopping
     val_users: int = 5000  # validation users sampled for early stopping (all if fewer)
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)

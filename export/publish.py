@@ -48,12 +48,12 @@ def publish(
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
-    """`ranker`: train, verify and ship a second stage with these settings (the encoder then
-    outputs its hidden states, which the ranker reads)."""
+    """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
+    the encoder also outputs its hidden states, which that ranker reads)."""
     model = model.eval()
     cfg = model.cfg
     rng = np.random.default_rng(seed)
-    with_hidden = with_hidden or ranker is not None
+    with_hidden = with_hidden or (ranker is not None and ranker.keys == "hidden")
     with VersionWriter(repo, name) as w:
         enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
         sample = rng.choice(len(split.valid), min(64, len(split.valid)), replace=False)
@@ -200,10 +200,17 @@ def _ship_ranker(
     from dataclasses import asdict
 
     from .ranker_export import check_ranker_parity, export_ranker, time_ranker
-    from .ranker_model import FEATURES, INPUTS, RankerShape
+    from .ranker_model import RankerShape, features
     from .ranker_train import train_ranker
 
-    shape = RankerShape(model.cfg.n_items, model.cfg.dim, cfg.attend_last, cfg.mlp_dim, cfg.dropout)
+    shape = RankerShape(
+        model.cfg.n_items,
+        model.cfg.dim,
+        attend_last=cfg.attend_last,
+        keys=cfg.keys,
+        mlp_dim=cfg.mlp_dim,
+        dropout=cfg.dropout,
+    )
     result = train_ranker(split, encoder.run, model.cfg.max_len, index, vectors, cfg, shape)
     log.info(
         "ranker: best valid NDCG@10 %.4f at epoch %d (stage one %.4f), %d epochs, %.0fs",
@@ -213,7 +220,7 @@ def _ship_ranker(
         result.epochs_run,
         result.seconds,
     )
-    export_ranker(result.ranker, path)
+    names = export_ranker(result.ranker, path)
     real = [split.valid.history(j) for j in range(min(64, len(split.valid)))]
     parity = check_ranker_parity(result.ranker, model, path, real, seed=cfg.seed)
     log.info("ranker ONNX parity: max |onnx - torch| = %.2e", parity.max_abs_diff)
@@ -227,14 +234,17 @@ def _ship_ranker(
         "type": "target_attention",
         "n_candidates": cfg.n_candidates,
         "inputs": {
-            "history": {"dtype": "int64", "shape": ["batch", "length"]},
-            "hidden": {"dtype": "float32", "shape": ["batch", "length", shape.dim]},
-            "candidates": {"dtype": "int64", "shape": ["batch", "candidates"], "note": "row + 1; 0 = empty slot"},
-            "candidate_scores": {"dtype": "float32", "shape": ["batch", "candidates"]},
+            name: spec
+            for name, spec in {
+                "history": {"dtype": "int64", "shape": ["batch", "length"], "note": "tokens, left-padded with 0"},
+                "hidden": {"dtype": "float32", "shape": ["batch", "length", shape.dim]},
+                "candidates": {"dtype": "int64", "shape": ["batch", "candidates"], "note": "row + 1; 0 = empty slot"},
+                "candidate_scores": {"dtype": "float32", "shape": ["batch", "candidates"]},
+            }.items()
+            if name in names
         },
-        "input_order": list(INPUTS),
         "outputs": {"scores": {"dtype": "float32", "shape": ["batch", "candidates"]}},
-        "features": list(FEATURES),
+        "features": features(shape),
         "shape": shape.to_dict(),
         "opset": OPSET,
         "parity": {"max_abs_diff": parity.max_abs_diff, "cases": parity.cases, "tolerance": 1e-4},

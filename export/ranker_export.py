@@ -20,9 +20,21 @@ from .onnx_export import OPSET, PARITY_TOLERANCE, ParityError
 from .ranker_model import INPUTS, TargetAttentionRanker
 
 
-def export_ranker(ranker: TargetAttentionRanker, path: Path, *, optimize: bool = True) -> Path:
-    """Write `path`: inputs history (B, L), hidden (B, L, D), candidates (B, N), candidate_scores (B, N);
-    output scores (B, N). Portable ("basic") onnxruntime rewrites are applied offline, as for the encoder."""
+class _WithoutHidden(torch.nn.Module):
+    """A ranker that attends over its own item embeddings declares no `hidden` input."""
+
+    def __init__(self, ranker: TargetAttentionRanker) -> None:
+        super().__init__()
+        self.ranker = ranker
+
+    def forward(self, history, candidates, candidate_scores):
+        return self.ranker(history, None, candidates, candidate_scores)
+
+
+def export_ranker(ranker: TargetAttentionRanker, path: Path, *, optimize: bool = True) -> list[str]:
+    """Write `path`: inputs history (B, L), [hidden (B, L, D),] candidates (B, N), candidate_scores (B, N);
+    output scores (B, N). Portable ("basic") onnxruntime rewrites are applied offline, as for the encoder.
+    Returns the graph's input names."""
     ranker = ranker.eval()
     d, n_items = ranker.shape.dim, ranker.shape.n_items
     b, t, n = 2, 5, 7
@@ -39,16 +51,22 @@ def export_ranker(ranker: TargetAttentionRanker, path: Path, *, optimize: bool =
         "candidate_scores": {0: "batch", 1: "candidates"},
         "scores": {0: "batch", 1: "candidates"},
     }
+    names = list(INPUTS)
+    module: torch.nn.Module = ranker
+    if ranker.shape.keys != "hidden":
+        names.remove("hidden")
+        example = (example[0], example[2], example[3])
+        module = _WithoutHidden(ranker)
     raw = path.with_suffix(".raw.onnx")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
         torch.onnx.export(
-            ranker,
+            module,
             example,
             str(raw),
-            input_names=list(INPUTS),
+            input_names=names,
             output_names=["scores"],
-            dynamic_axes=axes,
+            dynamic_axes={k: v for k, v in axes.items() if k in names or k == "scores"},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -62,7 +80,7 @@ def export_ranker(ranker: TargetAttentionRanker, path: Path, *, optimize: bool =
         raw.unlink()
     else:
         raw.replace(path)
-    return path
+    return names
 
 
 @dataclass
@@ -103,7 +121,7 @@ def check_ranker_parity(
             hidden = encoder.hidden(t)
             want = ranker(t, hidden, torch.from_numpy(cands), torch.from_numpy(scores)).numpy()
         feeds = {"history": tokens, "hidden": hidden.numpy(), "candidates": cands, "candidate_scores": scores}
-        got = onnx.score(feeds)
+        got = onnx.score(feeds)  # reads the inputs its graph declares
         diff = float(np.abs(got - want)[cands > 0].max()) if (cands > 0).any() else 0.0
         cases.append({"batch": batch, "length": length, "candidates": n, "max_abs_diff": diff})
     report = RankerParity(max(c["max_abs_diff"] for c in cases), cases)

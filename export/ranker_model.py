@@ -31,16 +31,23 @@ import torch.nn.functional as F
 
 _BLOCKED = -1e9  # finite, as in the encoder: a row of padding keys stays NaN-free
 
-# Declared by the ONNX graph and read by engine.ranker.OnnxRanker, in this order.
+# The ONNX graph's inputs (engine.ranker.OnnxRanker's contract): all four with keys="hidden",
+# all but `hidden` with keys="items".
 INPUTS = ("history", "hidden", "candidates", "candidate_scores")
 
-FEATURES = (
-    "target attention of the candidate over the encoder's hidden states (+ recency embedding)",
-    "candidate embedding (initialised from the encoder's item embeddings)",
-    "candidate × attended history, candidate × query (the last hidden state)",
-    "stage-one score: raw (residual), relative to the best candidate, standardised over the list",
-    "log training popularity of the candidate",
-)
+
+def features(shape: "RankerShape") -> list[str]:
+    """What the ranker reads, for the manifest."""
+    own = shape.keys == "items"
+    return [
+        f"target attention of the candidate over the {shape.attend_last} most recent history items "
+        + ("(the ranker's own item embeddings)" if own else "(the encoder's hidden states)")
+        + " with a recency embedding",
+        "candidate embedding (initialised from the encoder's item embeddings)",
+        "candidate × attended history" + ("" if own else ", candidate × query (the last hidden state)"),
+        "stage-one score: raw (residual), relative to the best candidate, standardised over the list",
+        "log training popularity of the candidate",
+    ]
 
 
 @dataclass
@@ -48,7 +55,8 @@ class RankerShape:
     n_items: int
     dim: int  # the encoder's hidden size
     attend_last: int = 50  # the most recent history positions the candidates attend over
-    mlp_dim: int = 128
+    keys: str = "items"  # what candidates attend over: "items" (own embeddings) or "hidden" (encoder states)
+    mlp_dim: int = 64
     dropout: float = 0.1
 
     def to_dict(self) -> dict:
@@ -66,7 +74,7 @@ class TargetAttentionRanker(nn.Module):
         self.recency = nn.Embedding(shape.attend_last, d)
         self.w_att = nn.Linear(d, d, bias=False)
         self.scale = 1.0 / math.sqrt(d)
-        n_in = 4 * d + 3
+        n_in = (4 if shape.keys == "hidden" else 3) * d + 3
         self.mlp = nn.Sequential(
             nn.Linear(n_in, shape.mlp_dim),
             nn.GELU(),
@@ -96,15 +104,15 @@ class TargetAttentionRanker(nn.Module):
         """history (B, L) tokens, hidden (B, L, D), candidates (B, N) tokens (0 = empty), candidate_scores (B, N)
         → scores (B, N)."""
         k = self.shape.attend_last
-        history, hidden = history[:, -k:], hidden[:, -k:]  # slicing past the start keeps everything
+        history = history[:, -k:]  # slicing past the start keeps everything
         t = history.shape[1]
         pos = torch.arange(k - t, k, device=history.device)
-        keys = hidden + self.recency(pos)  # (B, L, D)
+        values = hidden[:, -k:] if self.shape.keys == "hidden" else self.item_emb(history)  # (B, L, D)
+        keys = values + self.recency(pos)
         v = self.item_emb(candidates)  # (B, N, D)
         att = (self.w_att(v) @ keys.transpose(1, 2)) * self.scale  # (B, N, L)
         att = att.masked_fill((history == 0).unsqueeze(1), _BLOCKED)
-        a = F.softmax(att, dim=-1) @ hidden  # (B, N, D)
-        query = hidden[:, -1:]  # (B, 1, D): the last position's state is stage one's query
+        a = F.softmax(att, dim=-1) @ values  # (B, N, D)
 
         valid = candidates > 0  # (B, N)
         s = candidate_scores
@@ -113,5 +121,8 @@ class TargetAttentionRanker(nn.Module):
         mean = torch.where(valid, s, torch.zeros_like(s)).sum(dim=1, keepdim=True) / n
         var = torch.where(valid, (s - mean) ** 2, torch.zeros_like(s)).sum(dim=1, keepdim=True) / n
         scalars = torch.stack([s - best, (s - mean) / torch.sqrt(var + 1e-6), self.log_pop[candidates]], dim=-1)
-        x = torch.cat([v, a, v * a, v * query, scalars], dim=-1)  # (B, N, 4D + 3)
+        parts = [v, a, v * a]
+        if self.shape.keys == "hidden":
+            parts.append(v * hidden[:, -1:])  # the last state is stage one's query
+        x = torch.cat([*parts, scalars], dim=-1)  # (B, N, 3D or 4D, + 3)
         return s + self.mlp(x).squeeze(-1)

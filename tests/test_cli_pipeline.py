@@ -17,7 +17,8 @@ def test_train_publishes_a_complete_verified_version(trained_repo, small_log):
     m = open_version(repo / "seq" / "1")
     assert set(m.files) == {"encoder", "item_embeddings", "index", "item_ids", "item_popularity", "ranker"}
     assert m.ranker["n_candidates"] == 50 and m.ranker["parity"]["max_abs_diff"] <= 1e-4
-    assert "hidden" in m.encoder["outputs"]  # the ranker reads the encoder's hidden states
+    # the default ranker attends over its own item embeddings: the encoder needs no hidden states
+    assert "hidden" not in m.encoder["outputs"] and "hidden" not in m.ranker["inputs"]
     assert m.model["n_items"] == len(np.unique(small_log.item)) and m.model["max_len"] == 16 and m.model["dim"] == 16
     assert m.encoder["parity"]["max_abs_diff"] <= 1e-4
     assert m.index["factory"] == "Flat" and m.index["recall@200"] == 1.0

@@ -44,41 +44,45 @@ def test_training_prefixes_come_from_the_training_part_and_never_target_a_seen_i
 def test_training_samples_always_hold_the_true_item_and_never_a_seen_one(small_split, tiny_model, stage_one):
     vectors, index = stage_one
     cfg = RankerConfig(n_candidates=20, samples_per_user=3, attend_last=8)
-    sets = training_samples(small_split, torch_encode(tiny_model), 20, index, vectors, cfg)
+    sets, n_prefixes = training_samples(small_split, torch_encode(tiny_model), 20, index, vectors, cfg)
     users, cuts = training_prefixes(small_split, 3)
-    assert len(sets) == len(users) and sets.candidates.shape == (len(users), 21)
-    targets = small_split.data.items[small_split.data.offsets[users] + cuts]
+    assert n_prefixes == len(users) and 0 < len(sets) < len(users)  # prefixes whose target was missed are dropped
+    assert sets.candidates.shape == (len(sets), 20)
     assert (sets.target_slot >= 0).all()
-    np.testing.assert_array_equal(sets.candidates[np.arange(len(sets)), sets.target_slot], targets)
-    missed = sets.target_slot == 20  # retrieval missed these: the extra slot holds the target
-    assert missed.any() and (~missed).any()
-    assert (sets.candidates[~missed, 20] == 0).all()
-    for j in range(0, len(sets), 37):
-        prefix = small_split.data.items[
-            small_split.data.offsets[users[j]] : small_split.data.offsets[users[j]] + cuts[j]
-        ]
-        assert not np.isin(sets.candidates[j], prefix).any()  # seen items are never candidates
+    # rebuild each kept sample's prefix and target; the kept ones are in prefix order
+    prefixes = [
+        small_split.data.items[small_split.data.offsets[u] : small_split.data.offsets[u] + t]
+        for u, t in zip(users, cuts)
+    ]
+    targets = small_split.data.items[small_split.data.offsets[users] + cuts]
+    encode = torch_encode(tiny_model)
+    kept = []
+    for j, (prefix, target) in enumerate(zip(prefixes, targets)):
+        q = encode(pad_histories([prefix], 20))["query"]
+        _, rows = search(index, q, 20, exclude=[prefix - 1])
+        if target - 1 in rows[0]:
+            kept.append((prefix, target, rows[0]))
+    assert len(kept) == len(sets)
+    for j in range(0, len(sets), 23):
+        prefix, target, rows = kept[j]
+        np.testing.assert_array_equal(sets.candidates[j], rows + 1)  # stage one's top-20, in order
+        assert sets.candidates[j, sets.target_slot[j]] == target  # the true item is among them
+        assert target not in prefix and not np.isin(sets.candidates[j], prefix).any()  # nothing seen
         assert (sets.tokens[j][-min(8, len(prefix)) :] == prefix[-8:]).all()  # the ranker's view of the history
-    # candidates are stage one's top-20 in order, with their inner-product scores
-    j = 5
-    prefix = small_split.data.items[small_split.data.offsets[users[j]] : small_split.data.offsets[users[j]] + cuts[j]]
-    q = tiny_model(torch.from_numpy(pad_histories([prefix], 20))).detach().numpy()
-    want_scores, want_rows = search(index, q, 20, exclude=[prefix - 1])
-    np.testing.assert_array_equal(sets.candidates[j, :20], want_rows[0] + 1)
-    np.testing.assert_allclose(sets.scores[j, :20], want_scores[0], atol=1e-5)
 
 
 def test_validation_candidates_never_include_the_answer_by_construction(small_split, tiny_model, stage_one):
     vectors, index = stage_one
     cfg = RankerConfig(n_candidates=20, attend_last=8)
     sets = eval_candidates(small_split.valid, torch_encode(tiny_model), 20, index, vectors, cfg)
-    assert sets.candidates.shape == (len(small_split.valid), 20)  # no extra slot: targets are not injected
+    assert sets.candidates.shape == (len(small_split.valid), 20)
+    assert (sets.target_slot == -1).any()  # validation keeps every user, found or not
     found = sets.target_slot >= 0
     np.testing.assert_array_equal(sets.candidates[found, sets.target_slot[found]], small_split.valid.targets[found])
 
 
-def _trained_like_ranker(tiny_model, small_split, attend_last=8):
-    shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=attend_last, mlp_dim=32)
+def _trained_like_ranker(tiny_model, small_split, keys, attend_last=8):
+    shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=attend_last, keys=keys, mlp_dim=32)
     pop = small_split.train_popularity()[1:]
     ranker = TargetAttentionRanker(shape, tiny_model.item_vectors().detach(), pop).eval()
     torch.manual_seed(0)
@@ -88,8 +92,9 @@ def _trained_like_ranker(tiny_model, small_split, attend_last=8):
     return ranker
 
 
-def test_ranker_starts_as_stage_one(tiny_model, small_split):
-    shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=8, mlp_dim=32)
+@pytest.mark.parametrize("keys", ["items", "hidden"])
+def test_ranker_starts_as_stage_one(tiny_model, small_split, keys):
+    shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=8, keys=keys, mlp_dim=32)
     ranker = TargetAttentionRanker(shape, tiny_model.item_vectors().detach()).eval()
     tokens = torch.from_numpy(pad_histories([small_split.valid.history(0)], 20))
     cands = torch.tensor([[3, 9, 1, 0]])
@@ -99,11 +104,18 @@ def test_ranker_starts_as_stage_one(tiny_model, small_split):
     torch.testing.assert_close(out, scores)
 
 
-def test_onnx_ranker_matches_torch_for_any_batch_length_and_candidate_count(tmp_path, tiny_model, small_split):
-    ranker = _trained_like_ranker(tiny_model, small_split)
-    path = export_ranker(ranker, tmp_path / "ranker.onnx")
+@pytest.mark.parametrize("keys", ["items", "hidden"])
+def test_onnx_ranker_matches_torch_for_any_batch_length_and_candidate_count(tmp_path, tiny_model, small_split, keys):
+    ranker = _trained_like_ranker(tiny_model, small_split, keys)
+    path = tmp_path / "ranker.onnx"
+    names = export_ranker(ranker, path)
     onnx = OnnxRanker(path)
-    assert onnx.input_names == ["history", "hidden", "candidates", "candidate_scores"] and onnx.needs_hidden
+    want = (
+        ["history", "hidden", "candidates", "candidate_scores"]
+        if keys == "hidden"
+        else ["history", "candidates", "candidate_scores"]
+    )
+    assert onnx.input_names == names == want and onnx.needs_hidden == (keys == "hidden")
     real = [small_split.valid.history(j) for j in range(16)]
     report = check_ranker_parity(ranker, tiny_model, path, real)
     assert report.max_abs_diff <= 1e-4
@@ -146,7 +158,7 @@ def _reference_rows(version_dir, manifest, es, n):
         top = topk_excluding(scores.copy(), [hist - 1], n)[0]
         exact_top.append(top[:20])
         in_top_n.append(es.targets[j] - 1 in top)
-        feeds = {"history": tokens, "hidden": outs["hidden"], "candidates": top[None] + 1}
+        feeds = {"history": tokens, "hidden": outs.get("hidden"), "candidates": top[None] + 1}
         feeds["candidate_scores"] = scores[0, top][None].astype(np.float32)
         ranked_top.append(top[np.argsort(-ranker.score(feeds)[0], kind="stable")][:20])
     return np.array(exact_top), np.array(ranked_top), float(np.mean(in_top_n))

@@ -104,7 +104,7 @@ def test_rank_gives_the_pipelines_ranked_answer(version, tmp_path):
         cands = np.argsort(-exact, kind="stable")[:n]
         feeds = {
             "history": tokens,
-            "hidden": outs["hidden"],
+            "hidden": outs.get("hidden"),  # read only by a ranker over hidden states
             "candidates": cands[None] + 1,
             "candidate_scores": exact[cands][None].astype(np.float32),
         }
