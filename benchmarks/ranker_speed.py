@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"batch {batch:4d}: ranker {ms:.3f} ms ({ms / batch:.4f} ms/user, {batch * 1e3 / ms:,.0f} users/s); "
-            f"encoder with hidden states {enc_ms:.3f} ms"
+            f"encoder {enc_ms:.3f} ms"
         )
     if args.json:
         env = {"onnxruntime": ort.__version__, "python": platform.python_version(), "threads": args.threads}
