@@ -145,6 +145,53 @@ def _add_train_args(p: argparse.ArgumentParser, defaults: dict | None = None) ->
         )
 
 
+_RANKER_HELP = {
+    "n_candidates": "stage one's top-N that the ranker re-orders (training and serving)",
+    "attend_last": "the most recent history positions each candidate attends over",
+    "keys": "what candidates attend over: items (the ranker's own item embeddings) or hidden (the encoder's "
+    "hidden states; the encoder then exports them)",
+    "mlp_dim": "hidden size of the ranker's scoring MLP",
+    "dropout": "ranker dropout",
+    "samples_per_user": "training prefixes per user (the most recent positions of the training part)",
+    "lr": "ranker AdamW learning rate",
+    "weight_decay": "ranker AdamW weight decay",
+    "batch_size": "ranker training prefixes per batch",
+    "epochs": "maximum ranker epochs",
+    "patience": "stop after this many epochs without a better two-stage validation NDCG@10",
+    "val_users": "validation users sampled for the ranker's early stopping (all when fewer)",
+}
+
+
+def _add_ranker_args(p: argparse.ArgumentParser) -> None:
+    from .config import RankerConfig
+
+    g = p.add_argument_group("second-stage ranker")
+    g.add_argument(
+        "--ranker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train a target-attention ranker on the encoder's FAISS candidates and ship it in the version "
+        "(the encoder then also outputs its hidden states) (default: on)",
+    )
+    base = RankerConfig()
+    for name, text in _RANKER_HELP.items():
+        default = getattr(base, name)
+        g.add_argument(
+            "--ranker-" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{text} (default: {default})",
+        )
+
+
+def _ranker_config(args: argparse.Namespace, seed: int, threads: int):
+    from .config import RankerConfig
+
+    if not args.ranker:
+        return None
+    return RankerConfig(**{n: getattr(args, "ranker_" + n) for n in _RANKER_HELP}, seed=seed, threads=threads)
+
+
 def _train_config(args: argparse.Namespace):
     from .config import TrainConfig
 
@@ -197,6 +244,7 @@ def _publish(model, split, info, args, training: dict) -> dict:
         target_recall=args.target_recall,
         eval_users=args.eval_users,
         with_hidden=args.export_hidden,
+        ranker=_ranker_config(args, args.seed, args.threads),
         seed=args.seed,
         progress=not args.quiet,
     )
@@ -205,7 +253,8 @@ def _publish(model, split, info, args, training: dict) -> dict:
     recall = idx["recall@%d" % idx["recall_n"]]
     print(
         f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
-        f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e})"
+        f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e}"
+        + (f"; ranker parity {manifest.ranker['parity']['max_abs_diff']:.1e})" if manifest.ranker else ")")
     )
     return metrics
 
@@ -257,7 +306,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     model = SASRec(cfg.model_config(state["n_items"]))
     model.load_state_dict(state["best_state"])
-    args.seed = cfg.seed
+    args.seed, args.threads = cfg.seed, cfg.threads
     training = {
         "config": asdict(cfg),
         "best_epoch": state["best_epoch"],
@@ -281,6 +330,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         version=args.version,
         threads=args.threads,
         max_users=args.eval_users,
+        n_candidates=args.candidates,
         progress=not args.quiet,
     )
     print_report(result)
@@ -333,6 +383,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             address=None if args.ray == "local" else args.ray,
             workers=args.workers,
+            rank=args.rank,
         )
     else:
         report = retrieve(
@@ -344,6 +395,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
             users=users,
             batch_size=args.batch_size,
             threads=args.threads,
+            rank=args.rank,
             progress=not args.quiet,
         )
     if report.unknown_users and args.strict_users:
@@ -489,9 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="train SASRec, evaluate, export ONNX + FAISS index as a new repository version",
+        help="train SASRec (+ ranker), evaluate, export ONNX + FAISS index as a new repository version",
         description="Train a SASRec encoder on an interaction log (leave-one-out split, early stopping "
-        "on validation NDCG@10), then export the verified ONNX encoder and a tuned FAISS index "
+        "on validation NDCG@10), then export the verified ONNX encoder and a tuned FAISS index, train "
+        "the second-stage ranker on their candidates (unless --no-ranker), and publish all of it "
         "as a new version of REPO_DIR/MODEL_NAME.",
     )
     _add_data_args(p)
@@ -503,42 +556,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     _add_train_args(p)
     _add_publish_args(p)
+    _add_ranker_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
         "evaluate",
-        help="evaluate a repository version (ONNX encoder, exact full ranking)",
+        help="evaluate a repository version: exact ranking, FAISS top-k, FAISS top-N + ranker",
         description="Evaluate the newest valid (or --version) version of a model on an interaction log, "
-        "with the same leave-one-out split as training. No torch needed.",
+        "with the same leave-one-out split as training, side by side on the same users: (a) exact full "
+        "ranking by the encoder, (b) FAISS top-k, (c) FAISS top-N re-ranked by the version's ranker, and "
+        "stage one's recall@N. No torch needed.",
     )
     p.add_argument("--repo", type=Path, required=True, metavar="REPO_DIR")
     p.add_argument("--name", required=True, metavar="MODEL_NAME")
     p.add_argument("--version", type=int, help="version number (default: newest valid)")
     p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the metrics as JSON")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument(
+        "--candidates",
+        type=int,
+        metavar="N",
+        help="stage one's top-N for the ranked row and the recall of stage one (default: the version's, else 200)",
+    )
     _add_eval_users(p)
     _add_data_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "export",
-        help="export a training checkpoint (ONNX + FAISS index) as a new version",
-        description="Export the best weights of a training checkpoint as a new repository version. "
-        "The data must be the data the checkpoint was trained on (for the id map, the "
-        "index tuning queries and the evaluation).",
+        help="export a training checkpoint (ONNX + FAISS index + ranker) as a new version",
+        description="Export the best weights of a training checkpoint as a new repository version, "
+        "training a new ranker on them unless --no-ranker: the way to add (or retrain) the ranker of an "
+        "existing encoder. The data must be the data the checkpoint was trained on (for the id map, the "
+        "index tuning queries, the ranker's samples and the evaluation).",
     )
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR")
     p.add_argument("--name", required=True, metavar="MODEL_NAME")
     _add_data_args(p)
     _add_publish_args(p)
+    _add_ranker_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "retrieve",
-        help="every user's top-N candidates to Parquet (ONNX + FAISS, no torch)",
+        help="every user's top-N items to Parquet (ONNX + FAISS [+ ranker with --rank], no torch)",
         description="Offline candidate retrieval with a repository version's ONNX encoder and FAISS "
-        "index: for every user of the interaction log (or those in --users), the top-N "
+        "index (and its ranker with --rank): for every user of the interaction log (or those in --users), the top-N "
         "items not yet seen, from the user's whole history, written to Parquet "
         "(user_id, rank, item_id, score, model_version). Streams users in batches; the "
         "output file appears only when complete. With --server, the same job through a running "
@@ -549,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int, help="version number (default: newest valid)")
     p.add_argument("--out", type=Path, required=True, metavar="OUT.parquet")
     p.add_argument("--top-n", type=int, default=100, help="candidates per user (default: 100)")
+    p.add_argument(
+        "--rank",
+        action="store_true",
+        help="re-order stage one's top-N (the version's n_candidates) with the version's ranker and keep the "
+        "top-n: what the server answers (default: retrieval only, FAISS order and inner-product scores)",
+    )
     p.add_argument("--users", type=Path, metavar="FILE", help="only these users: one external user id per line")
     p.add_argument(
         "--strict-users",

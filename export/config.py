@@ -45,3 +45,23 @@ class TrainConfig:
         """The model's part of these settings: every SASRecConfig field but the catalogue size."""
         shape = {f.name: getattr(self, f.name) for f in fields(SASRecConfig) if f.name != "n_items"}
         return SASRecConfig(n_items=n_items, **shape)
+
+
+@dataclass
+class RankerConfig:
+    """The second-stage ranker's shape and training (flags `--ranker-*` of train and export)."""
+
+    n_candidates: int = 200  # stage one's top-N: what the ranker re-orders, in training and serving
+    attend_last: int = 50  # the most recent history positions each candidate attends over
+    keys: str = "items"  # attend over the ranker's own item embeddings ("items") or the encoder's states ("hidden")
+    mlp_dim: int = 64  # hidden size of the scoring MLP (two layers: mlp_dim, mlp_dim // 2)
+    dropout: float = 0.1
+    samples_per_user: int = 10  # training prefixes per user: the most recent positions of the training part
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    batch_size: int = 64  # training prefixes per batch (each with its n_candidates candidates)
+    epochs: int = 20
+    patience: int = 2  # epochs without a better two-stage validation NDCG@10 before stopping
+    val_users: int = 5000  # validation users sampled for early stopping (all if fewer)
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: torch's default)

@@ -1,8 +1,11 @@
 """Evaluating a model version from the repository under DESIGN.md's protocol (no torch).
 
-What is measured is what is served: the version's ONNX encoder and item vectors, exact full
-ranking over the catalogue, seen items excluded. A popularity ranking is reported beside it
-so accuracy is never read alone.
+What is measured is what is served: the version's ONNX encoder, FAISS index and ranker, seen
+items excluded. Three rows on the same users: (a) `exact`, full ranking of the catalogue by
+the encoder's query; (b) `ann`, stage one as served (FAISS top-k); (c) `ranked`, FAISS top-N
+re-ordered by the ranker. (b) and (c) call `Pipeline.recommend`, so offline and online answers
+are the same computation. A popularity ranking is reported beside them so accuracy is never
+read alone.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from engine.encoder import OnnxEncoder
-from engine.metrics import evaluate_full_ranking
+from engine.metrics import RankingReport, evaluate_full_ranking
+from engine.pipeline import DEFAULT_CANDIDATES, Pipeline, RuntimeOptions
 from engine.repository import Manifest, resolve_version
 
 from .data.sequences import EvalSet, LeaveOneOut
@@ -92,6 +95,71 @@ def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
     return np.asarray(json.loads((version_dir / manifest.files["item_ids"].path).read_text()))
 
 
+def _run_pipeline(
+    pipeline: Pipeline, es: EvalSet, popularity: np.ndarray, n: int, label: str, progress: bool
+) -> tuple[dict[str, float], dict[str, float] | None, float]:
+    """(b) ann and (c) ranked metrics (None without a ranker), and stage one's recall@n, through
+    `Pipeline.recommend` with each user's whole history excluded (the protocol's seen items)."""
+    k = max(*KS, 10)
+    ann = RankingReport(KS, pipeline.n_items, popularity)
+    ranked = RankingReport(KS, pipeline.n_items, popularity) if pipeline.ranker is not None else None
+    found = 0
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(label, total=len(es))
+        for s in range(0, len(es), 256):
+            hist = [es.history(j) - 1 for j in range(s, min(s + 256, len(es)))]  # tokens → rows
+            tgt = es.targets[s : s + len(hist)] - 1
+            repeats = sum(int(np.any(h == t)) for h, t in zip(hist, tgt))
+            ann.add(pipeline.recommend(hist, k, exclude=hist, rank=False).rows, tgt, repeats)
+            top_n = pipeline.recommend(hist, n, exclude=hist, rank=False).rows
+            found += int((top_n == tgt[:, None]).any(axis=1).sum())
+            if ranked is not None:
+                ranked.add(pipeline.recommend(hist, k, exclude=hist, n_candidates=n).rows, tgt, repeats)
+            bar.advance(task, len(hist))
+    return ann.result(), ranked.result() if ranked else None, found / max(len(es), 1)
+
+
+def evaluate_pipeline(
+    pipeline: Pipeline,
+    split: LeaveOneOut,
+    *,
+    n_candidates: int | None = None,
+    max_users: int = 0,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The three rows on the same users, popularity beside them. The top-level `test`/`valid`
+    are the pipeline the server runs: ranked when the version has a ranker, else ann."""
+    n = n_candidates or pipeline.n_candidates or DEFAULT_CANDIDATES
+    item_vectors = np.load(pipeline.path / pipeline.manifest.files["item_embeddings"].path)
+    result = evaluate_query_fn(
+        pipeline.encoder.encode_histories, item_vectors, split, max_users=max_users, seed=seed, progress=progress
+    )
+    pop = split.train_popularity()[1:].astype(np.float64)
+    sets = {"test": split.test, "valid": split.valid}
+    if 0 < max_users < len(split.test):  # the same sample evaluate_query_fn drew
+        idx = np.sort(np.random.default_rng(seed).choice(len(split.test), max_users, replace=False))
+        sets = {w: es.subset(idx) for w, es in sets.items()}
+    rows: dict[str, Any] = {"exact": {w: result[w] for w in sets}, "ann": {}, "ranked": {}}
+    recall: dict[str, float] = {}
+    for which, es in sets.items():
+        ann, ranked, recall[which] = _run_pipeline(pipeline, es, pop, n, f"{which} pipeline", progress)
+        rows["ann"][which] = ann
+        if ranked is not None:
+            rows["ranked"][which] = ranked
+    if not rows["ranked"]:
+        del rows["ranked"]
+    served = rows.get("ranked", rows["ann"])
+    result.update(test=served["test"], valid=served["valid"])
+    result["pipeline"] = {
+        **rows,
+        "n_candidates": n,
+        f"stage1_recall@{n}": recall,
+        "served": "ranked" if "ranked" in rows else "ann",
+    }
+    return result
+
+
 def evaluate_version(
     version_dir: Path,
     manifest: Manifest,
@@ -99,18 +167,11 @@ def evaluate_version(
     *,
     threads: int = 0,
     max_users: int = 0,
+    n_candidates: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    encoder = OnnxEncoder(
-        version_dir / manifest.files["encoder"].path, manifest.model["max_len"], intra_op_threads=threads
-    )
-    result = evaluate_query_fn(
-        encoder.encode_histories,
-        load_item_vectors(version_dir, manifest),
-        split,
-        max_users=max_users,
-        progress=progress,
-    )
+    pipeline = Pipeline.load(version_dir, RuntimeOptions(intra_op_threads=threads))
+    result = evaluate_pipeline(pipeline, split, n_candidates=n_candidates, max_users=max_users, progress=progress)
     result["model"] = {"name": manifest.name, "version": manifest.version, "path": str(version_dir)}
     return result
 
@@ -123,6 +184,7 @@ def evaluate_repo(
     version: int | None = None,
     threads: int = 0,
     max_users: int = 0,
+    n_candidates: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate the newest valid (or the given) version on an interaction log, same split as training."""
@@ -130,7 +192,9 @@ def evaluate_repo(
 
     version_dir, manifest = resolve_version(repo, name, version)
     split = leave_one_out(build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest)))
-    return evaluate_version(version_dir, manifest, split, threads=threads, max_users=max_users, progress=progress)
+    return evaluate_version(
+        version_dir, manifest, split, threads=threads, max_users=max_users, n_candidates=n_candidates, progress=progress
+    )
 
 
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
@@ -141,9 +205,19 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     table.add_column("model / split")
     for c in cols:
         table.add_column(c.upper() if c.startswith(("hr", "ndcg")) else c, justify="right")
-    rows = [("model", result)] + [(name, b) for name, b in result.get("baselines", {}).items()]
+    pipe = result.get("pipeline")
+    labels = {"exact": "(a) exact", "ann": "(b) FAISS top-k", "ranked": "(c) FAISS top-N + ranker"}
+    rows = [(labels[r], pipe[r]) for r in labels if r in pipe] if pipe else [("model", result)]
+    rows += [(name, b) for name, b in result.get("baselines", {}).items()]
     for label, res in rows:
         for which in ("test", "valid"):
             m = res[which]
             table.add_row(f"{label} · {which}", *(f"{m[c]:.4f}" if c != "arp@10" else f"{m[c]:.1f}" for c in cols))
     console.print(table)
+    if pipe:
+        n = pipe["n_candidates"]
+        recall = pipe[f"stage1_recall@{n}"]
+        console.print(
+            f"stage one recall@{n} (target among the N candidates): test {recall['test']:.4f}, "
+            f"valid {recall['valid']:.4f}; served: {pipe['served']}"
+        )

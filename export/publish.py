@@ -1,5 +1,6 @@
 """Turning a trained model into a new model-repository version: ONNX encoder (verified),
-item vectors, tuned FAISS index, id map, popularity, evaluation — published atomically."""
+item vectors, tuned FAISS index, id map, popularity, optionally the second-stage ranker
+(trained on this very encoder and index, ONNX-verified), evaluation — published atomically."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import onnxruntime as ort
 import torch
 
 from engine.encoder import OnnxEncoder
-from engine.repository import Manifest, VersionWriter, open_version
+from engine.pipeline import Pipeline
+from engine.ranker import OnnxRanker
+from engine.repository import FileEntry, Manifest, VersionWriter, open_version
 
+from .config import RankerConfig
 from .data.sequences import LeaveOneOut
-from .evaluate import evaluate_query_fn
+from .evaluate import evaluate_pipeline
 from .index_build import build_index, default_factory, tune
 from .model import SASRec
 from .onnx_export import OPSET, check_parity, export_encoder, time_encoders
@@ -40,12 +44,16 @@ def publish(
     tune_queries: int = 2000,
     eval_users: int = 0,
     with_hidden: bool = False,
+    ranker: RankerConfig | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
+    """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
+    the encoder also outputs its hidden states, which that ranker reads)."""
     model = model.eval()
     cfg = model.cfg
     rng = np.random.default_rng(seed)
+    with_hidden = with_hidden or (ranker is not None and ranker.keys == "hidden")
     with VersionWriter(repo, name) as w:
         enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
         sample = rng.choice(len(split.valid), min(64, len(split.valid)), replace=False)
@@ -86,17 +94,40 @@ def publish(
         popularity = split.train_popularity()[1:].astype(np.int64)
         np.save(w.path / "item_popularity.npy", popularity)
 
-        metrics = evaluate_query_fn(
-            encoder.encode_histories, vectors, split, max_users=eval_users, seed=seed, progress=progress
+        files = {
+            "encoder": "encoder.onnx",
+            "item_embeddings": "item_embeddings.npy",
+            "index": "items.faiss",
+            "item_ids": "item_ids.json",
+            "item_popularity": "item_popularity.npy",
+        }
+        ranker_section: dict[str, Any] = {}
+        onnx_ranker = None
+        if ranker is not None:
+            ranker_section = _ship_ranker(model, encoder, split, index, vectors, ranker, w.path / "ranker.onnx")
+            files["ranker"] = "ranker.onnx"
+            onnx_ranker = OnnxRanker(w.path / "ranker.onnx")
+
+        # Evaluate the staged version through the serving pipeline, before it is published.
+        staged = Manifest(
+            name=name,
+            version=0,
+            created_at="",
+            model={"max_len": cfg.max_len},
+            files={role: FileEntry(rel, "", 0) for role, rel in files.items()},
+            encoder={},
+            index={},
+            ranker=ranker_section,
+        )
+        metrics = evaluate_pipeline(
+            Pipeline(w.path, staged, encoder, index, onnx_ranker),
+            split,
+            max_users=eval_users,
+            seed=seed,
+            progress=progress,
         )
         version_dir = w.commit(
-            files={
-                "encoder": "encoder.onnx",
-                "item_embeddings": "item_embeddings.npy",
-                "index": "items.faiss",
-                "item_ids": "item_ids.json",
-                "item_popularity": "item_popularity.npy",
-            },
+            files=files,
             model={
                 "type": "sasrec",
                 **cfg.to_dict(),
@@ -141,7 +172,8 @@ def publish(
                 "tuning_queries": len(queries),
                 "tried": tuned.tried,
             },
-            metrics={k: metrics[k] for k in ("test", "valid", "baselines", "protocol")},
+            metrics={k: metrics[k] for k in ("test", "valid", "baselines", "protocol", "pipeline")},
+            ranker=ranker_section,
             training={
                 **training,
                 "torch": torch.__version__,
@@ -152,3 +184,80 @@ def publish(
             data=data_info,
         )
     return version_dir, open_version(version_dir), metrics
+
+
+def _ship_ranker(
+    model: SASRec,
+    encoder: OnnxEncoder,
+    split: LeaveOneOut,
+    index,
+    vectors: np.ndarray,
+    cfg: RankerConfig,
+    path: Path,
+) -> dict[str, Any]:
+    """Train the ranker on the exported encoder's and the index's own candidates and hidden
+    states (what the server computes), export and verify it; the manifest's `ranker` section."""
+    from dataclasses import asdict
+
+    from .ranker_export import check_ranker_parity, export_ranker, time_ranker
+    from .ranker_model import RankerShape, features
+    from .ranker_train import train_ranker
+
+    shape = RankerShape(
+        model.cfg.n_items,
+        model.cfg.dim,
+        attend_last=cfg.attend_last,
+        keys=cfg.keys,
+        mlp_dim=cfg.mlp_dim,
+        dropout=cfg.dropout,
+    )
+    result = train_ranker(split, encoder.run, model.cfg.max_len, index, vectors, cfg, shape)
+    log.info(
+        "ranker: best valid NDCG@10 %.4f at epoch %d (stage one %.4f), %d epochs, %.0fs",
+        result.best_valid_ndcg10,
+        result.best_epoch,
+        result.stage1_valid_ndcg10,
+        result.epochs_run,
+        result.seconds,
+    )
+    names = export_ranker(result.ranker, path)
+    real = [split.valid.history(j) for j in range(min(64, len(split.valid)))]
+    parity = check_ranker_parity(result.ranker, model, path, real, seed=cfg.seed)
+    log.info("ranker ONNX parity: max |onnx - torch| = %.2e", parity.max_abs_diff)
+    speed = [time_ranker(path, shape.n_items, shape.dim, length=200, n=200, batch=b) for b in (1, 64)]
+    log.info(
+        "ranker, 200 candidates x history 200: %.3f ms at batch 1, %.0f users/s at batch 64",
+        speed[0]["ms"],
+        speed[1]["users_per_s"],
+    )
+    return {
+        "type": "target_attention",
+        "n_candidates": cfg.n_candidates,
+        "inputs": {
+            name: spec
+            for name, spec in {
+                "history": {"dtype": "int64", "shape": ["batch", "length"], "note": "tokens, left-padded with 0"},
+                "hidden": {"dtype": "float32", "shape": ["batch", "length", shape.dim]},
+                "candidates": {"dtype": "int64", "shape": ["batch", "candidates"], "note": "row + 1; 0 = empty slot"},
+                "candidate_scores": {"dtype": "float32", "shape": ["batch", "candidates"]},
+            }.items()
+            if name in names
+        },
+        "outputs": {"scores": {"dtype": "float32", "shape": ["batch", "candidates"]}},
+        "features": features(shape),
+        "shape": shape.to_dict(),
+        "opset": OPSET,
+        "parity": {"max_abs_diff": parity.max_abs_diff, "cases": parity.cases, "tolerance": 1e-4},
+        "speed_cpu": speed,
+        "training": {
+            "config": asdict(cfg),
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "best_valid_ndcg@10": result.best_valid_ndcg10,
+            "stage1_valid_ndcg@10": result.stage1_valid_ndcg10,
+            "samples": result.samples,
+            "samples_target_retrieved": result.samples_target_retrieved,
+            "seconds": result.seconds,
+            "history": result.history,
+        },
+    }

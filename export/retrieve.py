@@ -1,10 +1,10 @@
 """Offline candidate retrieval: every user's top-N items to Parquet, with the serving runtime.
 
-Uses the version's ONNX encoder and FAISS index (no torch), so it answers what the server
-answers for the same version. Users stream through in batches and each batch becomes one
-Parquet row group, so memory does not grow with the number of users. The output is written
-under a hidden temporary name and renamed into place when complete: a crash never leaves a
-file that looks finished.
+Runs the version's `Pipeline` (ONNX encoder, FAISS index and, with `rank`, the ranker; no
+torch), so it answers what the server answers for the same version. Users stream through in
+batches and each batch becomes one Parquet row group, so memory does not grow with the
+number of users. The output is written under a hidden temporary name and renamed into place
+when complete: a crash never leaves a file that looks finished.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engine.encoder import OnnxEncoder
-from engine.index import load_index, search
-from engine.repository import Manifest
+from engine.pipeline import Pipeline, RuntimeOptions
+from engine.repository import ArtifactError, Manifest
 
 from .data.sequences import SequenceData
 
@@ -73,7 +72,7 @@ def _id_type(ids: np.ndarray) -> pa.DataType:
     return pa.int64() if ids.dtype.kind in "iu" else pa.string()
 
 
-def output_schema(data: SequenceData, model: str, version: int, top_n: int) -> pa.Schema:
+def output_schema(data: SequenceData, model: str, version: int, top_n: int, rank: bool = False) -> pa.Schema:
     return pa.schema(
         [
             ("user_id", _id_type(data.user_ids)),
@@ -87,14 +86,16 @@ def output_schema(data: SequenceData, model: str, version: int, top_n: int) -> p
             "model_version": str(version),
             "top_n": str(top_n),
             "exclude_seen": "true",
+            "ranked": "true" if rank else "false",  # scores are the ranker's, not inner products
         },
     )
 
 
 class BatchRetriever:
-    """The version's encoder and index, loaded once; one call = one batch of users → rows.
+    """The version's pipeline, loaded once; one call = one batch of users → rows.
 
     Shared by the single-process job and the Ray actors, so both compute the same thing.
+    With `rank`, FAISS fetches the ranker's N candidates and the ranker picks the top-n.
     """
 
     def __init__(
@@ -105,22 +106,21 @@ class BatchRetriever:
         schema: pa.Schema,
         top_n: int,
         threads: int = 0,
+        rank: bool = False,
     ) -> None:
-        self.encoder = OnnxEncoder(
-            Path(version_dir) / manifest.files["encoder"].path, manifest.model["max_len"], intra_op_threads=threads
-        )
-        self.index = load_index(
-            Path(version_dir) / manifest.files["index"].path,
-            manifest.index["params"],
-            mips_max_norm2=manifest.index.get("mips_max_norm2"),
-        )
+        # The caller opened (and verified) the version: no second pass over the checksums.
+        self.pipeline = Pipeline.load(version_dir, RuntimeOptions(intra_op_threads=threads), verify=False)
+        if rank and self.pipeline.ranker is None:
+            raise ArtifactError(f"{version_dir}: --rank needs a version with a ranker; this one has none")
         self.item_ids, self.schema, self.top_n, self.version = item_ids, schema, top_n, manifest.version
+        self.rank = rank
 
     def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
-        """histories: token arrays (catalogue row + 1), one per user."""
-        scores, found = search(
-            self.index, self.encoder.encode_histories(histories), self.top_n, exclude=[h - 1 for h in histories]
-        )
+        """histories: token arrays (catalogue row + 1), one per user. Every item of the whole
+        history is excluded, not only the most recent max_len that the encoder reads."""
+        rows = [h - 1 for h in histories]
+        rec = self.pipeline.recommend(rows, self.top_n, exclude=rows, rank=self.rank)
+        found, scores = rec.rows, rec.scores
         ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
         ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
         return pa.table(
@@ -136,7 +136,7 @@ class BatchRetriever:
 
 
 def plan(
-    data: SequenceData, manifest: Manifest, users: np.ndarray | None, top_n: int
+    data: SequenceData, manifest: Manifest, users: np.ndarray | None, top_n: int, rank: bool = False
 ) -> tuple[np.ndarray, list, pa.Schema]:
     """What both job runners start from: the users to serve (unknown requested ids warned
     about) and the output schema."""
@@ -146,7 +146,9 @@ def plan(
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
-    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n)
+    if rank and "ranker" not in manifest.files:
+        raise ArtifactError(f"{manifest.name} version {manifest.version} has no ranker: retrieve without --rank")
+    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank)
 
 
 def retrieve(
@@ -159,15 +161,17 @@ def retrieve(
     users: np.ndarray | None = None,
     batch_size: int = 1024,
     threads: int = 0,
+    rank: bool = False,
     progress: bool = True,
 ) -> RetrieveReport:
     """Top-`top_n` items for each user in `data` (or the external ids in `users`), seen items
     excluded, written to `out` as Parquet: user_id, rank (1-based), item_id, score, model_version.
+    With `rank`, stage one's candidates re-ordered by the version's ranker (scores are the ranker's).
 
     `data` must be built with the version's id map (build_sequences(log, item_vocab=...)).
     """
-    chosen, unknown, schema = plan(data, manifest, users, top_n)
-    step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank)
+    step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads, rank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")

@@ -1,6 +1,6 @@
 """`attnrec retrieve --ray`: the same job as a Ray Data pipeline, for more users than one machine serves.
 
-Each Ray actor loads the version's ONNX encoder and FAISS index once (from the repository
+Each Ray actor loads the version's pipeline (ONNX encoder, FAISS index, ranker) once (from the repository
 path, which every node must see) and runs the very `BatchRetriever` of the single-process
 job on its batches, so both give the same rows. Ray is an optional extra: `attnrec[ray]`.
 """
@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 class _Actor:
     """A Ray Data callable class: constructed once per actor, called per batch."""
 
-    def __init__(self, version_dir: str, item_ids: np.ndarray, schema: pa.Schema, top_n: int) -> None:
+    def __init__(self, version_dir: str, item_ids: np.ndarray, schema: pa.Schema, top_n: int, rank: bool) -> None:
         manifest = open_version(version_dir, verify=False)  # the driver verified the checksums
         # One ORT thread per actor: Ray gives each actor one CPU.
-        self.step = BatchRetriever(Path(version_dir), manifest, item_ids, schema, top_n, threads=1)
+        self.step = BatchRetriever(Path(version_dir), manifest, item_ids, schema, top_n, threads=1, rank=rank)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hist = batch.column("history").combine_chunks()
@@ -53,13 +53,14 @@ def retrieve_ray(
     batch_size: int = 1024,
     address: str | None = None,
     workers: int = 2,
+    rank: bool = False,
 ) -> RetrieveReport:
     """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
-    chosen, unknown, schema = plan(data, manifest, users, top_n)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank)
     lengths = data.lengths[chosen]
     offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -87,6 +88,7 @@ def retrieve_ray(
                 "item_ids": np.asarray(data.item_ids[1:]),
                 "schema": schema,
                 "top_n": top_n,
+                "rank": rank,
             },
             batch_size=batch_size,
             batch_format="pyarrow",

@@ -46,7 +46,7 @@ def retrieve_from_server(
         raise ValueError(f"top-n must be at least 1, got {top_n}")
     info = client.model_info()
     chosen, unknown = select_users(data, users)
-    schema = output_schema(data, info["model"], info["version"], top_n)
+    schema = output_schema(data, info["model"], info["version"], top_n, rank=info["has_ranker"])
     item_type = schema.field("item_id").type
     parse = int if pa.types.is_integer(item_type) else str
 

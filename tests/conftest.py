@@ -51,6 +51,12 @@ TRAIN = [
     "64",
     "--threads",
     "2",
+    "--ranker-epochs",
+    "2",
+    "--ranker-samples-per-user",
+    "3",
+    "--ranker-n-candidates",
+    "50",
 ]
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.encoder import OnnxEncoder
+from engine.encoder import OnnxEncoder, pad_histories
+from engine.ranker import OnnxRanker
 from engine.repository import newest_valid_version
 from export import retrieve as retrieve_mod
 from export.cli import main
@@ -66,19 +67,52 @@ def test_unknown_users_are_reported_and_strict_mode_fails(version, tmp_path):
 
 def test_a_crash_mid_run_leaves_no_file_that_looks_complete(version, tmp_path, monkeypatch):
     data_path, repo, version_dir, manifest, data = version
-    real_search, calls = retrieve_mod.search, []
+    real_recommend, calls = retrieve_mod.Pipeline.recommend, []
 
-    def failing_search(*a, **kw):
+    def failing_recommend(*a, **kw):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("killed mid-run")
-        return real_search(*a, **kw)
+        return real_recommend(*a, **kw)
 
-    monkeypatch.setattr(retrieve_mod, "search", failing_search)
+    monkeypatch.setattr(retrieve_mod.Pipeline, "recommend", failing_recommend)
     out = tmp_path / "cands.parquet"
     with pytest.raises(RuntimeError, match="killed"):
         retrieve_mod.retrieve(version_dir, manifest, data, out, top_n=10, batch_size=32, progress=False)
     assert list(tmp_path.iterdir()) == []  # neither the output nor its partial file
+
+
+def test_rank_gives_the_pipelines_ranked_answer(version, tmp_path):
+    data_path, repo, version_dir, manifest, data = version
+    out = tmp_path / "ranked.parquet"
+    assert main(retrieve_args(repo, data_path, out, "--top-n", "10", "--rank")) == 0
+    table = pq.read_table(out)
+    assert table.schema.metadata[b"ranked"] == b"true"
+    table = table.to_pydict()
+    ids = load_item_ids(version_dir, manifest)
+    # reference: the ranker's scores of the FAISS top-N (whole history excluded), sorted by hand
+    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model["max_len"])
+    ranker = OnnxRanker(version_dir / "ranker.onnx")
+    items = load_item_vectors(version_dir, manifest)
+    n = manifest.ranker["n_candidates"]
+    for u in (0, 11, data.n_users - 1):
+        hist = data.sequence(u)
+        tokens = pad_histories([hist], manifest.model["max_len"])
+        outs = enc.run(tokens)
+        exact = outs["query"][0] @ items.T
+        exact[hist - 1] = -np.inf
+        cands = np.argsort(-exact, kind="stable")[:n]
+        feeds = {
+            "history": tokens,
+            "hidden": outs.get("hidden"),  # read only by a ranker over hidden states
+            "candidates": cands[None] + 1,
+            "candidate_scores": exact[cands][None].astype(np.float32),
+        }
+        scores = ranker.score(feeds)[0]
+        best = cands[np.argsort(-scores, kind="stable")[:10]]
+        rows = [i for i, x in enumerate(table["user_id"]) if x == data.user_ids[u]]
+        assert [table["item_id"][i] for i in rows] == ids[best].tolist()
+        np.testing.assert_allclose([table["score"][i] for i in rows], np.sort(scores)[::-1][:10], rtol=1e-5, atol=1e-5)
 
 
 def test_bad_top_n_is_refused(version, tmp_path):

@@ -1,0 +1,88 @@
+"""Ranker latency in onnxruntime: N candidates scored against an L-item history, per batch size.
+
+    python -m benchmarks.ranker_speed REPO_DIR/MODEL_NAME/VERSION [--threads 1] [--batches 1,64]
+
+Feeds random tokens and hidden states of the version's shapes (the cost does not depend on
+the values); reports the median of `--repeats` calls after a warm-up, per batch size, and the
+encoder's cost at the same history length for scale. No torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from engine.encoder import make_session
+from engine.repository import open_version
+
+
+def _median_ms(fn, repeats: int) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return float(np.median(times))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("version_dir", type=Path)
+    p.add_argument("--length", type=int, default=200, help="history length (default: 200)")
+    p.add_argument("--candidates", type=int, default=200, help="candidates per user (default: 200)")
+    p.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default: 1,64)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--json", type=Path, help="also write the results here")
+    args = p.parse_args(argv)
+
+    manifest = open_version(args.version_dir)
+    if "ranker" not in manifest.files:
+        p.error(f"{args.version_dir} has no ranker")
+    n_items, dim = manifest.model["n_items"], manifest.model["dim"]
+    ranker = make_session(args.version_dir / manifest.files["ranker"].path, intra_op_threads=args.threads)
+    encoder = make_session(args.version_dir / manifest.files["encoder"].path, intra_op_threads=args.threads)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (int(b) for b in args.batches.split(",")):
+        history = rng.integers(1, n_items + 1, size=(batch, args.length))
+        feeds = {
+            "history": history,
+            "hidden": rng.normal(size=(batch, args.length, dim)).astype(np.float32),
+            "candidates": rng.integers(1, n_items + 1, size=(batch, args.candidates)),
+            "candidate_scores": rng.normal(size=(batch, args.candidates)).astype(np.float32),
+        }
+        feeds = {i.name: feeds[i.name] for i in ranker.get_inputs()}
+        ms = _median_ms(lambda: ranker.run(["scores"], feeds), args.repeats)
+        enc_ms = _median_ms(lambda: encoder.run(None, {"history": history}), args.repeats)
+        rows.append(
+            {
+                "batch": batch,
+                "length": args.length,
+                "candidates": args.candidates,
+                "ranker_ms": ms,
+                "ranker_ms_per_user": ms / batch,
+                "ranker_users_per_s": batch * 1e3 / ms,
+                "encoder_ms": enc_ms,
+            }
+        )
+        print(
+            f"batch {batch:4d}: ranker {ms:.3f} ms ({ms / batch:.4f} ms/user, {batch * 1e3 / ms:,.0f} users/s); "
+            f"encoder {enc_ms:.3f} ms"
+        )
+    if args.json:
+        env = {"onnxruntime": ort.__version__, "python": platform.python_version(), "threads": args.threads}
+        args.json.write_text(json.dumps({"version_dir": str(args.version_dir), "env": env, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

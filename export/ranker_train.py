@@ -1,0 +1,275 @@
+"""Training the ranker on stage one's own output, early-stopped on the two-stage validation NDCG@10.
+
+Samples come from the training part only. For a user whose training sequence is s (the
+validation and test targets are not in it), a sample cuts s at a recent position t: the
+prefix s[:t] is the history, s[t] the target. Stage one (the frozen encoder and the version's
+FAISS index, seen items excluded as at serving time) gives the prefix's top-N candidates:
+hard negatives. Only prefixes whose true item retrieval found are kept, so the true item is
+always among the candidates, and a listwise softmax over them teaches the ranker to re-order
+what retrieval returns. (Adding a missed target in an extra slot would leak: it would be the
+one candidate scored below stage one's cut-off, which the ranker learns to spot and which
+never occurs when serving; it measurably hurt validation NDCG on MovieLens.) A target that
+already occurs in its prefix is skipped: serving never ranks seen items.
+
+Validation runs the pipeline that will be served: the validation users' histories through
+stage one's top-N and the ranker, NDCG@10 of the re-ordered list. Epoch 0 (before any step)
+is stage one's own order, since the ranker starts as retrieval; the best epoch is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engine.encoder import pad_histories
+from engine.index import ItemIndex, search
+
+from .config import RankerConfig
+from .data.sequences import EvalSet, LeaveOneOut
+from .model import SASRec
+from .ranker_model import RankerShape, TargetAttentionRanker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CandidateSets:
+    """Histories with stage one's candidates, and the frozen encoder's states the ranker reads.
+
+    tokens/hidden: (S, K) / (S, K, D), the most recent K = attend_last positions, left-padded
+    (the encoder is frozen, so its states are computed once, not every epoch);
+    candidates/scores: (S, W) tokens / inner-product scores, 0 / 0.0 in empty slots;
+    target_slot: (S,) the slot of the true item, or -1 when it is not among them.
+    """
+
+    tokens: np.ndarray
+    hidden: np.ndarray
+    candidates: np.ndarray
+    scores: np.ndarray
+    target_slot: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.target_slot)
+
+    def take(self, idx: np.ndarray) -> "CandidateSets":
+        return CandidateSets(
+            *(a[idx] for a in (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot))
+        )
+
+
+def training_prefixes(split: LeaveOneOut, samples_per_user: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user, cut) pairs from the training part: each user's most recent `samples_per_user`
+    positions t ≥ 1 whose item is not in the prefix before it (so it can be ranked)."""
+    users, cuts = [], []
+    for u in range(split.data.n_users):
+        s = split.train_sequence(u)
+        for t in range(len(s) - 1, max(0, len(s) - 1 - samples_per_user), -1):
+            if t >= 1 and s[t] not in s[:t]:
+                users.append(u)
+                cuts.append(t)
+    return np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
+
+
+Encode = Callable[[np.ndarray], dict[str, np.ndarray]]  # tokens (B, L) → {"query": (B, D), "hidden": (B, L, D)}
+
+
+def torch_encode(model: SASRec) -> Encode:
+    """The torch encoder as an `Encode` (publish passes the exported ONNX encoder's `run`)."""
+
+    def run(tokens: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            h = model.eval().hidden(torch.from_numpy(tokens)).numpy()
+        return {"query": h[:, -1], "hidden": h}
+
+    return run
+
+
+def stage_one(
+    encode: Encode,
+    max_len: int,
+    index: ItemIndex,
+    item_vectors: np.ndarray,
+    full_histories: list[np.ndarray],
+    targets: np.ndarray,
+    n: int,
+    attend_last: int,
+    *,
+    batch_size: int = 256,
+) -> CandidateSets:
+    """Top-n candidates of each history (tokens), the whole history excluded, as the pipeline does.
+
+    `encode` is the frozen encoder with its hidden states (the ONNX one at publish time: the
+    very numbers the server computes).
+    """
+    width = n
+    size = len(targets)
+    cands = np.zeros((size, width), dtype=np.int64)
+    scores = np.zeros((size, width), dtype=np.float32)
+    slot = np.full(size, -1, dtype=np.int64)
+    tokens = np.zeros((size, attend_last), dtype=np.int64)
+    hidden = None
+    for s in range(0, size, batch_size):
+        hist = full_histories[s : s + batch_size]
+        sl = slice(s, s + len(hist))
+        padded = pad_histories(hist, max_len)
+        outs = encode(padded)
+        q = outs["query"]
+        # An encoder without `hidden` (a ranker over its own item embeddings) stores none: (S, K, 0).
+        h = outs.get("hidden", np.zeros((len(hist), padded.shape[1], 0), np.float32))
+        if hidden is None:
+            hidden = np.zeros((size, attend_last, h.shape[2]), dtype=np.float32)
+        t = min(attend_last, padded.shape[1])
+        tokens[sl, attend_last - t :] = padded[:, -t:]
+        hidden[sl, attend_last - t :] = np.where(padded[:, -t:, None] > 0, h[:, -t:], 0.0)
+        sc, rows = search(index, q, n, exclude=[x - 1 for x in hist])
+        ok = rows >= 0
+        cands[sl, :n] = np.where(ok, rows + 1, 0)
+        scores[sl, :n] = np.where(ok, sc, 0.0)
+        tgt = targets[sl]
+        hit = rows == (tgt - 1)[:, None]
+        found = hit.any(axis=1)
+        slot[sl] = np.where(found, hit.argmax(axis=1), -1)
+    if hidden is None:
+        hidden = np.zeros((0, attend_last, item_vectors.shape[1]), dtype=np.float32)
+    return CandidateSets(tokens, hidden, cands, scores, slot)
+
+
+def training_samples(
+    split: LeaveOneOut, encode: Encode, max_len: int, index: ItemIndex, item_vectors: np.ndarray, cfg: RankerConfig
+) -> tuple[CandidateSets, int]:
+    """The prefixes whose target stage one retrieves, with their candidates; and how many prefixes there were."""
+    users, cuts = training_prefixes(split, cfg.samples_per_user)
+    starts = split.data.offsets[users]
+    hist = [split.data.items[a : a + t] for a, t in zip(starts, cuts)]
+    targets = split.data.items[starts + cuts]
+    n, k = cfg.n_candidates, cfg.attend_last
+    sets = stage_one(encode, max_len, index, item_vectors, hist, targets, n, k)
+    return sets.take(np.flatnonzero(sets.target_slot >= 0)), len(sets)
+
+
+def eval_candidates(
+    es: EvalSet, encode: Encode, max_len: int, index: ItemIndex, item_vectors: np.ndarray, cfg: RankerConfig
+) -> CandidateSets:
+    hist = [es.history(j) for j in range(len(es))]
+    n, k = cfg.n_candidates, cfg.attend_last
+    return stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k)
+
+
+def _batch(sets: CandidateSets, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(a[idx]) for a in (sets.tokens, sets.hidden, sets.candidates, sets.scores))
+
+
+@torch.no_grad()
+def ranked_ndcg(ranker: TargetAttentionRanker, sets: CandidateSets, k: int = 10) -> float:
+    """NDCG@k of the ranker's order of each set's candidates (a miss when the target is not among them)."""
+    was = ranker.training
+    ranker.eval()
+    gains = []
+    for s in range(0, len(sets), 256):
+        idx = np.arange(s, min(s + 256, len(sets)))
+        tokens, hidden, cands, scores = _batch(sets, idx)
+        out = ranker(tokens, hidden, cands, scores).masked_fill(cands == 0, float("-inf"))
+        order = torch.argsort(out, dim=1, descending=True, stable=True)[:, :k].numpy()
+        slot = sets.target_slot[idx]
+        pos = np.where((order == slot[:, None]) & (slot[:, None] >= 0))
+        g = np.zeros(len(idx))
+        g[pos[0]] = 1.0 / np.log2(pos[1] + 2.0)
+        gains.append(g)
+    ranker.train(was)
+    return float(np.concatenate(gains).mean()) if gains else 0.0
+
+
+@dataclass
+class RankerResult:
+    ranker: TargetAttentionRanker
+    best_epoch: int  # 0: the ranker never beat stage one's own order on validation
+    best_valid_ndcg10: float
+    stage1_valid_ndcg10: float
+    epochs_run: int
+    seconds: float
+    samples: int
+    samples_target_retrieved: float  # share of training samples whose target stage one found
+    history: list[dict] = field(default_factory=list)
+
+
+def train_ranker(
+    split: LeaveOneOut,
+    encode: Encode,
+    max_len: int,
+    index: ItemIndex,
+    item_vectors: np.ndarray,
+    cfg: RankerConfig,
+    shape: RankerShape,
+) -> RankerResult:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    samples, n_prefixes = training_samples(split, encode, max_len, index, item_vectors, cfg)
+    if not len(samples):
+        raise ValueError("no training prefixes for the ranker: every user's training part is too short")
+    val = split.valid
+    if len(val) > cfg.val_users:
+        val = val.subset(np.sort(rng.choice(len(val), cfg.val_users, replace=False)))
+    val_sets = eval_candidates(val, encode, max_len, index, item_vectors, cfg)
+    retrieved = len(samples) / max(n_prefixes, 1)
+    log.info(
+        "ranker: %d training prefixes (kept: target in stage one's top-%d, %.1f%%), %d validation users; %.0fs",
+        len(samples),
+        cfg.n_candidates,
+        100 * retrieved,
+        len(val),
+        time.perf_counter() - t0,
+    )
+
+    pop = split.train_popularity()[1:]
+    ranker = TargetAttentionRanker(shape, torch.from_numpy(item_vectors), pop)
+    opt = torch.optim.AdamW(ranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stage1 = best = ranked_ndcg(ranker, val_sets)
+    best_epoch, bad, history = 0, 0, [{"epoch": 0, "valid_ndcg@10": best}]
+    best_state = {k: v.clone() for k, v in ranker.state_dict().items()}
+    log.info("ranker epoch 0 (stage one's order): valid NDCG@10 %.4f", best)
+    epoch = 0
+    n_batches = -(-len(samples) // cfg.batch_size)
+    while epoch < cfg.epochs and bad < cfg.patience:
+        ranker.train()
+        order = rng.permutation(len(samples))
+        total = 0.0
+        for b in range(n_batches):
+            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            tokens, hidden, cands, scores = _batch(samples, idx)
+            logits = ranker(tokens, hidden, cands, scores).masked_fill(cands == 0, float("-inf"))
+            loss = F.cross_entropy(logits, torch.from_numpy(samples.target_slot[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        epoch += 1
+        ndcg = ranked_ndcg(ranker, val_sets)
+        history.append({"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg})
+        if ndcg > best:
+            best, best_epoch, bad = ndcg, epoch, 0
+            best_state = {k: v.clone() for k, v in ranker.state_dict().items()}
+        else:
+            bad += 1
+        log.info(
+            "ranker epoch %d: loss %.4f, valid NDCG@10 %.4f (stage one %.4f; best %.4f at epoch %d)",
+            epoch,
+            total / n_batches,
+            ndcg,
+            stage1,
+            best,
+            best_epoch,
+        )
+    ranker.load_state_dict(best_state)
+    ranker.eval()
+    return RankerResult(
+        ranker, best_epoch, best, stage1, epoch, time.perf_counter() - t0, len(samples), retrieved, history
+    )
