@@ -70,11 +70,14 @@ def free_port() -> int:
 
 
 def clone_version(src: Path, repo: Path, name: str = "seq", *, ranker_onnx: Path | None = None, **ranker) -> Path:
-    """Publish a copy of the version at `src` as the next version of `repo/name`, optionally with a ranker."""
+    """Publish a copy of the version at `src` as the next version of `repo/name`: without a ranker,
+    or with `ranker_onnx` (src's own ranker, if any, is never copied)."""
     manifest = open_version(src)
     with VersionWriter(repo, name) as w:
         files = {}
         for role, entry in manifest.files.items():
+            if role == "ranker":
+                continue
             shutil.copy(src / entry.path, w.path / entry.path)
             files[role] = entry.path
         if ranker_onnx is not None:

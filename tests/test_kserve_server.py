@@ -32,7 +32,7 @@ def client(served):
 def test_server_lists_the_models_and_their_batching(client, served):
     assert client.is_server_live() and client.is_server_ready()
     names = [m.name for m in client.get_model_repository_index().models]
-    assert names == ["encoder", "pipeline"]
+    assert names == ["encoder", "ranker", "pipeline"]  # the fixture trains a ranker too
     version = str(served.server.host.current.version)
     for name in names:
         assert client.is_model_ready(name) and client.is_model_ready(name, version)

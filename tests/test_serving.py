@@ -19,16 +19,22 @@ from export.evaluate import load_item_ids, load_item_vectors
 
 
 @pytest.fixture(scope="module")
-def served(trained_repo):
-    _, repo = trained_repo
-    with RunningServer(settings(repo, max_batch_size=16)) as s:
+def plain_repo(trained_repo, tmp_path_factory):
+    """The fixture's newest version without its ranker: stage one alone (exact Flat index)."""
+    repo = tmp_path_factory.mktemp("plain") / "repo"
+    clone_version(newest_valid_version(trained_repo[1], "seq")[0], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def served(plain_repo):
+    with RunningServer(settings(plain_repo, max_batch_size=16)) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
-def reference(trained_repo):
-    _, repo = trained_repo
-    path, manifest = newest_valid_version(repo, "seq")
+def reference(plain_repo):
+    path, manifest = newest_valid_version(plain_repo, "seq")
     enc = OnnxEncoder(path / "encoder.onnx", manifest.model["max_len"])
     return enc, load_item_vectors(path, manifest), load_item_ids(path, manifest).astype(str), manifest
 
@@ -51,8 +57,8 @@ def test_recommend_is_the_offline_evaluations_exact_top_k(served, reference):
             assert r.timings["encoder_ms"] > 0 and r.timings["total_ms"] >= r.timings["queue_ms"]
 
 
-def test_empty_or_unknown_history_gets_the_popularity_fallback(served, trained_repo):
-    pipe = Pipeline.load(newest_valid_version(trained_repo[1], "seq")[0])
+def test_empty_or_unknown_history_gets_the_popularity_fallback(served, plain_repo):
+    pipe = Pipeline.load(newest_valid_version(plain_repo, "seq")[0])
     ids = pipe.item_ids.astype(str)
     with RecommenderClient(served.target) as client:
         r = client.recommend(["nope", "nada"], 5, exclude=[ids[pipe.popular_rows[0]]])
@@ -71,8 +77,8 @@ def test_invalid_requests_get_invalid_argument(served):
             )
 
 
-def test_1000_concurrent_requests_with_distinct_histories_each_get_their_own_answer(served, trained_repo):
-    pipe = Pipeline.load(newest_valid_version(trained_repo[1], "seq")[0])
+def test_1000_concurrent_requests_with_distinct_histories_each_get_their_own_answer(served, plain_repo):
+    pipe = Pipeline.load(newest_valid_version(plain_repo, "seq")[0])
     ids = pipe.item_ids.astype(str)
     rng = np.random.default_rng(7)
     histories = [rng.choice(pipe.n_items, size=int(rng.integers(1, 25)), replace=False) for _ in range(1000)]
