@@ -39,11 +39,16 @@ def make_session(
     intra_op_threads: int = 0,
     inter_op_threads: int = 0,
     graph_optimization: str = "all",
+    allow_spinning: bool = True,
 ) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _GRAPH_OPT[graph_optimization]
     opts.intra_op_num_threads = intra_op_threads  # 0 = onnxruntime's default (all cores)
     opts.inter_op_num_threads = inter_op_threads
+    # Spinning worker threads shave microseconds off a lone call but burn the cores that the
+    # gRPC loop, FAISS and the other requests need on a small, shared host.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "1" if allow_spinning else "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(providers))
 
 

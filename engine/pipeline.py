@@ -32,6 +32,8 @@ class RuntimeOptions:
     inter_op_threads: int = 0
     graph_optimization: str = "all"
     faiss_gpu: bool | None = None  # None = on the GPU when FAISS has a GPU build and a device
+    allow_spinning: bool = True  # onnxruntime's worker threads busy-wait between ops
+    faiss_threads: int = 0  # FAISS's OpenMP threads (process-wide); 0 = FAISS's default (all cores)
 
     def session_kwargs(self) -> dict:
         return {
@@ -39,6 +41,7 @@ class RuntimeOptions:
             "intra_op_threads": self.intra_op_threads,
             "inter_op_threads": self.inter_op_threads,
             "graph_optimization": self.graph_optimization,
+            "allow_spinning": self.allow_spinning,
         }
 
 
@@ -70,6 +73,10 @@ class Pipeline:
     def load(cls, path: Path | str, options: RuntimeOptions = RuntimeOptions(), *, verify: bool = True) -> "Pipeline":
         path = Path(path)
         manifest = open_version(path, verify=verify)
+        if options.faiss_threads > 0:
+            import faiss
+
+            faiss.omp_set_num_threads(options.faiss_threads)
         kw = options.session_kwargs()
         encoder = OnnxEncoder(path / manifest.files["encoder"].path, manifest.model["max_len"], **kw)
         index = load_index(

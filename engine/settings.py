@@ -37,6 +37,8 @@ class ServerSettings:
     intra_op_threads: int = 0
     inter_op_threads: int = 0
     graph_optimization: str = "all"
+    ort_spinning: str = "off"
+    faiss_threads: int = 0
     faiss_gpu: str = "auto"
     poll_interval: float = 0.0
     grace: float = 10.0
@@ -59,7 +61,15 @@ class ServerSettings:
 
         gpu = {"auto": None, "on": True, "off": False}[self.faiss_gpu]
         providers = tuple(p.strip() for p in self.providers.split(",") if p.strip()) or None
-        return RuntimeOptions(providers, self.intra_op_threads, self.inter_op_threads, self.graph_optimization, gpu)
+        return RuntimeOptions(
+            providers,
+            self.intra_op_threads,
+            self.inter_op_threads,
+            self.graph_optimization,
+            gpu,
+            allow_spinning=self.ort_spinning == "on",
+            faiss_threads=self.faiss_threads,
+        )
 
     def token(self) -> str:
         """The bearer token clients must send ("" = no check)."""
@@ -84,6 +94,10 @@ HELP = {
     "intra_op_threads": "onnxruntime intra-op threads (0: all cores)",
     "inter_op_threads": "onnxruntime inter-op threads (0: default)",
     "graph_optimization": "onnxruntime graph optimisation: disable, basic, extended, all",
+    "ort_spinning": "onnxruntime worker threads busy-wait between ops: on, off (off leaves the cores to "
+    "the gRPC loop and FAISS on small hosts)",
+    "faiss_threads": "FAISS OpenMP threads for search (0: all cores; 1 suits small per-request batches, where "
+    "OpenMP's hand-off costs more than it saves)",
     "faiss_gpu": "FAISS on the GPU: auto (when a GPU build and a device are present), on, off",
     "poll_interval": "seconds between checks of the repository for new versions (0: off)",
     "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
@@ -95,7 +109,11 @@ HELP = {
     "(prefer ATTNREC_AUTH_TOKEN or --auth-token-file: flags show in `ps`)",
     "auth_token_file": "file holding the bearer token",
 }
-CHOICES = {"graph_optimization": ["disable", "basic", "extended", "all"], "faiss_gpu": ["auto", "on", "off"]}
+CHOICES = {
+    "graph_optimization": ["disable", "basic", "extended", "all"],
+    "faiss_gpu": ["auto", "on", "off"],
+    "ort_spinning": ["on", "off"],
+}
 
 
 def _kind(f) -> type:

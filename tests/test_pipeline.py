@@ -44,3 +44,24 @@ def test_more_than_the_catalogue_leaves_empty_slots(pipeline):
     got = pipeline.recommend([np.array([0, 1])], pipeline.n_items + 3)
     assert (got.rows[0, -5:] == -1).all() and np.isneginf(got.scores[0, -5:]).all()
     assert sorted(got.rows[0, : pipeline.n_items - 2]) == list(range(2, pipeline.n_items))
+
+
+def test_runtime_options_reach_the_sessions_and_faiss(trained_repo):
+    import faiss
+
+    from engine.pipeline import RuntimeOptions
+
+    path, _ = newest_valid_version(trained_repo[1], "seq")
+    before = faiss.omp_get_max_threads()
+    try:
+        p = Pipeline.load(path, RuntimeOptions(allow_spinning=False, faiss_threads=1))
+        opts = p.encoder.session.get_session_options()
+        assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert faiss.omp_get_max_threads() == 1
+        spinning = Pipeline.load(path, RuntimeOptions(allow_spinning=True))
+        assert (
+            spinning.encoder.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+            == "1"
+        )
+    finally:
+        faiss.omp_set_num_threads(before)
