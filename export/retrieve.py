@@ -117,9 +117,9 @@ class BatchRetriever:
 
     def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
         """histories: token arrays (catalogue row + 1), one per user. Every item of the whole
-        history is excluded, not only the most recent max_len that the encoder reads."""
-        rows = [h - 1 for h in histories]
-        rec = self.pipeline.recommend(rows, self.top_n, exclude=rows, rank=self.rank)
+        history is excluded (Pipeline.recommend does that), not only the most recent max_len
+        that the encoder reads."""
+        rec = self.pipeline.recommend([h - 1 for h in histories], self.top_n, rank=self.rank)
         found, scores = rec.rows, rec.scores
         ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
         ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
