@@ -11,14 +11,13 @@ before the real ranker lands; its numbers are labelled "synthetic".
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-OPSET = 17
+from export.onnx_export import trace_to_onnx
 
 
 class TargetAttentionRanker(nn.Module):
@@ -52,21 +51,12 @@ def export_ranker(model: TargetAttentionRanker, path: Path) -> Path:
         torch.randint(1, 10, (2, 5)),
         torch.rand(2, 5),
     )
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            example,
-            str(path),
-            input_names=["history", "candidates", "candidate_scores"],
-            output_names=["scores"],
-            dynamic_axes={
-                "history": {0: "batch", 1: "length"},
-                "candidates": {0: "batch", 1: "n"},
-                "candidate_scores": {0: "batch", 1: "n"},
-                "scores": {0: "batch", 1: "n"},
-            },
-            opset_version=OPSET,
-            dynamo=False,
-        )
+    axes = {
+        "history": {0: "batch", 1: "length"},
+        "candidates": {0: "batch", 1: "n"},
+        "candidate_scores": {0: "batch", 1: "n"},
+        "scores": {0: "batch", 1: "n"},
+    }
+    names = ["history", "candidates", "candidate_scores"]
+    trace_to_onnx(model, example, path, names, ["scores"], axes, optimize=False)
     return path

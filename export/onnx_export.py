@@ -47,21 +47,37 @@ def export_encoder(model: SASRec, path: Path, *, with_hidden: bool = False, opti
     """
     model = model.eval()
     example = torch.randint(1, model.cfg.n_items + 1, (2, min(8, model.cfg.max_len)))
-    raw = path.with_suffix(".raw.onnx")
     module = _EncoderWithHidden(model) if with_hidden else model
     names = ["query", "hidden"] if with_hidden else ["query"]
     axes = {"history": {0: "batch", 1: "length"}, "query": {0: "batch"}, "hidden": {0: "batch", 1: "length"}}
+    return trace_to_onnx(module, (example,), path, ["history"], names, axes, optimize=optimize)
+
+
+def trace_to_onnx(
+    module: torch.nn.Module,
+    example: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    axes: dict[str, dict[int, str]],
+    *,
+    optimize: bool = True,
+) -> Path:
+    """Trace `module` on `example` to `path` with the dynamic `axes` of the named inputs and outputs;
+    with `optimize`, save it after onnxruntime's portable ("basic") rewrites."""
+    raw = path.with_suffix(".raw.onnx")
+    used = set(input_names) | set(output_names)
     # The TorchScript exporter is deprecated in favour of torch.export, but it handles our dynamic
-    # length axis without onnxscript; the parity check below is what vouches for the graph.
+    # length axis without onnxscript; the parity checks are what vouch for the graphs.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
         torch.onnx.export(
             module,
-            (example,),
+            example,
             str(raw),
-            input_names=["history"],
-            output_names=names,
-            dynamic_axes={k: v for k, v in axes.items() if k in names or k == "history"},
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes={k: v for k, v in axes.items() if k in used},
             opset_version=OPSET,
             dynamo=False,
         )

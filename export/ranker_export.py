@@ -4,7 +4,6 @@ proving it computes what torch computes."""
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -16,7 +15,7 @@ from engine.encoder import make_session, pad_histories
 from engine.ranker import OnnxRanker
 
 from .model import SASRec
-from .onnx_export import OPSET, PARITY_TOLERANCE, ParityError
+from .onnx_export import PARITY_TOLERANCE, ParityError, trace_to_onnx
 from .ranker_model import INPUTS, TargetAttentionRanker
 
 
@@ -57,29 +56,7 @@ def export_ranker(ranker: TargetAttentionRanker, path: Path, *, optimize: bool =
         names.remove("hidden")
         example = (example[0], example[2], example[3])
         module = _WithoutHidden(ranker)
-    raw = path.with_suffix(".raw.onnx")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", (DeprecationWarning, torch.jit.TracerWarning))
-        torch.onnx.export(
-            module,
-            example,
-            str(raw),
-            input_names=names,
-            output_names=["scores"],
-            dynamic_axes={k: v for k, v in axes.items() if k in names or k == "scores"},
-            opset_version=OPSET,
-            dynamo=False,
-        )
-    if optimize:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        opts.optimized_model_filepath = str(path)
-        ort.InferenceSession(str(raw), sess_options=opts, providers=["CPUExecutionProvider"])
-        raw.unlink()
-    else:
-        raw.replace(path)
+    trace_to_onnx(module, example, path, names, ["scores"], axes, optimize=optimize)
     return names
 
 

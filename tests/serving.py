@@ -7,7 +7,6 @@ import asyncio
 import shutil
 import socket
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,28 +102,12 @@ def toy_ranker(path: Path) -> Path:
             last = history[:, -1:].float()  # (B, 1)
             return -torch.abs(candidates.float() - last) * 0.01 + 0.001 * candidate_scores  # (B, N)
 
+    from export.onnx_export import trace_to_onnx
+
     ex = (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 7, dtype=torch.long), torch.zeros(2, 7))
-    with warnings.catch_warnings():  # the TorchScript exporter's deprecation notice
-        warnings.simplefilter("ignore", DeprecationWarning)
-        _export(torch, ToyRanker(), ex, path)
-    return path
-
-
-def _export(torch, module, ex, path: Path) -> None:
-    torch.onnx.export(
-        module,
-        ex,
-        str(path),
-        input_names=["history", "candidates", "candidate_scores"],
-        output_names=["scores"],
-        dynamic_axes={
-            "history": {0: "b", 1: "l"},
-            "candidates": {0: "b", 1: "n"},
-            "candidate_scores": {0: "b", 1: "n"},
-        },
-        opset_version=17,
-        dynamo=False,
-    )
+    names = ["history", "candidates", "candidate_scores"]
+    axes = {"history": {0: "b", 1: "l"}, "candidates": {0: "b", 1: "n"}, "candidate_scores": {0: "b", 1: "n"}}
+    return trace_to_onnx(ToyRanker(), ex, path, names, ["scores"], axes, optimize=False)
 
 
 def assert_same_ranking(items, scores, ref_items, ref_scores, tol: float = 1e-5) -> None:
