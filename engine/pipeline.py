@@ -118,8 +118,10 @@ class Pipeline:
         t = {"encoder": 0.0, "search": 0.0, "ranker": 0.0}
         # Every item of the history is excluded; only the most recent max_len are encoded.
         histories = [np.asarray(h, dtype=np.int64) for h in histories]
+        # (the server always passes `exclude`, mostly empty: no set union for those)
         seen = [
-            h if exclude is None else np.union1d(h, np.asarray(exclude[i], np.int64)) for i, h in enumerate(histories)
+            h if exclude is None or not len(exclude[i]) else np.union1d(h, np.asarray(exclude[i], np.int64))
+            for i, h in enumerate(histories)
         ]
         rows = np.full((len(histories), k), -1, dtype=np.int64)
         scores = np.full((len(histories), k), -np.inf, dtype=np.float32)
