@@ -3,9 +3,9 @@
     version_dir, info = bench_version(settings, "e2e")    # 10^5 items, history 50, + synthetic ranker
     version_dir, info = bench_version(settings, "peer")   # 10^4 items, history 50, dim 64, 2 blocks
 
-A cached version is a synthetic log (export.data.synthetic) → SASRec with RANDOM weights (not
+A cached version is a synthetic log (attnrec.export.data.synthetic) → SASRec with RANDOM weights (not
 trained: speed does not depend on the weights, and training a 10^5-item softmax would cost
-minutes of the suite's budget) → `export.publish.publish` (ONNX encoder, tuned FAISS index,
+minutes of the suite's budget) → `attnrec.export.publish.publish` (ONNX encoder, tuned FAISS index,
 id map, popularity) → a second version with the suite's SYNTHETIC ranker attached. The torch
 weights are saved beside the repository (`sasrec.pt`), so the naive torch-eager baseline serves
 the very same encoder. With `--model VERSION_DIR` the given version is copied into the cache
@@ -71,11 +71,11 @@ def bench_version(settings: Settings, kind: str, *, cache: Path | None = None) -
 def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
     import torch
 
-    from export.config import SASRecConfig
-    from export.data.sequences import build_sequences, leave_one_out
-    from export.data.synthetic import SyntheticConfig, generate
-    from export.model import SASRec
-    from export.publish import publish
+    from attnrec.export.config import SASRecConfig
+    from attnrec.export.data.sequences import build_sequences, leave_one_out
+    from attnrec.export.data.synthetic import SyntheticConfig, generate
+    from attnrec.export.model import SASRec
+    from attnrec.export.publish import publish
 
     log_ = generate(
         SyntheticConfig(n_users=shape["n_users"], n_items=shape["n_items"], mean_length=shape["mean_length"], seed=seed)
@@ -111,7 +111,7 @@ def attach_synthetic_ranker(src: Path, repo: Path, name: str, n_items: int, dim:
     """Publish a copy of the version at `src` as the next version of repo/name, with the suite's synthetic ranker."""
     import torch
 
-    from engine.repository import VersionWriter, open_version
+    from attnrec.engine.repository import VersionWriter, open_version
 
     from .synthetic_ranker import TargetAttentionRanker, export_ranker
 
@@ -135,7 +135,7 @@ def attach_synthetic_ranker(src: Path, repo: Path, name: str, n_items: int, dim:
 
 
 def _from_given(version: Path, cache: Path, settings: Settings) -> BenchVersion:
-    from engine.repository import VersionWriter, open_version
+    from attnrec.engine.repository import VersionWriter, open_version
 
     manifest = open_version(version)
     root = Path(cache) / f"given-{manifest.name}-v{manifest.version}"
@@ -161,9 +161,9 @@ def torch_encoder(v: BenchVersion):
     """The version's SASRec in torch: from sasrec.pt, or rebuilt from the ONNX encoder's weights."""
     import torch
 
-    from engine.repository import open_version
-    from export.config import SASRecConfig
-    from export.model import SASRec
+    from attnrec.engine.repository import open_version
+    from attnrec.export.config import SASRecConfig
+    from attnrec.export.model import SASRec
 
     if v.torch_weights is not None:
         state = torch.load(v.torch_weights, weights_only=False)

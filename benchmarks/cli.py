@@ -94,7 +94,7 @@ def settings_from(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace, prelude=None) -> int:
-    """Run the stages named in args.stages; `prelude(report, settings)` may add sections first (benchmarks.gpu)."""
+    """Run the stages named in args.stages; `prelude(report, settings)` may add sections first (benchmarks/gpu.py)."""
     from . import stages
     from .machine import machine_info
     from .report import Report

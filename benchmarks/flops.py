@@ -48,7 +48,7 @@ def sasrec_flops(
 
 
 def target_attention_flops(batch: int, length: int, n_candidates: int, *, dim: int, mlp_dim: int) -> int:
-    """benchmarks.synthetic_ranker.TargetAttentionRanker on (B, L) history and (B, N) candidates."""
+    """attnrec.benchmarks.synthetic_ranker.TargetAttentionRanker on (B, L) history and (B, N) candidates."""
     L, N, D, H = length, n_candidates, dim, mlp_dim
     keys = 2 * L * D * D  # history → keys
     queries = 2 * N * D * D  # candidates → queries

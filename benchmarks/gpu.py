@@ -1,6 +1,6 @@
 """The GPU run: prove onnxruntime's CUDA provider really runs the models, then run the suite with CUDA.
 
-    python -m benchmarks.gpu [--provider cuda] [--quick] [--stages model,retrieval] [--out DIR] ...
+    python -m attnrec.benchmarks.gpu [--provider cuda] [--quick] [--stages model,retrieval] [--out DIR] ...
 
 (benchmarks/gpu.sh installs the carried wheels on a lent GPU machine and calls this.) Before
 any timing, each model (the SASRec encoder and the synthetic ranker, exported here) is run
@@ -77,9 +77,9 @@ def provider_section(report, settings) -> None:
     import numpy as np
     import torch
 
-    from export.config import SASRecConfig
-    from export.model import SASRec
-    from export.onnx_export import export_encoder
+    from attnrec.export.config import SASRecConfig
+    from attnrec.export.model import SASRec
+    from attnrec.export.onnx_export import export_encoder
 
     from .stages.model import N_CANDIDATES, RANKER_MLP, shape_for
     from .synthetic_ranker import TargetAttentionRanker, export_ranker
@@ -135,7 +135,7 @@ def preload_cuda() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attnrec.benchmarks.gpu", description=__doc__.split("\n\n")[0])
     cli.add_arguments(p)
     p.set_defaults(provider="cuda", stages="model,retrieval")
     args = p.parse_args(argv)

@@ -5,7 +5,7 @@
 #                 → .gpu-wheels/part-* + NAME (onnxruntime-gpu, by ../shared/tools/gpu-wheel-parts.sh)
 #                   and .whl/ (faiss-cpu for Python 3.12: no FAISS GPU wheel fits CUDA 13), both git-ignored
 #   there:        carry one .gpu-wheels part per call (NAME with the first, .whl with any), then
-#                 benchmarks/gpu.sh run [--quick] [--out DIR] [any python -m benchmarks.gpu flag]
+#                 benchmarks/gpu.sh run [--quick] [--out DIR] [any python -m attnrec.benchmarks.gpu flag]
 #                 which reassembles and installs the wheels (once per machine), checks that onnxruntime's
 #                 CUDA provider runs the models, and runs the model and retrieval stages with CUDA.
 #
@@ -40,10 +40,10 @@ run)
   # onnxruntime-gpu's site first, so it shadows a CPU-only onnxruntime the machine may have.
   export PYTHONPATH="$site:/tmp/attnrec-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1
-  exec "$PYTHON" -m benchmarks.gpu "$@"
+  exec "$PYTHON" -m attnrec.benchmarks.gpu "$@"
   ;;
 *)
-  echo "usage: $0 prepare | run [python -m benchmarks.gpu flags]" >&2
+  echo "usage: $0 prepare | run [python -m attnrec.benchmarks.gpu flags]" >&2
   exit 2
   ;;
 esac

@@ -449,7 +449,7 @@ class _Pending:
 # ── the floor ──────────────────────────────────────────────────────────────────────────────
 def echo_reply(k: int) -> bytes:
     """A RecommendReply of the size attnrec sends for k items (ids of 6 digits, a model name, a version)."""
-    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 
     return pb.RecommendReply(
         items=[str(100000 + i) for i in range(k)], scores=[0.5] * k, model="bench", model_version=2
@@ -459,8 +459,8 @@ def echo_reply(k: int) -> bytes:
 async def _echo_main(port: int, k: int) -> None:
     import grpc
 
-    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
-    from engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
 
     reply = pb.RecommendReply.FromString(echo_reply(k))
 
@@ -476,5 +476,5 @@ async def _echo_main(port: int, k: int) -> None:
 
 
 def echo_server_main(port: int, k: int) -> None:
-    """The echo floor's process: `python -c 'from benchmarks.loadgen import echo_server_main; ...'`."""
+    """The echo floor's process: `python -c 'from attnrec.benchmarks.loadgen import echo_server_main; ...'`."""
     asyncio.run(_echo_main(port, k))

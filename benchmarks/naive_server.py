@@ -1,13 +1,13 @@
 """The naive baseline people write first: torch eager + FAISS in a plain grpc.aio servicer, no batching.
 
-    python -m benchmarks.naive_server --version-dir DIR --port 18101 [--torch-weights sasrec.pt] [--threads N]
+    python -m attnrec.benchmarks.naive_server --version-dir DIR --port 18101 [--torch-weights sasrec.pt] [--threads N]
 
 It speaks the same attnrec.v1.Recommender/Recommend as `attnrec serve` and computes each request
 on its own, inside the handler (blocking the event loop, as that first version does): history ids
 → rows → torch SASRec query → FAISS top-N with the history masked → (when the version has a
 ranker) a torch target-attention ranker of the suite's synthetic shape over the N candidates →
 top-k. Torch weights come from --torch-weights (saved when the bench model was built) or are
-rebuilt from the version's encoder.onnx (benchmarks.bench_models.torch_encoder); the ranker's
+rebuilt from the version's encoder.onnx (attnrec.benchmarks.bench_models.torch_encoder); the ranker's
 torch weights are random (speed does not depend on them). For timing only, never for answers.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 def build(version_dir: Path, torch_weights: Path | None, threads: int):
     import torch
 
-    from engine.index import load_index, search
-    from engine.repository import open_version
+    from attnrec.engine.index import load_index, search
+    from attnrec.engine.repository import open_version
 
     from .bench_models import RANKER_MLP, BenchVersion, torch_encoder
     from .synthetic_ranker import TargetAttentionRanker
@@ -73,8 +73,8 @@ def build(version_dir: Path, torch_weights: Path | None, threads: int):
 async def serve(version_dir: Path, port: int, torch_weights: Path | None, threads: int) -> None:
     import grpc
 
-    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
-    from engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
 
     recommend, manifest = build(version_dir, torch_weights, threads)
 
@@ -91,7 +91,7 @@ async def serve(version_dir: Path, port: int, torch_weights: Path | None, thread
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.naive_server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attnrec.benchmarks.naive_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--version-dir", type=Path, required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--torch-weights", type=Path)

@@ -1,6 +1,6 @@
 """Ranker latency in onnxruntime: N candidates scored against an L-item history, per batch size.
 
-    python -m benchmarks.ranker_speed REPO_DIR/MODEL_NAME/VERSION [--threads 1] [--batches 1,64]
+    python -m attnrec.benchmarks.ranker_speed REPO_DIR/MODEL_NAME/VERSION [--threads 1] [--batches 1,64]
 
 Feeds random tokens and hidden states of the version's shapes (the cost does not depend on
 the values); reports the median of `--repeats` calls after a warm-up, per batch size, and the
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from engine.encoder import make_session
-from engine.repository import open_version
+from attnrec.engine.encoder import make_session
+from attnrec.engine.repository import open_version
 
 
 def _median_ms(fn, repeats: int) -> float:

@@ -92,7 +92,7 @@ def attnrec_serve(
 ) -> ServerProcess:
     """`attnrec serve` on free ports, metrics on; ready once warmed up."""
     port, metrics = free_port(), free_port()
-    cmd = [sys.executable, "-m", "export.cli", "-q", "serve", "--repo", str(repo), "--model", model]
+    cmd = [sys.executable, "-m", "attnrec.export.cli", "-q", "serve", "--repo", str(repo), "--model", model]
     cmd += ["--address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics)]
     cmd += ["--max-batch-size", str(max_batch_size), "--intra-op-threads", str(threads)]
     proc, log = _spawn("attnrec-serve", cmd, log_dir)
@@ -102,14 +102,22 @@ def attnrec_serve(
 
 def echo_server(k: int, log_dir: Path) -> ServerProcess:
     port = free_port()
-    code = f"from benchmarks.loadgen import echo_server_main; echo_server_main({port}, {k})"
+    code = f"from attnrec.benchmarks.loadgen import echo_server_main; echo_server_main({port}, {k})"
     proc, log = _spawn("echo", [sys.executable, "-c", code], log_dir)
     return wait_ready(ServerProcess("echo", proc, f"127.0.0.1:{port}", log), 60, health=False)
 
 
 def naive_server(version_dir: Path, log_dir: Path, *, torch_weights: Path | None, threads: int = 0) -> ServerProcess:
     port = free_port()
-    cmd = [sys.executable, "-m", "benchmarks.naive_server", "--version-dir", str(version_dir), "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "attnrec.benchmarks.naive_server",
+        "--version-dir",
+        str(version_dir),
+        "--port",
+        str(port),
+    ]
     cmd += ["--threads", str(threads)] + (["--torch-weights", str(torch_weights)] if torch_weights else [])
     proc, log = _spawn("naive", cmd, log_dir)
     return wait_ready(ServerProcess("naive", proc, f"127.0.0.1:{port}", log), 180, health=False)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from export.onnx_export import trace_to_onnx
+from attnrec.export.onnx_export import trace_to_onnx
 
 
 class TargetAttentionRanker(nn.Module):

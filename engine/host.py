@@ -3,7 +3,7 @@
 `Host` serves one model of the repository (`--model`) as three `ServedModel`s (`encoder`,
 `ranker` when the version has one, and `pipeline`, the whole request path). They share one
 `LoadedVersion`. A new version is verified, loaded and warmed up beside the serving one, then
-the reference is swapped; a request pins the version it started with (see `engine.batcher`),
+the reference is swapped; a request pins the version it started with (see `attnrec.engine.batcher`),
 so requests in flight finish on the old version while new ones go to the new version.
 """
 

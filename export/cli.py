@@ -363,7 +363,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         return 3 if report.unknown_users and args.strict_users else 0
     if args.repo is None or args.name is None:
         raise ValueError("retrieve needs --repo and --name (or --server HOST:PORT)")
-    from engine.repository import resolve_version
+    from attnrec.engine.repository import resolve_version
 
     from .evaluate import load_item_ids
 
@@ -408,8 +408,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from engine.server import serve
-    from engine.settings import from_args
+    from attnrec.engine.server import serve
+    from attnrec.engine.settings import from_args
 
     return asyncio.run(serve(from_args(args)))
 
@@ -428,7 +428,7 @@ def _add_client_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def _client(args: argparse.Namespace):
     import os
 
-    from engine.client import RecommenderClient
+    from attnrec.engine.client import RecommenderClient
 
     token = args.token if args.token is not None else os.environ.get("ATTNREC_AUTH_TOKEN", "")
     return RecommenderClient(
@@ -523,7 +523,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.cli import run
+    from attnrec.benchmarks.cli import run
 
     return run(args)
 
@@ -653,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Prometheus metrics and a graceful drain on SIGTERM/SIGINT. Every flag can also be set "
         "with an ATTNREC_<FLAG> environment variable (e.g. ATTNREC_PORT) or in a TOML --config file.",
     )
-    from engine.settings import add_arguments
+    from attnrec.engine.settings import add_arguments
 
     add_arguments(p)
     p.set_defaults(func=cmd_serve)
@@ -701,7 +701,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with warm-up, fixed windows and repeated points, and write bench-<stage>-<date>.{json,md,png}. "
         "Same as `python -m benchmarks`.",
     )
-    from benchmarks.cli import add_arguments as add_bench_arguments  # stdlib only at import time
+    from attnrec.benchmarks.cli import add_arguments as add_bench_arguments  # stdlib only at import time
 
     add_bench_arguments(p)
     p.set_defaults(func=cmd_bench)
@@ -722,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("interrupted")
         return 130
     except Exception as exc:  # one clear line for expected failures; a traceback with -v
-        from engine.repository import ArtifactError
+        from attnrec.engine.repository import ArtifactError
 
         from .data.log import DataError
 

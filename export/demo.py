@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int = 0, quiet: bool = False) -> int:
-    from engine.pipeline import Pipeline
+    from attnrec.engine.pipeline import Pipeline
 
     from .config import RankerConfig, TrainConfig
     from .data.sequences import build_sequences, leave_one_out

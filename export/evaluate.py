@@ -20,9 +20,9 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from engine.metrics import RankingReport, evaluate_full_ranking
-from engine.pipeline import DEFAULT_CANDIDATES, Pipeline, RuntimeOptions
-from engine.repository import Manifest, resolve_version
+from attnrec.engine.metrics import RankingReport, evaluate_full_ranking
+from attnrec.engine.pipeline import DEFAULT_CANDIDATES, Pipeline, RuntimeOptions
+from attnrec.engine.repository import Manifest, resolve_version
 
 from .data.sequences import EvalSet, LeaveOneOut
 

@@ -15,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from engine.index import ItemIndex, mips_augment
+from attnrec.engine.index import ItemIndex, mips_augment
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def build_index(vectors: np.ndarray, factory: str, *, seed: int = 0) -> ItemInde
     """Inner-product index over `vectors` (rows = catalogue rows), trained when it needs it.
 
     "Flat" searches inner products exactly; every other factory string is built over the
-    MIPS→L2 augmented vectors (see engine.index), which approximate indexes cluster well.
+    MIPS→L2 augmented vectors (see attnrec.engine.index), which approximate indexes cluster well.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if factory == "Flat":

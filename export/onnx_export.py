@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.encoder import make_session, pad_histories
+from attnrec.engine.encoder import make_session, pad_histories
 
 from .model import SASRec
 

@@ -15,10 +15,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from engine.encoder import OnnxEncoder
-from engine.pipeline import Pipeline
-from engine.ranker import OnnxRanker
-from engine.repository import FileEntry, Manifest, VersionWriter, open_version
+from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.ranker import OnnxRanker
+from attnrec.engine.repository import FileEntry, Manifest, VersionWriter, open_version
 
 from .config import RankerConfig
 from .data.sequences import LeaveOneOut
@@ -160,7 +160,7 @@ def publish(
                 "factory": factory,
                 "metric": "inner_product",
                 "params": tuned.params,
-                # set: items were stored MIPS→L2 augmented; queries get a 0 appended (engine.index)
+                # set: items were stored MIPS→L2 augmented; queries get a 0 appended (attnrec.engine.index)
                 "mips_max_norm2": index.mips_max_norm2,
                 "recall_n": tuned.n,
                 f"recall@{tuned.n}": tuned.recall,

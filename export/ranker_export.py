@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from engine.encoder import make_session, pad_histories
-from engine.ranker import OnnxRanker
+from attnrec.engine.encoder import make_session, pad_histories
+from attnrec.engine.ranker import OnnxRanker
 
 from .model import SASRec
 from .onnx_export import PARITY_TOLERANCE, ParityError, trace_to_onnx

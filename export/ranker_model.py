@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 _BLOCKED = -1e9  # finite, as in the encoder: a row of padding keys stays NaN-free
 
-# The ONNX graph's inputs (engine.ranker.OnnxRanker's contract): all four with keys="hidden",
+# The ONNX graph's inputs (attnrec.engine.ranker.OnnxRanker's contract): all four with keys="hidden",
 # all but `hidden` with keys="items".
 INPUTS = ("history", "hidden", "candidates", "candidate_scores")
 

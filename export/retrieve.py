@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engine.pipeline import Pipeline, RuntimeOptions
-from engine.repository import ArtifactError, Manifest
+from attnrec.engine.pipeline import Pipeline, RuntimeOptions
+from attnrec.engine.repository import ArtifactError, Manifest
 
 from .data.sequences import SequenceData
 

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.repository import Manifest, open_version
+from attnrec.engine.repository import Manifest, open_version
 
 from .data.sequences import SequenceData
 from .retrieve import BatchRetriever, RetrieveReport, plan

@@ -1,6 +1,6 @@
 """Offline candidate retrieval through a running server's `RecommendStream` (for gRPC-only clients).
 
-Writes the Parquet that `export.retrieve` writes (user_id, rank, item_id, score, model_version;
+Writes the Parquet that `attnrec.export.retrieve` writes (user_id, rank, item_id, score, model_version;
 one row group per batch of users; renamed into place when complete) from the server's answers:
 each user's whole history goes out as external item ids, k = top-n, and the server excludes the
 history and encodes its most recent max-length items, exactly as the single-process job does.
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from engine.client import RecommenderClient, request
+from attnrec.engine.client import RecommenderClient, request
 
 from .data.sequences import SequenceData
 from .retrieve import RetrieveReport, output_schema, select_users

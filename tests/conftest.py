@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from export.data.log import InteractionLog
-from export.data.sequences import build_sequences, leave_one_out
-from export.data.synthetic import SyntheticConfig, generate, write
+from attnrec.export.data.log import InteractionLog
+from attnrec.export.data.sequences import build_sequences, leave_one_out
+from attnrec.export.data.synthetic import SyntheticConfig, generate, write
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def small_split(small_log):
 @pytest.fixture(scope="session")
 def tiny_model(small_split):
     """A briefly trained SASRec (a few epochs): enough for parity and pipeline tests."""
-    from export.train import TrainConfig, train
+    from attnrec.export.train import TrainConfig, train
 
     cfg = TrainConfig(
         max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=3, patience=3, batch_size=64, seed=0, threads=2
@@ -66,7 +66,7 @@ def trained_repo(tmp_path_factory, small_log):
     data = root / "log.parquet"
     write(small_log, data)
     repo = root / "repo"
-    from export.cli import main
+    from attnrec.export.cli import main
 
     assert main(["-q", "train", "--data", str(data), "--out", str(repo), "--name", "seq", *TRAIN]) == 0
     return data, repo

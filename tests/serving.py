@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.repository import VersionWriter, open_version
-from engine.server import Server
-from engine.settings import ServerSettings
+from attnrec.engine.repository import VersionWriter, open_version
+from attnrec.engine.server import Server
+from attnrec.engine.settings import ServerSettings
 
 
 class RunningServer:
@@ -102,7 +102,7 @@ def toy_ranker(path: Path) -> Path:
             last = history[:, -1:].float()  # (B, 1)
             return -torch.abs(candidates.float() - last) * 0.01 + 0.001 * candidate_scores  # (B, N)
 
-    from export.onnx_export import trace_to_onnx
+    from attnrec.export.onnx_export import trace_to_onnx
 
     ex = (torch.ones(2, 5, dtype=torch.long), torch.ones(2, 7, dtype=torch.long), torch.zeros(2, 7))
     names = ["history", "candidates", "candidate_scores"]

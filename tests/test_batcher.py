@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from engine.batcher import Batcher, BatchSettings
-from engine.served import DeadlineExpired, ModelStats, QueueFull
+from attnrec.engine.batcher import Batcher, BatchSettings
+from attnrec.engine.served import DeadlineExpired, ModelStats, QueueFull
 
 
 class Recorder:

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import stages
-from benchmarks.timing import Method, aggregate, measure, run_window, summarize
+from attnrec.benchmarks import stages
+from attnrec.benchmarks.timing import Method, aggregate, measure, run_window, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = "2000-01-01"
@@ -116,7 +116,7 @@ def test_provider_check_reports_node_placement(gpu_script_cpu_run):
 
 
 def test_provider_check_catches_a_cpu_fallback():
-    from benchmarks.gpu import ProviderFallback, check_placement
+    from attnrec.benchmarks.gpu import ProviderFallback, check_placement
 
     cuda = "CUDAExecutionProvider"
     ok = {
@@ -136,7 +136,7 @@ def test_provider_check_catches_a_cpu_fallback():
 
 
 def test_attnrec_bench_subcommand_writes_the_selected_stage(tmp_path):
-    from export.cli import main
+    from attnrec.export.cli import main
 
     args = ["-q", "bench", "--stages", "retrieval", *FAST, "--out", str(tmp_path), "--work-dir", str(tmp_path)]
     assert main(args) == 0
@@ -147,7 +147,7 @@ def test_attnrec_bench_subcommand_writes_the_selected_stage(tmp_path):
 
 def test_stages_on_a_repository_version(tmp_path, trained_repo):
     """--model: the version's encoder in the model stage, its trained embeddings in the retrieval stage."""
-    from benchmarks.cli import main
+    from attnrec.benchmarks.cli import main
 
     _, repo = trained_repo
     version = repo / "seq" / "1"
@@ -164,7 +164,7 @@ def test_stages_on_a_repository_version(tmp_path, trained_repo):
 
 
 def test_unknown_stage_fails_before_any_work(tmp_path):
-    from benchmarks.cli import main
+    from attnrec.benchmarks.cli import main
 
     with pytest.raises(ValueError, match="unknown stage 'nope'"):
         main(["--stages", "model,nope", "--out", str(tmp_path)])
@@ -195,10 +195,10 @@ def test_analytic_flops_match_torchs_flop_counter():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from benchmarks.flops import sasrec_flops, target_attention_flops
-    from benchmarks.synthetic_ranker import TargetAttentionRanker
-    from export.config import SASRecConfig
-    from export.model import SASRec
+    from attnrec.benchmarks.flops import sasrec_flops, target_attention_flops
+    from attnrec.benchmarks.synthetic_ranker import TargetAttentionRanker
+    from attnrec.export.config import SASRecConfig
+    from attnrec.export.model import SASRec
 
     cfg = SASRecConfig(n_items=100, max_len=20, dim=16, n_blocks=3, n_heads=2, ffn_dim=24)
     model = SASRec(cfg).eval()
@@ -216,8 +216,8 @@ def test_analytic_flops_match_torchs_flop_counter():
 def test_synthetic_ranker_follows_the_onnx_ranker_contract(tmp_path):
     import torch
 
-    from benchmarks.synthetic_ranker import TargetAttentionRanker, export_ranker
-    from engine.ranker import OnnxRanker
+    from attnrec.benchmarks.synthetic_ranker import TargetAttentionRanker, export_ranker
+    from attnrec.engine.ranker import OnnxRanker
 
     torch.manual_seed(0)
     model = TargetAttentionRanker(50, 8, 16).eval()
@@ -236,7 +236,7 @@ def test_synthetic_ranker_follows_the_onnx_ranker_contract(tmp_path):
 
 
 def test_mlserver_model_folder(tmp_path):
-    from benchmarks.peer.mlserver import MLServerConfig, write_model_folder
+    from attnrec.benchmarks.peer.mlserver import MLServerConfig, write_model_folder
 
     onnx = tmp_path / "enc.onnx"
     onnx.write_bytes(b"")
@@ -258,11 +258,11 @@ MLSERVER_VENV = ROOT / ".cache" / "mlserver-1.7.1"
 @pytest.mark.skipif(
     not (MLSERVER_VENV / ".attnrec-ready").is_file(),
     reason="MLServer's own environment is absent (creating it needs the package index and about a minute): "
-    "python -m benchmarks.peer.mlserver --setup",
+    "python -m attnrec.benchmarks.peer.mlserver --setup",
 )
 def test_mlserver_answers_v2_modelinfer_like_onnxruntime(tmp_path, tiny_model):
-    from benchmarks.peer.mlserver import MLServerConfig, check
-    from export.onnx_export import export_encoder
+    from attnrec.benchmarks.peer.mlserver import MLServerConfig, check
+    from attnrec.export.onnx_export import export_encoder
 
     onnx = export_encoder(tiny_model, tmp_path / "encoder.onnx")
     cfg = MLServerConfig(intra_op_threads=1)

@@ -9,10 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import loadgen
-from benchmarks.loadgen import ClientPool, ClosedLoop, OpenLoop, RecommendTarget, ServerProbe, run_point, schedule
-from benchmarks.peer import mlserver
-from benchmarks.timing import Method
+from attnrec.benchmarks import loadgen
+from attnrec.benchmarks.loadgen import (
+    ClientPool,
+    ClosedLoop,
+    OpenLoop,
+    RecommendTarget,
+    ServerProbe,
+    run_point,
+    schedule,
+)
+from attnrec.benchmarks.peer import mlserver
+from attnrec.benchmarks.timing import Method
 
 ROOT = Path(__file__).resolve().parents[1]
 DATE = "2000-01-01"
@@ -90,21 +98,23 @@ def test_peer_stage_rows_for_both_servers(bench_run):
         _check_point(p, 0.3)
     if not mlserver.venv_ready():
         assert "no MLServer environment" in data["skipped"]
-        pytest.skip(f"no MLServer environment at {mlserver.DEFAULT_VENV}: python -m benchmarks.peer.mlserver --setup")
+        pytest.skip(
+            f"no MLServer environment at {mlserver.DEFAULT_VENV}: python -m attnrec.benchmarks.peer.mlserver --setup"
+        )
     assert {p["concurrency"] for p in pts if p["server"] == "MLServer"} == {1, 4}
     assert data["checks"]["throughput_ratio"] > 0
 
 
 @pytest.fixture(scope="module")
 def echo(tmp_path_factory):
-    from benchmarks.servers import echo_server
+    from attnrec.benchmarks.servers import echo_server
 
     with echo_server(10, tmp_path_factory.mktemp("echo")) as server:
         yield server
 
 
 def _requests(n: int = 8) -> list[bytes]:
-    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 
     return [pb.RecommendRequest(history=[str(i), str(i + 1)], k=10).SerializeToString() for i in range(n)]
 
@@ -123,7 +133,7 @@ def test_open_loop_keeps_a_low_rate_and_closed_loop_counts_add_up(echo):
 
 
 def test_errors_are_counted_by_status_code(echo):
-    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 
     # The echo server parses requests: bytes that are no RecommendRequest fail with INTERNAL.
     bad = [b"\xff\xff\xff"] + [pb.RecommendRequest(k=1).SerializeToString()]

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from engine.repository import list_versions, open_version
-from export.cli import main
+from attnrec.engine.repository import list_versions, open_version
+from attnrec.export.cli import main
 
 
 def test_train_publishes_a_complete_verified_version(trained_repo, small_log):
@@ -72,13 +72,13 @@ def test_evaluation_and_retrieval_never_import_torch(trained_repo, tmp_path):
     data, repo = trained_repo
     out = tmp_path / "cands.parquet"
     code = (
-        "import sys; from export.cli import main; "
+        "import sys; from attnrec.export.cli import main; "
         f"rc = main(['-q', 'evaluate', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}]); "
         "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
         f"rc = main(['-q', 'retrieve', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}, "
         f"'--out', {str(out)!r}]); "
         "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
-        "import engine.encoder, engine.index, engine.metrics, engine.repository; "
+        "import attnrec.engine.encoder, attnrec.engine.index, attnrec.engine.metrics, attnrec.engine.repository; "
         "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
@@ -113,8 +113,8 @@ def test_evaluate_on_a_sample_of_users(trained_repo, tmp_path):
 
 def test_export_refuses_a_checkpoint_trained_on_other_items(trained_repo, tmp_path, small_log):
     data, repo = trained_repo
-    from export.data.log import InteractionLog
-    from export.data.synthetic import write as write_log
+    from attnrec.export.data.log import InteractionLog
+    from attnrec.export.data.synthetic import write as write_log
 
     other = tmp_path / "other.parquet"
     write_log(InteractionLog(small_log.user, small_log.item + 1000, small_log.timestamp, "shifted ids"), other)

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from export.data.download import DATASETS, DatasetSpec, DownloadError, fetch_dataset
+from attnrec.export.data.download import DATASETS, DatasetSpec, DownloadError, fetch_dataset
 
 RATINGS = b"userId,movieId,rating,timestamp\n1,10,4.0,100\n2,20,3.5,200\n"
 

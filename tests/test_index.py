@@ -2,8 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from engine.index import load_index, search
-from export.index_build import build_index, default_factory, recall_at, tune
+from attnrec.engine.index import load_index, search
+from attnrec.export.index_build import build_index, default_factory, recall_at, tune
 
 
 def clustered(n, d, seed=0, clusters=64):

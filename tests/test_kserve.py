@@ -13,13 +13,13 @@ import pytest
 import tritonclient.grpc as tc
 from tritonclient.utils import InferenceServerException
 
-from engine.interceptors import ErrorInterceptor
-from engine.kserve import SERVICE_NAME, add_to_server
-from engine.kserve.tensors import DTYPES, encode_bytes
-from engine.rpc.inference import grpc_service_pb2 as pb
-from engine.rpc.inference import grpc_service_pb2_grpc as pb_grpc
-from engine.rpc.inference import model_config_pb2 as mc
-from engine.rpc.pool import POOL
+from attnrec.engine.interceptors import ErrorInterceptor
+from attnrec.engine.kserve import SERVICE_NAME, add_to_server
+from attnrec.engine.kserve.tensors import DTYPES, encode_bytes
+from attnrec.engine.rpc.inference import grpc_service_pb2 as pb
+from attnrec.engine.rpc.inference import grpc_service_pb2_grpc as pb_grpc
+from attnrec.engine.rpc.inference import model_config_pb2 as mc
+from attnrec.engine.rpc.pool import POOL
 from tests.kserve_host import TestHost
 
 
@@ -363,10 +363,10 @@ def test_reflection_over_the_private_pool_describes_the_service(served):
 
 
 def test_regenerate_check_catches_an_edited_proto(tmp_path, monkeypatch, capsys):
-    """`python -m engine.rpc.regenerate --check` fails when a .proto changed after its stubs were made."""
+    """`python -m attnrec.engine.rpc.regenerate --check` fails when a .proto changed after its stubs were made."""
     import shutil
 
-    from engine.rpc import regenerate
+    from attnrec.engine.rpc import regenerate
 
     assert regenerate.main(["--check"]) == 0
     protos = tmp_path / "proto"

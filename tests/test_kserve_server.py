@@ -10,9 +10,9 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from serving import RunningServer, settings
 from tritonclient.utils import InferenceServerException
 
-from engine.client import RecommenderClient
-from engine.encoder import OnnxEncoder
-from engine.repository import newest_valid_version
+from attnrec.engine.client import RecommenderClient
+from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.repository import newest_valid_version
 
 
 @pytest.fixture(scope="module")

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.encoder import OnnxEncoder, pad_histories
-from export.model import SASRec, SASRecConfig
-from export.onnx_export import ParityError, check_parity, export_encoder
+from attnrec.engine.encoder import OnnxEncoder, pad_histories
+from attnrec.export.model import SASRec, SASRecConfig
+from attnrec.export.onnx_export import ParityError, check_parity, export_encoder
 
 
 def test_pad_histories_left_pads_to_the_longest_and_truncates():

@@ -1,11 +1,11 @@
-"""engine.pipeline: the one recommend path that the server, retrieval and evaluation share."""
+"""attnrec.engine.pipeline: the one recommend path that the server, retrieval and evaluation share."""
 
 import numpy as np
 import pytest
 
-from engine.metrics import topk_excluding
-from engine.pipeline import Pipeline
-from engine.repository import newest_valid_version
+from attnrec.engine.metrics import topk_excluding
+from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.repository import newest_valid_version
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_more_than_the_catalogue_leaves_empty_slots(pipeline):
 def test_runtime_options_reach_the_sessions_and_faiss(trained_repo):
     import faiss
 
-    from engine.pipeline import RuntimeOptions
+    from attnrec.engine.pipeline import RuntimeOptions
 
     path, _ = newest_valid_version(trained_repo[1], "seq")
     before = faiss.omp_get_max_threads()

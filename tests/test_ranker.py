@@ -6,20 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from engine.encoder import OnnxEncoder, pad_histories
-from engine.index import search
-from engine.metrics import topk_excluding
-from engine.pipeline import Pipeline
-from engine.ranker import OnnxRanker
-from engine.repository import newest_valid_version
-from export.cli import main
-from export.config import RankerConfig
-from export.evaluate import load_item_vectors
-from export.index_build import build_index
-from export.onnx_export import ParityError
-from export.ranker_export import check_ranker_parity, export_ranker
-from export.ranker_model import RankerShape, TargetAttentionRanker
-from export.ranker_train import eval_candidates, torch_encode, training_prefixes, training_samples
+from attnrec.engine.encoder import OnnxEncoder, pad_histories
+from attnrec.engine.index import search
+from attnrec.engine.metrics import topk_excluding
+from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.ranker import OnnxRanker
+from attnrec.engine.repository import newest_valid_version
+from attnrec.export.cli import main
+from attnrec.export.config import RankerConfig
+from attnrec.export.evaluate import load_item_vectors
+from attnrec.export.index_build import build_index
+from attnrec.export.onnx_export import ParityError
+from attnrec.export.ranker_export import check_ranker_parity, export_ranker
+from attnrec.export.ranker_model import RankerShape, TargetAttentionRanker
+from attnrec.export.ranker_train import eval_candidates, torch_encode, training_prefixes, training_samples
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_known_answers_all_items_as_candidates_and_n_equal_to_k(trained_repo, tm
     data, repo = trained_repo
     version_dir, _ = newest_valid_version(repo, "seq")
     pipeline = Pipeline.load(version_dir)
-    from export.evaluate import evaluate_pipeline
+    from attnrec.export.evaluate import evaluate_pipeline
 
     full = evaluate_pipeline(pipeline, small_split, n_candidates=pipeline.n_items, progress=False)
     for which, es in (("test", small_split.test), ("valid", small_split.valid)):

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from export.data.filters import KCoreReport, kcore
-from export.data.log import DataError, InteractionLog
-from export.data.readers import FORMATS, detect_format, read_interactions
+from attnrec.export.data.filters import KCoreReport, kcore
+from attnrec.export.data.log import DataError, InteractionLog
+from attnrec.export.data.readers import FORMATS, detect_format, read_interactions
 
 
 def write(tmp_path, name, text):

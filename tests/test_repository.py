@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from engine.repository import (
+from attnrec.engine.repository import (
     ArtifactError,
     VersionWriter,
     iter_models,

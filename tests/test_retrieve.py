@@ -4,14 +4,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from engine.encoder import OnnxEncoder, pad_histories
-from engine.ranker import OnnxRanker
-from engine.repository import newest_valid_version
-from export import retrieve as retrieve_mod
-from export.cli import main
-from export.data.readers import read_interactions
-from export.data.sequences import build_sequences
-from export.evaluate import load_item_ids, load_item_vectors
+from attnrec.engine.encoder import OnnxEncoder, pad_histories
+from attnrec.engine.ranker import OnnxRanker
+from attnrec.engine.repository import newest_valid_version
+from attnrec.export import retrieve as retrieve_mod
+from attnrec.export.cli import main
+from attnrec.export.data.readers import read_interactions
+from attnrec.export.data.sequences import build_sequences
+from attnrec.export.evaluate import load_item_ids, load_item_vectors
 
 
 def retrieve_args(repo, data_path, out, *extra: str) -> list[str]:
@@ -123,7 +123,7 @@ def test_bad_top_n_is_refused(version, tmp_path):
 
 def test_ray_pipeline_gives_the_single_process_rows(version, tmp_path):
     ray = pytest.importorskip("ray")
-    from export.retrieve_ray import retrieve_ray
+    from attnrec.export.retrieve_ray import retrieve_ray
 
     data_path, repo, version_dir, manifest, data = version
     single = tmp_path / "single.parquet"

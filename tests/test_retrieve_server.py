@@ -5,13 +5,13 @@ import pyarrow.parquet as pq
 import pytest
 from serving import RunningServer, clone_version, settings, toy_ranker
 
-from engine.client import RecommenderClient
-from engine.repository import newest_valid_version
-from export.cli import main
-from export.data.readers import read_interactions
-from export.data.sequences import build_sequences
-from export.evaluate import load_item_ids
-from export.retrieve import retrieve
+from attnrec.engine.client import RecommenderClient
+from attnrec.engine.repository import newest_valid_version
+from attnrec.export.cli import main
+from attnrec.export.data.readers import read_interactions
+from attnrec.export.data.sequences import build_sequences
+from attnrec.export.evaluate import load_item_ids
+from attnrec.export.retrieve import retrieve
 
 
 @pytest.mark.parametrize("ranked", [False, True], ids=["stage-one", "ranked"])

@@ -1,6 +1,6 @@
 import numpy as np
 
-from export.data.sequences import build_sequences, leave_one_out
+from attnrec.export.data.sequences import build_sequences, leave_one_out
 from tests.conftest import make_log
 
 ROWS = [  # user, item, time — deliberately out of order

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from serving import RunningServer, assert_same_ranking, clone_version, settings, toy_ranker
 
-from engine.client import RecommenderClient, request
-from engine.encoder import OnnxEncoder
-from engine.metrics import topk_excluding
-from engine.pipeline import Pipeline
-from engine.repository import newest_valid_version
-from engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
-from engine.served import InvalidRequest
-from export.evaluate import load_item_ids, load_item_vectors
+from attnrec.engine.client import RecommenderClient, request
+from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.metrics import topk_excluding
+from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.repository import newest_valid_version
+from attnrec.engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
+from attnrec.engine.served import InvalidRequest
+from attnrec.export.evaluate import load_item_ids, load_item_vectors
 
 
 @pytest.fixture(scope="module")

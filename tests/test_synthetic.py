@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.data.synthetic import SyntheticConfig, generate, write
+from attnrec.export.data.synthetic import SyntheticConfig, generate, write
 
 SMALL = SyntheticConfig(n_users=2000, n_items=1000, mean_length=20.0, seed=0)
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.metrics import evaluate_full_ranking
-from export.train import TrainConfig, train, training_windows, validate
+from attnrec.engine.metrics import evaluate_full_ranking
+from attnrec.export.train import TrainConfig, train, training_windows, validate
 
 FAST = dict(max_len=16, dim=16, n_blocks=1, n_heads=1, ffn_dim=32, batch_size=64, seed=5, threads=2)
 
@@ -65,7 +65,7 @@ def test_sampled_softmax_trains(small_split):
 
 
 def test_seen_mask_hides_earlier_items_of_the_window_but_never_the_target():
-    from export.train import _seen_before
+    from attnrec.export.train import _seen_before
 
     inputs = torch.tensor([[0, 2, 3, 2]])  # tokens; 0 = padding
     targets = torch.tensor([[2, 3, 2, 4]])  # next tokens; position 0 (input pad) is not trained

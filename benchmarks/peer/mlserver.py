@@ -1,8 +1,8 @@
 """Seldon MLServer as the peer server: its own virtual environment, a model folder, start/stop on free ports.
 
-    python -m benchmarks.peer.mlserver --setup           # create .cache/mlserver-1.7.1 (about a minute)
-    python -m benchmarks.peer.mlserver --check           # start it, one V2 ModelInfer, compare with ORT
-    python -m benchmarks.peer.mlserver --serve --onnx encoder.onnx   # run until Ctrl-C
+    python -m attnrec.benchmarks.peer.mlserver --setup           # create .cache/mlserver-1.7.1 (about a minute)
+    python -m attnrec.benchmarks.peer.mlserver --check           # start it, one V2 ModelInfer, compare with ORT
+    python -m attnrec.benchmarks.peer.mlserver --serve --onnx encoder.onnx   # run until Ctrl-C
 
 From code (the end-to-end stage drives it with the same V2 client as attnrec's ModelInfer):
 
@@ -116,7 +116,7 @@ class MLServer:
     ) -> None:
         if not venv_ready(venv):
             raise FileNotFoundError(
-                f"no MLServer environment at {venv}: run python -m benchmarks.peer.mlserver --setup"
+                f"no MLServer environment at {venv}: run python -m attnrec.benchmarks.peer.mlserver --setup"
             )
         self.cfg, self.venv = cfg, Path(venv).resolve()
         self.ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
@@ -219,7 +219,7 @@ def check(
     compare with onnxruntime in this process. Returns the largest |difference|; raises if above 1e-5."""
     import numpy as np
 
-    from engine.encoder import make_session
+    from attnrec.engine.encoder import make_session
 
     session = make_session(onnx_path, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
@@ -242,9 +242,9 @@ def _synthetic_encoder(work: Path) -> Path:
     """The reference-shape SASRec encoder (random weights), exported for the check."""
     import torch
 
-    from export.config import SASRecConfig
-    from export.model import SASRec
-    from export.onnx_export import export_encoder
+    from attnrec.export.config import SASRecConfig
+    from attnrec.export.model import SASRec
+    from attnrec.export.onnx_export import export_encoder
 
     from ..stages.model import REFERENCE_SHAPE
 
@@ -254,7 +254,7 @@ def _synthetic_encoder(work: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.peer.mlserver", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m attnrec.benchmarks.peer.mlserver", description=__doc__.split("\n\n")[0])
     p.add_argument("--setup", action="store_true", help=f"create MLServer {MLSERVER_VERSION}'s environment if absent")
     p.add_argument(
         "--check", action="store_true", help="start MLServer, compare V2 ModelInfer answers with onnxruntime"

@@ -47,7 +47,7 @@ def build_requests(
     item_ids: np.ndarray, n: int, history: int, k: int, seed: int
 ) -> tuple[list[bytes], list[np.ndarray]]:
     """n serialised RecommendRequests (distinct random items per history) and their histories as rows."""
-    from engine.rpc.attnrec.v1 import recommender_pb2 as pb
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 
     rng = np.random.default_rng(seed)
     rows = [rng.choice(len(item_ids), size=min(history, len(item_ids)), replace=False) for _ in range(n)]
@@ -57,7 +57,7 @@ def build_requests(
 
 def ceiling(version: Path, rows: list[np.ndarray], settings: Settings) -> dict:
     """Pipeline.recommend in a plain loop: batch 1 (latency) and batch 32 (throughput)."""
-    from engine.pipeline import Pipeline, RuntimeOptions
+    from attnrec.engine.pipeline import Pipeline, RuntimeOptions
 
     from ..timing import measure
 
@@ -83,7 +83,7 @@ def run(settings: Settings, section: Section) -> None:
 
     g = grid(settings)
     v = bench_version(settings, "e2e")
-    from engine.repository import open_version
+    from attnrec.engine.repository import open_version
 
     manifest = open_version(v.path)
     item_ids = np.asarray(json.loads((v.path / manifest.files["item_ids"].path).read_text()))

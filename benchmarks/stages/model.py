@@ -4,7 +4,7 @@ Per point: p50/p99 ms per call, sequences/s, achieved GFLOP/s (analytic FLOPs, s
 benchmarks/flops.py) next to the machine's measured sgemm GFLOP/s. Without a repository
 version the encoder is a SASRec of the issue's reference shape (10,000 items, dim 64,
 2 blocks, 1 head, FFN 256, max length 200) with random weights, exported by
-export.onnx_export and parity-checked against torch; with one (`--model`), onnxruntime
+attnrec.export.onnx_export and parity-checked against torch; with one (`--model`), onnxruntime
 runs that version's encoder.onnx (and ranker.onnx) and torch a same-shaped SASRec with
 random weights (the repository holds no torch weights; speed does not depend on them).
 """
@@ -23,7 +23,7 @@ from ..timing import measure
 
 TITLE = "Model stage: torch eager vs onnxruntime, per call"
 REFERENCE_SHAPE = dict(n_items=10_000, max_len=200, dim=64, n_blocks=2, n_heads=1, ffn_dim=256)
-N_CANDIDATES = 200  # the pipeline's default candidates per request (engine.pipeline.DEFAULT_CANDIDATES)
+N_CANDIDATES = 200  # the pipeline's default candidates per request (attnrec.engine.pipeline.DEFAULT_CANDIDATES)
 RANKER_MLP = 128
 
 
@@ -47,10 +47,10 @@ def _models(settings: Settings, section: Section):
     """(SASRecConfig, encoder ONNX path, torch encoder, hidden?, ranker ONNX path, torch ranker or None, source)."""
     import torch
 
-    from engine.repository import open_version
-    from export.config import SASRecConfig
-    from export.model import SASRec
-    from export.onnx_export import check_parity, export_encoder
+    from attnrec.engine.repository import open_version
+    from attnrec.export.config import SASRecConfig
+    from attnrec.export.model import SASRec
+    from attnrec.export.onnx_export import check_parity, export_encoder
 
     from ..synthetic_ranker import TargetAttentionRanker, export_ranker
 
@@ -110,7 +110,7 @@ def _torch_fn(module, args: list[np.ndarray], device: str):
 def run(settings: Settings, section: Section) -> None:
     import torch
 
-    from engine.encoder import make_session
+    from attnrec.engine.encoder import make_session
 
     if settings.threads:
         torch.set_num_threads(settings.threads)

@@ -31,7 +31,7 @@ def grid(settings: Settings) -> dict:
 
 
 def run(settings: Settings, section: Section) -> None:
-    from engine.repository import open_version
+    from attnrec.engine.repository import open_version
 
     from .. import plots
     from ..bench_models import bench_version

@@ -1,7 +1,7 @@
 """Retrieval stage: exact inner-product search vs the IVF / HNSW family, at 10^4–10^6 items, dim 64 and 128.
 
-Indexes are built by export.index_build.build_index (the MIPS→L2 reduction for approximate
-ones) and searched through engine.index.ItemIndex, exactly as the server does. Per index and
+Indexes are built by attnrec.export.index_build.build_index (the MIPS→L2 reduction for approximate
+ones) and searched through attnrec.engine.index.ItemIndex, exactly as the server does. Per index and
 search setting: recall@N against exact search, single-query latency (p50/p99), batched
 latency (a batch of BATCH queries per call) and queries/s, build time, index bytes.
 """
@@ -71,8 +71,8 @@ def synthetic_vectors(n: int, dim: int, n_queries: int, seed: int) -> tuple[np.n
 
 def trained_vectors(version: Path, n_queries: int, settings: Settings) -> tuple[np.ndarray, np.ndarray, str]:
     """A repository version's item embeddings, and its encoder's queries for histories drawn by popularity."""
-    from engine.encoder import OnnxEncoder
-    from engine.repository import open_version
+    from attnrec.engine.encoder import OnnxEncoder
+    from attnrec.engine.repository import open_version
 
     manifest = open_version(version)
     items = np.load(version / manifest.files["item_embeddings"].path).astype(np.float32)
@@ -111,7 +111,7 @@ def _index_bytes(index) -> int:
 def run(settings: Settings, section: Section) -> None:
     import faiss
 
-    from export.index_build import build_index, recall_at
+    from attnrec.export.index_build import build_index, recall_at
 
     if settings.threads:
         faiss.omp_set_num_threads(settings.threads)

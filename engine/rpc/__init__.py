@@ -1,1 +1,1 @@
-"""Generated gRPC stubs (from ../../proto by `python -m engine.rpc.regenerate`; do not edit)."""
+"""Generated gRPC stubs (from ../../proto by `python -m attnrec.engine.rpc.regenerate`; do not edit)."""

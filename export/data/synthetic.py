@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.data.log import InteractionLog
+from attnrec.export.data.log import InteractionLog
 
 ITEMS_PER_TOPIC = 25  # default topic size when n_topics is not given
 MIN_LENGTH = 5  # every user has at least this many interactions

@@ -1,0 +1,3 @@
+from attnrec.export.cli import main
+
+__all__ = ["main"]
