@@ -75,34 +75,14 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     version_dir, manifest = resolve_version(args.repo, args.name, args.version)
     log_, _ = load_log(args)
     data = build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest))
+    job = dict(top_n=args.top_n, users=users, batch_size=args.batch_size, rank=args.rank)
     if args.ray is not None:
         from ..retrieve_ray import retrieve_ray
 
-        report = retrieve_ray(
-            version_dir,
-            manifest,
-            data,
-            args.out,
-            top_n=args.top_n,
-            users=users,
-            batch_size=args.batch_size,
-            address=None if args.ray == "local" else args.ray,
-            workers=args.workers,
-            rank=args.rank,
-        )
+        address = None if args.ray == "local" else args.ray
+        report = retrieve_ray(version_dir, manifest, data, args.out, address=address, workers=args.workers, **job)
     else:
-        report = retrieve(
-            version_dir,
-            manifest,
-            data,
-            args.out,
-            top_n=args.top_n,
-            users=users,
-            batch_size=args.batch_size,
-            threads=args.threads,
-            rank=args.rank,
-            progress=not args.quiet,
-        )
+        report = retrieve(version_dir, manifest, data, args.out, threads=args.threads, progress=not args.quiet, **job)
     if report.unknown_users and args.strict_users:
         log.error("%d requested users were not found (--strict-users)", len(report.unknown_users))
         return 3
