@@ -1,6 +1,6 @@
-"""`python -m benchmarks` / `attnrec bench`: run the selected stages and write their reports.
+"""`python -m attnrec.benchmarks` / `attnrec bench`: run the selected stages and write their reports.
 
-Only the standard library is imported at the top: `attnrec --help` builds this parser too.
+Only the standard library is imported at the top; `attnrec bench` imports this module only when it runs.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=Path(".cache/bench"),
         help="where synthetic models are exported (default: .cache/bench)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the synthetic data and models (default: 0)")
     p.add_argument(
         "--no-peer-setup",
         action="store_true",
@@ -117,9 +117,22 @@ def run(args: argparse.Namespace, prelude=None) -> int:
     return 0
 
 
+def _bench(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Run the benchmark stages (model: torch vs onnxruntime; retrieval: exact vs IVF/HNSW; ...) "
+        "with warm-up, fixed windows and repeated points, and write bench-<stage>-<date>.{json,md,png}. "
+        "Same as `python -m attnrec.benchmarks`."
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+COMMANDS = {"bench": _bench}  # for attnrec/cli.py
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
+        prog="python -m attnrec.benchmarks",
         description="attnrec's benchmark suite: latency and throughput per stage, as JSON, Markdown and PNG.",
     )
     add_arguments(parser)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,7 @@ import onnxruntime as ort
 
 from attnrec.engine.encoder import make_session
 from attnrec.engine.repository import open_version
-
-
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+from attnrec.engine.timing import median_ms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             "candidate_scores": rng.normal(size=(batch, args.candidates)).astype(np.float32),
         }
         feeds = {i.name: feeds[i.name] for i in ranker.get_inputs()}
-        ms = _median_ms(lambda: ranker.run(["scores"], feeds), args.repeats)
-        enc_ms = _median_ms(lambda: encoder.run(None, {"history": history}), args.repeats)
+        ms = median_ms(lambda: ranker.run(["scores"], feeds), args.repeats, warmup=10)
+        enc_ms = median_ms(lambda: encoder.run(None, {"history": history}), args.repeats, warmup=10)
         rows.append(
             {
                 "batch": batch,

@@ -92,7 +92,7 @@ def attnrec_serve(
 ) -> ServerProcess:
     """`attnrec serve` on free ports, metrics on; ready once warmed up."""
     port, metrics = free_port(), free_port()
-    cmd = [sys.executable, "-m", "attnrec.export.cli", "-q", "serve", "--repo", str(repo), "--model", model]
+    cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(repo), "--model", model]
     cmd += ["--address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics)]
     cmd += ["--max-batch-size", str(max_batch_size), "--intra-op-threads", str(threads)]
     proc, log = _spawn("attnrec-serve", cmd, log_dir)

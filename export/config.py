@@ -2,31 +2,31 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
-class SASRecConfig:
-    n_items: int  # catalogue size; tokens are 1..n_items, 0 is padding
+class ModelShape:
+    """The encoder's architecture: the one declaration that SASRecConfig and TrainConfig (its flags) share."""
+
     max_len: int = 200
     dim: int = 64
     n_blocks: int = 2
     n_heads: int = 1
     ffn_dim: int = 256
     dropout: float = 0.2
+
+
+@dataclass
+class SASRecConfig(ModelShape):
+    n_items: int = field(kw_only=True)  # catalogue size; tokens are 1..n_items, 0 is padding
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
-class TrainConfig:
-    max_len: int = 200
-    dim: int = 64
-    n_blocks: int = 2
-    n_heads: int = 1
-    ffn_dim: int = 256
-    dropout: float = 0.2
+class TrainConfig(ModelShape):
     loss: str = "ce"  # "ce" (full softmax) or "sampled"
     mask_seen: bool = True  # ce: items already in the history are no candidates in the softmax
     n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
@@ -42,9 +42,8 @@ class TrainConfig:
     seed: int = 0
 
     def model_config(self, n_items: int) -> SASRecConfig:
-        """The model's part of these settings: every SASRecConfig field but the catalogue size."""
-        shape = {f.name: getattr(self, f.name) for f in fields(SASRecConfig) if f.name != "n_items"}
-        return SASRecConfig(n_items=n_items, **shape)
+        """The model's part of these settings, for a catalogue of `n_items`."""
+        return SASRecConfig(n_items=n_items, **{f.name: getattr(self, f.name) for f in fields(ModelShape)})
 
 
 @dataclass

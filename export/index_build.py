@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from attnrec.engine.index import ItemIndex, mips_augment
+from attnrec.engine.timing import median_ms
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +92,9 @@ def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
 
 def _time_single(index, queries: np.ndarray, n: int, repeats: int) -> float:
     """Median ms of one query at a time (the serving case at batch 1)."""
-    times = []
-    for q in queries[:repeats]:
-        t = time.perf_counter()
-        index.search(q[None, :], n)
-        times.append((time.perf_counter() - t) * 1e3)
-    return float(np.median(times))
+    sample = queries[:repeats]
+    rows = iter(sample)  # a new query each call
+    return median_ms(lambda: index.search(next(rows)[None, :], n), len(sample))
 
 
 @dataclass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from attnrec.engine.encoder import make_session, pad_histories
+from attnrec.engine.timing import median_ms
 
 from .model import SASRec
 
@@ -161,19 +161,9 @@ def time_encoders(
     session = make_session(path, providers=["CPUExecutionProvider"], intra_op_threads=threads)
     tt = torch.from_numpy(tokens)
 
-    def median_ms(fn) -> float:
-        for _ in range(5):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-        return float(np.median(times))
-
     with torch.no_grad():
-        torch_ms = median_ms(lambda: model(tt))
-    ort_ms = median_ms(lambda: session.run(["query"], {"history": tokens}))
+        torch_ms = median_ms(lambda: model(tt), repeats, warmup=5)
+    ort_ms = median_ms(lambda: session.run(["query"], {"history": tokens}), repeats, warmup=5)
     return {
         "batch": batch,
         "length": length,

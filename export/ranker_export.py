@@ -3,7 +3,6 @@ proving it computes what torch computes."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -12,11 +11,12 @@ import numpy as np
 import torch
 
 from attnrec.engine.encoder import make_session, pad_histories
-from attnrec.engine.ranker import OnnxRanker
+from attnrec.engine.ranker import RANKER_INPUTS, OnnxRanker
+from attnrec.engine.timing import median_ms
 
 from .model import SASRec
 from .onnx_export import PARITY_TOLERANCE, ParityError, trace_to_onnx
-from .ranker_model import INPUTS, TargetAttentionRanker
+from .ranker_model import TargetAttentionRanker
 
 
 class _WithoutHidden(torch.nn.Module):
@@ -50,7 +50,8 @@ def export_ranker(ranker: TargetAttentionRanker, path: Path, *, optimize: bool =
         "candidate_scores": {0: "batch", 1: "candidates"},
         "scores": {0: "batch", 1: "candidates"},
     }
-    names = list(INPUTS)
+    # engine's contract, in forward's argument order: all four with keys="hidden", all but `hidden` with keys="items"
+    names = list(RANKER_INPUTS)
     module: torch.nn.Module = ranker
     if ranker.shape.keys != "hidden":
         names.remove("hidden")
@@ -120,12 +121,5 @@ def time_ranker(
         "candidate_scores": rng.normal(size=(batch, n)).astype(np.float32),
     }
     feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
-    for _ in range(5):
-        session.run(["scores"], feeds)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        session.run(["scores"], feeds)
-        times.append((time.perf_counter() - t) * 1e3)
-    ms = float(np.median(times))
+    ms = median_ms(lambda: session.run(["scores"], feeds), repeats, warmup=5)
     return {"batch": batch, "length": length, "candidates": n, "ms": ms, "users_per_s": batch * 1e3 / ms}

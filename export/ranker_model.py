@@ -31,10 +31,6 @@ import torch.nn.functional as F
 
 _BLOCKED = -1e9  # finite, as in the encoder: a row of padding keys stays NaN-free
 
-# The ONNX graph's inputs (attnrec.engine.ranker.OnnxRanker's contract): all four with keys="hidden",
-# all but `hidden` with keys="items".
-INPUTS = ("history", "hidden", "candidates", "candidate_scores")
-
 
 def features(shape: "RankerShape") -> list[str]:
     """What the ranker reads, for the manifest."""

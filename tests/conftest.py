@@ -66,7 +66,7 @@ def trained_repo(tmp_path_factory, small_log):
     data = root / "log.parquet"
     write(small_log, data)
     repo = root / "repo"
-    from attnrec.export.cli import main
+    from attnrec.cli import main
 
     assert main(["-q", "train", "--data", str(data), "--out", str(repo), "--name", "seq", *TRAIN]) == 0
     return data, repo

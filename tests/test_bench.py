@@ -136,7 +136,7 @@ def test_provider_check_catches_a_cpu_fallback():
 
 
 def test_attnrec_bench_subcommand_writes_the_selected_stage(tmp_path):
-    from attnrec.export.cli import main
+    from attnrec.cli import main
 
     args = ["-q", "bench", "--stages", "retrieval", *FAST, "--out", str(tmp_path), "--work-dir", str(tmp_path)]
     assert main(args) == 0

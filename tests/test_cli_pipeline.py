@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+from attnrec.cli import main
 from attnrec.engine.repository import list_versions, open_version
-from attnrec.export.cli import main
 
 
 def test_train_publishes_a_complete_verified_version(trained_repo, small_log):
@@ -72,7 +72,7 @@ def test_evaluation_and_retrieval_never_import_torch(trained_repo, tmp_path):
     data, repo = trained_repo
     out = tmp_path / "cands.parquet"
     code = (
-        "import sys; from attnrec.export.cli import main; "
+        "import sys; from attnrec.cli import main; "
         f"rc = main(['-q', 'evaluate', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}]); "
         "assert rc == 0; assert 'torch' not in sys.modules, 'torch was imported'; "
         f"rc = main(['-q', 'retrieve', '--repo', {str(repo)!r}, '--name', 'seq', '--data', {str(data)!r}, "

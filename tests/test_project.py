@@ -21,9 +21,15 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1] in ci.splitlines()
 
 
-def test_engine_never_imports_torch_or_export():
-    forbidden = {"torch", "onnx", "attnrec.export", "attnrec.benchmarks"}
-    for path in (ROOT / "engine").rglob("*.py"):
+@pytest.mark.parametrize(
+    "half, forbidden",
+    [
+        ("engine", {"torch", "onnx", "attnrec.export", "attnrec.benchmarks"}),
+        ("export", {"attnrec.benchmarks"}),  # the benchmarks import the offline half, never the other way
+    ],
+)
+def test_a_half_never_imports_what_it_must_not(half, forbidden):
+    for path in (ROOT / half).rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             names = []

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
+from attnrec.cli import main
 from attnrec.engine.encoder import OnnxEncoder, pad_histories
 from attnrec.engine.index import search
 from attnrec.engine.metrics import topk_excluding
 from attnrec.engine.pipeline import Pipeline
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import newest_valid_version
-from attnrec.export.cli import main
 from attnrec.export.config import RankerConfig
 from attnrec.export.evaluate import load_item_vectors
 from attnrec.export.index_build import build_index

@@ -4,11 +4,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from attnrec.cli import main
 from attnrec.engine.encoder import OnnxEncoder, pad_histories
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import newest_valid_version
 from attnrec.export import retrieve as retrieve_mod
-from attnrec.export.cli import main
 from attnrec.export.data.readers import read_interactions
 from attnrec.export.data.sequences import build_sequences
 from attnrec.export.evaluate import load_item_ids, load_item_vectors

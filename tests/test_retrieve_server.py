@@ -5,9 +5,9 @@ import pyarrow.parquet as pq
 import pytest
 from serving import RunningServer, clone_version, settings, toy_ranker
 
+from attnrec.cli import main
 from attnrec.engine.client import RecommenderClient
 from attnrec.engine.repository import newest_valid_version
-from attnrec.export.cli import main
 from attnrec.export.data.readers import read_interactions
 from attnrec.export.data.sequences import build_sequences
 from attnrec.export.evaluate import load_item_ids

@@ -150,7 +150,7 @@ def test_hot_swap_under_load_with_zero_failed_requests_and_broken_versions_refus
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(own_repo):
     port = free_port()
-    cmd = [sys.executable, "-m", "attnrec.export.cli", "-q", "serve", "--repo", str(own_repo), "--port", str(port)]
+    cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(own_repo), "--port", str(port)]
     env = {**os.environ, "ATTNREC_METRICS_PORT": "0", "ATTNREC_INTRA_OP_THREADS": "1", "ATTNREC_GRACE": "20"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = f"localhost:{port}"
@@ -295,17 +295,17 @@ def test_settings_precedence_flag_env_file_default(tmp_path):
 def test_serving_commands_never_import_torch(own_repo):
     code = f"""
 import asyncio, sys
-from attnrec.export.cli import build_parser
-args = build_parser().parse_args(["serve", "--repo", {str(own_repo)!r}, "--port", "0", "--metrics-port", "0"])
+from attnrec.cli import build_parser
+args = build_parser(["serve"]).parse_args(["serve", "--repo", {str(own_repo)!r}, "--port", "0", "--metrics-port", "0"])
 from attnrec.engine.settings import from_args
 from attnrec.engine.server import Server
-import attnrec.engine.client, attnrec.export.cli
+import attnrec.engine.client, attnrec.engine.cli
 async def main():
     s = Server(from_args(args, {{}}))
     await s.start()
     await s.drain()
 asyncio.run(main())
-build_parser().parse_args(["query", "--server", "x:1", "--info"])
+build_parser(["query"]).parse_args(["query", "--server", "x:1", "--info"])
 bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "onnx"))
 print("BAD", bad)
 sys.exit(1 if bad else 0)
@@ -315,7 +315,7 @@ sys.exit(1 if bad else 0)
 
 
 def test_query_command(own_repo, capsys):
-    from attnrec.export.cli import main
+    from attnrec.cli import main
 
     with RunningServer(settings(own_repo)) as s:
         assert main(["query", "--server", s.target, "--history", "1,2,3", "--k", "4", "--json"]) == 0

@@ -1,0 +1,169 @@
+"""`attnrec export`, and what it shares with `attnrec train`: the index and ranker flags and publishing a version."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from pathlib import Path
+
+from .data import add_data_args, load_split
+from .evaluate import add_eval_users
+
+_RANKER_HELP = {
+    "n_candidates": "stage one's top-N that the ranker re-orders (training and serving)",
+    "attend_last": "the most recent history positions each candidate attends over",
+    "keys": "what candidates attend over: items (the ranker's own item embeddings) or hidden (the encoder's "
+    "hidden states; the encoder then exports them)",
+    "mlp_dim": "hidden size of the ranker's scoring MLP",
+    "dropout": "ranker dropout",
+    "samples_per_user": "training prefixes per user (the most recent positions of the training part)",
+    "lr": "ranker AdamW learning rate",
+    "weight_decay": "ranker AdamW weight decay",
+    "batch_size": "ranker training prefixes per batch",
+    "epochs": "maximum ranker epochs",
+    "patience": "stop after this many epochs without a better two-stage validation NDCG@10",
+    "val_users": "validation users sampled for the ranker's early stopping (all when fewer)",
+}
+
+
+def add_ranker_args(p: argparse.ArgumentParser) -> None:
+    from ..config import RankerConfig
+
+    g = p.add_argument_group("second-stage ranker")
+    g.add_argument(
+        "--ranker",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train a target-attention ranker on the encoder's FAISS candidates and ship it in the version "
+        "(the encoder then also outputs its hidden states) (default: on)",
+    )
+    base = RankerConfig()
+    for name, text in _RANKER_HELP.items():
+        default = getattr(base, name)
+        g.add_argument(
+            "--ranker-" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"{text} (default: {default})",
+        )
+
+
+def _ranker_config(args: argparse.Namespace, seed: int, threads: int):
+    from ..config import RankerConfig
+
+    if not args.ranker:
+        return None
+    return RankerConfig(**{n: getattr(args, "ranker_" + n) for n in _RANKER_HELP}, seed=seed, threads=threads)
+
+
+def add_publish_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("index")
+    g.add_argument(
+        "--index",
+        dest="index_factory",
+        help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32 (default: Flat up to 50,000 items, else IVF)",
+    )
+    g.add_argument(
+        "--export-hidden",
+        action="store_true",
+        help="the ONNX encoder also outputs every position's hidden state (B, L, D) for a ranker; "
+        "costs the full last block per request",
+    )
+    g.add_argument("--recall-n", type=int, default=200, help="N of the recall@N the index is tuned for (default: 200)")
+    g.add_argument(
+        "--target-recall", type=float, default=0.98, help="recall@N to reach against exact search (default: 0.98)"
+    )
+    add_eval_users(p)
+
+
+def add_repo_args(p: argparse.ArgumentParser) -> None:
+    """Where a new version goes: REPO_DIR/MODEL_NAME/<next version>."""
+    p.add_argument("--out", type=Path, required=True, metavar="REPO_DIR", help="model repository")
+    p.add_argument("--name", required=True, metavar="MODEL_NAME", help="model name inside the repository")
+
+
+def publish_version(model, split, info, args, training: dict) -> dict:
+    """Export, evaluate and publish `model` as a new version (with a ranker unless --no-ranker); print its report."""
+    from ..evaluate import print_report
+    from ..publish import publish
+
+    version_dir, manifest, metrics = publish(
+        model,
+        split,
+        args.out,
+        args.name,
+        training=training,
+        data_info=info,
+        index_factory=args.index_factory,
+        recall_n=args.recall_n,
+        target_recall=args.target_recall,
+        eval_users=args.eval_users,
+        with_hidden=args.export_hidden,
+        ranker=_ranker_config(args, args.seed, args.threads),
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    print_report(metrics)
+    idx = manifest.index
+    recall = idx["recall@%d" % idx["recall_n"]]
+    print(
+        f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
+        f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e}"
+        + (f"; ranker parity {manifest.ranker['parity']['max_abs_diff']:.1e})" if manifest.ranker else ")")
+    )
+    return metrics
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..config import TrainConfig
+    from ..model import SASRec
+    from ..train import item_ids_digest
+
+    state = torch.load(args.checkpoint, weights_only=False)
+    cfg = TrainConfig(**state["train_config"])
+    split, info = load_split(args)
+    if split.data.n_items != state["n_items"] or state.get(
+        "item_ids_sha256", item_ids_digest(split.data.item_ids)
+    ) != item_ids_digest(split.data.item_ids):
+        raise ValueError(
+            f"{args.checkpoint} was trained on another item catalogue ({state['n_items']} items) than "
+            f"this data's ({split.data.n_items} items); export it with the data it was trained on"
+        )
+    model = SASRec(cfg.model_config(state["n_items"]))
+    model.load_state_dict(state["best_state"])
+    args.seed, args.threads = cfg.seed, cfg.threads
+    training = {
+        "config": asdict(cfg),
+        "best_epoch": state["best_epoch"],
+        "epochs_run": state["epoch"],
+        "best_valid_ndcg@10": state["best"],
+        "history": state["history"],
+        "checkpoint": str(args.checkpoint),
+    }
+    publish_version(model, split, info, args, training)
+    return 0
+
+
+def _export(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Export the best weights of a training checkpoint as a new repository version, "
+        "training a new ranker on them unless --no-ranker: the way to add (or retrain) the ranker of an "
+        "existing encoder. The data must be the data the checkpoint was trained on (for the id map, the "
+        "index tuning queries, the ranker's samples and the evaluation)."
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="training checkpoint of `attnrec train` (by default REPO_DIR/MODEL_NAME/.train/checkpoint.pt)",
+    )
+    add_repo_args(p)
+    add_data_args(p)
+    add_publish_args(p)
+    add_ranker_args(p)
+    p.set_defaults(func=cmd_export)
+
+
+COMMANDS = {"export": _export}

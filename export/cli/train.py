@@ -1,0 +1,124 @@
+"""`attnrec train` (one flag per TrainConfig field) and `attnrec demo`, the whole offline path on synthetic data."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict, fields
+from pathlib import Path
+
+from .data import add_data_args, load_split
+from .export import add_publish_args, add_ranker_args, add_repo_args, publish_version
+
+log = logging.getLogger(__name__)
+
+_TRAIN_HELP = {
+    "max_len": "longest history the model reads (older items are dropped)",
+    "dim": "embedding and hidden size",
+    "n_blocks": "transformer blocks",
+    "n_heads": "attention heads",
+    "ffn_dim": "feed-forward inner size",
+    "dropout": "dropout rate",
+    "loss": "ce: full softmax over the catalogue; sampled: shared sampled negatives (huge catalogues)",
+    "mask_seen": "with --loss ce, leave items already in the history out of the softmax, as evaluation does",
+    "n_negatives": "negatives per batch for --loss sampled",
+    "lr": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "training windows per batch",
+    "epochs": "maximum epochs",
+    "ema_decay": "if > 0, validate and export an exponential moving average of the weights (e.g. 0.99)",
+    "patience": "stop after this many epochs without a better validation NDCG@10",
+    "val_users": "validation users sampled for early stopping (all when fewer)",
+    "time_budget_s": "stop training after this many seconds (0: no limit)",
+    "threads": "torch CPU threads (0: torch's default)",
+    "seed": "random seed (data order, initialisation, sampling)",
+}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from ..config import TrainConfig
+
+    g = p.add_argument_group("model and training")
+    base = TrainConfig()
+    for f in fields(TrainConfig):
+        default = getattr(base, f.name)
+        kind = type(default)
+        if kind is bool:
+            kw = {"action": argparse.BooleanOptionalAction}
+        else:
+            kw = {"type": kind, **({"choices": ["ce", "sampled"]} if f.name == "loss" else {})}
+        g.add_argument(
+            "--" + f.name.replace("_", "-"), default=default, help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw
+        )
+
+
+def _train_config(args: argparse.Namespace):
+    from ..config import TrainConfig
+
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..train import train
+
+    split, info = load_split(args)
+    cfg = _train_config(args)
+    ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    result = train(split, cfg, checkpoint=ckpt, resume=args.resume, progress=not args.quiet)
+    log.info(
+        "best validation NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)",
+        result.best_valid_ndcg10,
+        result.best_epoch,
+        result.epochs_run,
+        result.seconds,
+    )
+    training = {
+        "config": asdict(cfg),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_seconds": result.seconds,
+        "best_valid_ndcg@10": result.best_valid_ndcg10,
+        "history": result.history,
+        "checkpoint": str(ckpt),
+    }
+    publish_version(result.model, split, info, args, training)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(args.out, n_users=args.users, n_items=args.items, seed=args.seed, quiet=args.quiet)
+
+
+def _train(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Train a SASRec encoder on an interaction log (leave-one-out split, early stopping "
+        "on validation NDCG@10), then export the verified ONNX encoder and a tuned FAISS index, train "
+        "the second-stage ranker on their candidates (unless --no-ranker), and publish all of it "
+        "as a new version of REPO_DIR/MODEL_NAME."
+    )
+    add_data_args(p)
+    add_repo_args(p)
+    p.add_argument(
+        "--checkpoint", type=Path, help="training checkpoint (default: REPO_DIR/MODEL_NAME/.train/checkpoint.pt)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    _add_train_args(p)
+    add_publish_args(p)
+    add_ranker_args(p)
+    p.set_defaults(func=cmd_train)
+
+
+def _demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("attnrec-demo"), help="working folder (default: ./attnrec-demo)")
+    p.add_argument("--users", type=int, default=3000, help="synthetic users (default: 3000)")
+    p.add_argument("--items", type=int, default=2000, help="synthetic items (default: 2000)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed of the data, the training and the examples (default: 0)"
+    )
+    p.set_defaults(func=cmd_demo)
+
+
+COMMANDS = {"train": _train, "demo": _demo}
