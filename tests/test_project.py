@@ -36,8 +36,10 @@ def test_a_half_never_imports_what_it_must_not(half, forbidden):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                # a relative import that climbs out of engine/ (`from ..export import x`) counts too
-                names = [node.module or ""] if node.level < 2 else ["attnrec." + (node.module or "")]
+                # relative imports are resolved, so one that climbs out (`from ..export import x`) counts too
+                package = ["attnrec", half, *path.parent.relative_to(ROOT / half).parts]
+                base = package[: len(package) - node.level + 1] if node.level else []
+                names = [".".join([*base, *([node.module] if node.module else [])])]
             for name in names:
                 assert not any(name == f or name.startswith(f + ".") for f in forbidden), f"{path}: imports {name}"
 
