@@ -81,19 +81,21 @@ def _load_log(args: argparse.Namespace):
 
 
 def _load_split(args: argparse.Namespace):
+    from attnrec.engine.repository import DataSection
+
     from .data.sequences import build_sequences, leave_one_out
 
     log_, source = _load_log(args)
     data = build_sequences(log_)
     split = leave_one_out(data)
-    info = {
-        "source": source,
-        "format": args.format,
-        "interactions": int(len(data.items)),
-        "users": data.n_users,
-        "items": data.n_items,
-        "kcore": args.kcore,
-    }
+    info = DataSection(
+        source=source,
+        format=args.format,
+        interactions=int(len(data.items)),
+        users=data.n_users,
+        items=data.n_items,
+        kcore=args.kcore,
+    )
     log.info(
         "%d users, %d items, %s interactions; %d evaluated users",
         data.n_users,
@@ -228,7 +230,7 @@ def _add_eval_users(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _publish(model, split, info, args, training: dict) -> dict:
+def _publish(model, split, info, args, training) -> dict:
     from .evaluate import print_report
     from .publish import publish
 
@@ -238,7 +240,7 @@ def _publish(model, split, info, args, training: dict) -> dict:
         args.out,
         args.name,
         training=training,
-        data_info=info,
+        data=info,
         index_factory=args.index_factory,
         recall_n=args.recall_n,
         target_recall=args.target_recall,
@@ -250,16 +252,17 @@ def _publish(model, split, info, args, training: dict) -> dict:
     )
     print_report(metrics)
     idx = manifest.index
-    recall = idx["recall@%d" % idx["recall_n"]]
     print(
-        f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
-        f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e}"
-        + (f"; ranker parity {manifest.ranker['parity']['max_abs_diff']:.1e})" if manifest.ranker else ")")
+        f"published {version_dir}  (index {idx.factory} {idx.params}, recall@{idx.recall_n} "
+        f"{idx.recall:.4f}; ONNX parity {manifest.encoder.parity.max_abs_diff:.1e}"
+        + (f"; ranker parity {manifest.ranker.parity.max_abs_diff:.1e})" if manifest.ranker else ")")
     )
     return metrics
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from attnrec.engine.repository import TrainingSection
+
     from .train import train
 
     split, info = _load_split(args)
@@ -274,21 +277,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         result.epochs_run,
         result.seconds,
     )
-    training = {
-        "config": asdict(cfg),
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "train_seconds": result.seconds,
-        "best_valid_ndcg@10": result.best_valid_ndcg10,
-        "history": result.history,
-        "checkpoint": str(ckpt),
-    }
+    training = TrainingSection(
+        config=asdict(cfg),
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=result.seconds,
+        best_valid_ndcg10=result.best_valid_ndcg10,
+        history=tuple(result.history),
+        checkpoint=str(ckpt),
+    )
     _publish(result.model, split, info, args, training)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
+
+    from attnrec.engine.repository import TrainingSection
 
     from .config import TrainConfig
     from .model import SASRec
@@ -307,14 +312,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = SASRec(cfg.model_config(state["n_items"]))
     model.load_state_dict(state["best_state"])
     args.seed, args.threads = cfg.seed, cfg.threads
-    training = {
-        "config": asdict(cfg),
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "best_valid_ndcg@10": state["best"],
-        "history": state["history"],
-        "checkpoint": str(args.checkpoint),
-    }
+    training = TrainingSection(
+        config=asdict(cfg),
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        best_valid_ndcg10=state["best"],
+        history=tuple(state["history"]),
+        checkpoint=str(args.checkpoint),
+    )
     _publish(model, split, info, args, training)
     return 0
 
