@@ -37,7 +37,7 @@ def test_evaluate_json_matches_the_published_metrics(trained_repo, tmp_path):
         for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
             assert 0.0 <= result[split][key] <= 1.0
     published = open_version(repo / "seq" / "1").metrics
-    assert result["test"] == pytest.approx(published["test"])
+    assert result["test"] == pytest.approx(published.test)
     assert result["protocol"]["exclude_seen"] is True
     assert result["protocol"]["users_evaluated"] == 400 and result["model"]["version"] == 1
 

@@ -232,20 +232,37 @@ def test_a_malformed_section_is_refused_with_its_place(edit, where):
         Manifest.from_dict(raw, "x/manifest.json")
 
 
-# Manifest sections are dataclasses: read `manifest.index.params`, never by a string key.
+# Manifest sections are dataclasses: read `manifest.index.params`, never by a string key, directly or
+# through a name bound to a section (`idx = manifest.index` then `idx[...]`).
 _SECTIONS = "model|index|ranker|metrics|training|data|encoder|files"
 _STRING_KEY_READ = re.compile(rf"(\w+)\.({_SECTIONS})\s*(\[|\.get\()")
+_ALIAS = re.compile(rf"^\s*(\w+)\s*=\s*[\w.]*(?:\([^()]*\))?\.({_SECTIONS})\s*$", re.M)
 _NOT_A_MANIFEST = {"section", "server", "s"}  # report sections (benchmarks/report.py), test_download's fake server
 
 
 def string_key_section_reads(text: str) -> list[str]:
-    return [m.group(0) for m in _STRING_KEY_READ.finditer(text) if m.group(1) not in _NOT_A_MANIFEST]
+    hits = [m.group(0) for m in _STRING_KEY_READ.finditer(text) if m.group(1) not in _NOT_A_MANIFEST]
+    for alias in {m.group(1) for m in _ALIAS.finditer(text)}:
+        hits += [m.group(0) for m in re.finditer(rf"\b{alias}\s*(\[|\.get\()", text)]
+    return hits
 
 
 def test_the_check_for_string_key_section_reads_finds_them():
-    bad = ["manifest.model" + '["dim"]', "v.pipeline.manifest.index" + '.get("factory")', "m.ranker" + " ['x']"]
+    bad = [
+        "manifest.model" + '["dim"]',
+        "v.pipeline.manifest.index" + '.get("factory")',
+        "m.ranker" + " ['x']",
+        "idx = manifest.index\nprint(idx" + '["factory"])',
+        'published = open_version(repo / "seq" / "1").metrics\nassert published' + '["test"]',
+    ]
     assert all(string_key_section_reads(b) for b in bad)
-    good = ["manifest.model.dim", 'm.training.config["dim"]', 'section.data["points"]', "manifest.files.roles()"]
+    good = [
+        "manifest.model.dim",
+        'm.training.config["dim"]',
+        'section.data["points"]',
+        "manifest.files.roles()",
+        "idx = manifest.index\nprint(idx.factory, idx.params)",
+    ]
     assert not any(string_key_section_reads(g) for g in good)
 
 
@@ -255,8 +272,7 @@ def test_no_manifest_section_is_read_by_string_key_outside_the_repository_module
         for path in (ROOT / folder).rglob("*.py"):
             if path == ROOT / "engine" / "repository.py" or "rpc" in path.relative_to(ROOT).parts:
                 continue
-            for n, line in enumerate(path.read_text().splitlines(), 1):
-                found += [f"{path.relative_to(ROOT)}:{n}: {hit}" for hit in string_key_section_reads(line)]
+            found += [f"{path.relative_to(ROOT)}: {hit}" for hit in string_key_section_reads(path.read_text())]
     assert not found, "read these through the typed sections of attnrec.engine.repository:\n" + "\n".join(found)
 
 
