@@ -202,28 +202,28 @@ class EvalProtocol(_Section):
     ks: tuple[int, ...]
 
 
-Split = dict[str, float]  # metric name → value (hr@10, ndcg@10, ..., users)
+SplitMetrics = dict[str, float]  # metric name → value (hr@10, ndcg@10, ..., users)
 
 
 @dataclass(frozen=True)
 class PipelineMetrics(_Section):
     """The rows through the serving pipeline: (a) exact, (b) ann = FAISS top-k, (c) ranked."""
 
-    exact: dict[str, Split]  # split name → metrics
-    ann: dict[str, Split]
+    exact: dict[str, SplitMetrics]  # split name → metrics
+    ann: dict[str, SplitMetrics]
     n_candidates: int
     stage1_recall: dict[str, float]  # split → recall@n_candidates of stage one
     served: str  # "ranked" or "ann": the row the server runs
-    ranked: dict[str, Split] | None = None
+    ranked: dict[str, SplitMetrics] | None = None
 
 
 @dataclass(frozen=True)
 class MetricsSection(_Section):
     """Evaluation at export time; `test`/`valid` are the pipeline the server runs."""
 
-    test: Split
-    valid: Split
-    baselines: dict[str, dict[str, Split]]  # baseline → split → metrics
+    test: SplitMetrics
+    valid: SplitMetrics
+    baselines: dict[str, dict[str, SplitMetrics]]  # baseline → split → metrics
     protocol: EvalProtocol
     pipeline: PipelineMetrics | None = None
 
@@ -390,7 +390,7 @@ def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
         out["index"] = renamed(index, f"recall@{index.get('recall_n')}", "recall")
     if isinstance(training := out.get("training"), dict):
         out["training"] = renamed(training, "best_valid_ndcg@10", "best_valid_ndcg10")
-    if isinstance(out.get("files"), dict) and "ranker" in out["files"]:
+    if isinstance(out.get("files"), dict) and "ranker" in out["files"] and isinstance(out.get("ranker", {}), dict):
         ranker = {"type": "target_attention", **out.get("ranker", {})}
         if isinstance(ranker.get("inputs"), list):  # benchmarks' synthetic ranker listed names only
             del ranker["inputs"]
