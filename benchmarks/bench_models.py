@@ -71,6 +71,7 @@ def bench_version(settings: Settings, kind: str, *, cache: Path | None = None) -
 def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
     import torch
 
+    from attnrec.engine.repository import DataSection, TrainingSection
     from attnrec.export.config import SASRecConfig
     from attnrec.export.data.sequences import build_sequences, leave_one_out
     from attnrec.export.data.synthetic import SyntheticConfig, generate
@@ -95,8 +96,8 @@ def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
         split,
         repo,
         name,
-        training={"note": "random weights: a benchmark model, never trained"},
-        data_info={"source": log_.source, "synthetic": True, "users": split.data.n_users},
+        training=TrainingSection(note="random weights: a benchmark model, never trained"),
+        data=DataSection(source=log_.source, synthetic=True, users=split.data.n_users),
         tune_queries=500,
         eval_users=200,
         seed=seed,
@@ -109,51 +110,39 @@ def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
 
 def attach_synthetic_ranker(src: Path, repo: Path, name: str, n_items: int, dim: int, max_len: int, seed: int) -> Path:
     """Publish a copy of the version at `src` as the next version of repo/name, with the suite's synthetic ranker."""
+    import tempfile
+
     import torch
 
-    from attnrec.engine.repository import VersionWriter, open_version
+    from attnrec.engine.repository import RankerSection, copy_version
 
     from .synthetic_ranker import TargetAttentionRanker, export_ranker
 
-    manifest = open_version(src)
     torch.manual_seed(seed)
-    with VersionWriter(repo, name) as w:
-        files = {}
-        for role, entry in manifest.files.items():
-            shutil.copy(src / entry.path, w.path / entry.path)
-            files[role] = entry.path
-        export_ranker(TargetAttentionRanker(n_items, dim, max_len, RANKER_MLP), w.path / "ranker.onnx")
-        files["ranker"] = "ranker.onnx"
-        ranker = {
-            "inputs": ["history", "candidates", "candidate_scores"],
-            "n_candidates": N_CANDIDATES,
-            "synthetic": True,
-            "note": "benchmarks/synthetic_ranker.py: random weights, for timing only",
-        }
-        sections = {k: getattr(manifest, k) for k in ("model", "encoder", "index", "metrics", "training", "data")}
-        return w.commit(files=files, ranker=ranker, **sections)
+    ranker = RankerSection(
+        type="synthetic_target_attention",
+        n_candidates=N_CANDIDATES,
+        note="benchmarks/synthetic_ranker.py: random weights, for timing only",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = export_ranker(TargetAttentionRanker(n_items, dim, max_len, RANKER_MLP), Path(tmp) / "ranker.onnx")
+        return copy_version(src, repo, name, ranker=ranker, ranker_file=onnx_path)
 
 
 def _from_given(version: Path, cache: Path, settings: Settings) -> BenchVersion:
-    from attnrec.engine.repository import VersionWriter, open_version
+    from attnrec.engine.repository import copy_version, open_version
 
     manifest = open_version(version)
     root = Path(cache) / f"given-{manifest.name}-v{manifest.version}"
     repo = root / "repo"
     source = f"repository version {version}"
-    if "ranker" in manifest.files:
-        shutil.rmtree(root, ignore_errors=True)
-        with VersionWriter(repo, manifest.name) as w:  # a pinned copy: the server serves the newest version
-            for entry in manifest.files.values():
-                shutil.copy(version / entry.path, w.path / entry.path)
-            sections = {
-                k: getattr(manifest, k) for k in ("model", "encoder", "index", "metrics", "training", "data", "ranker")
-            }
-            path = w.commit(files={r: e.path for r, e in manifest.files.items()}, **sections)
-        return BenchVersion(path, repo, manifest.name, "trained", None, source)
     shutil.rmtree(root, ignore_errors=True)
+    if manifest.files.ranker is not None:  # a pinned copy: the server serves the newest version
+        ranker_file = version / manifest.files.ranker.path
+        path = copy_version(version, repo, manifest.name, ranker=manifest.ranker, ranker_file=ranker_file)
+        return BenchVersion(path, repo, manifest.name, "trained", None, source)
     m = manifest.model
-    path = attach_synthetic_ranker(version, repo, manifest.name, m["n_items"], m["dim"], m["max_len"], settings.seed)
+    path = attach_synthetic_ranker(version, repo, manifest.name, m.n_items, m.dim, m.max_len, settings.seed)
     return BenchVersion(path, repo, manifest.name, "synthetic", None, source + " + synthetic ranker")
 
 
@@ -174,9 +163,8 @@ def torch_encoder(v: BenchVersion):
     from onnx import numpy_helper
 
     manifest = open_version(v.path)
-    keys = ("n_items", "max_len", "dim", "n_blocks", "n_heads", "ffn_dim")
-    model = SASRec(SASRecConfig(**{k: manifest.model[k] for k in keys})).eval()
-    graph = onnx.load(str(v.path / manifest.files["encoder"].path)).graph
+    model = SASRec(SASRecConfig(**manifest.model.shape())).eval()
+    graph = onnx.load(str(v.path / manifest.files.encoder.path)).graph
     weights = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     state = model.state_dict()
     loaded = 0

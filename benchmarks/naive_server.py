@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,31 +23,27 @@ import numpy as np
 def build(version_dir: Path, torch_weights: Path | None, threads: int):
     import torch
 
-    from attnrec.engine.index import load_index, search
-    from attnrec.engine.repository import open_version
+    from attnrec.engine.index import search
+    from attnrec.engine.pipeline import Pipeline, RuntimeOptions
 
     from .bench_models import RANKER_MLP, BenchVersion, torch_encoder
     from .synthetic_ranker import TargetAttentionRanker
 
     if threads:
         torch.set_num_threads(threads)
-    manifest = open_version(version_dir)
+    # The version's index, id map and candidate count as the engine loads them; its ONNX sessions go
+    # unused (one CPU thread, no spinning, so they cost the torch baseline nothing).
+    options = RuntimeOptions(("CPUExecutionProvider",), intra_op_threads=1, faiss_gpu=False, allow_spinning=False)
+    pipeline = Pipeline.load(version_dir, options)
+    manifest = pipeline.manifest
     v = BenchVersion(version_dir, version_dir.parent.parent, manifest.name, "", torch_weights, "")
     model, _ = torch_encoder(v)
     cfg = model.cfg
-    index = load_index(
-        version_dir / manifest.files["index"].path,
-        manifest.index["params"],
-        mips_max_norm2=manifest.index.get("mips_max_norm2"),
-        use_gpu=False,
-    )
-    ids = json.loads((version_dir / manifest.files["item_ids"].path).read_text())
+    index, ids, n_candidates = pipeline.index, pipeline.item_ids.tolist(), pipeline.n_candidates
     row_of = {str(x): i for i, x in enumerate(ids)}
     ranker = None
-    n_candidates = 0
-    if "ranker" in manifest.files:
+    if pipeline.ranker is not None:
         ranker = TargetAttentionRanker(cfg.n_items, cfg.dim, cfg.max_len, RANKER_MLP).eval()
-        n_candidates = int(manifest.ranker.get("n_candidates", 200))
 
     @torch.inference_mode()
     def recommend(history: list[str], k: int) -> tuple[list[str], list[float]]:

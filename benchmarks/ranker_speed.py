@@ -34,11 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     manifest = open_version(args.version_dir)
-    if "ranker" not in manifest.files:
+    if manifest.files.ranker is None:
         p.error(f"{args.version_dir} has no ranker")
-    n_items, dim = manifest.model["n_items"], manifest.model["dim"]
-    ranker = make_session(args.version_dir / manifest.files["ranker"].path, intra_op_threads=args.threads)
-    encoder = make_session(args.version_dir / manifest.files["encoder"].path, intra_op_threads=args.threads)
+    n_items, dim = manifest.model.n_items, manifest.model.dim
+    ranker = make_session(args.version_dir / manifest.files.ranker.path, intra_op_threads=args.threads)
+    encoder = make_session(args.version_dir / manifest.files.encoder.path, intra_op_threads=args.threads)
     rng = np.random.default_rng(0)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):

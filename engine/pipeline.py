@@ -20,8 +20,6 @@ from .index import ItemIndex, load_index, search
 from .ranker import OnnxRanker
 from .repository import ArtifactError, Manifest, open_version
 
-DEFAULT_CANDIDATES = 200
-
 
 @dataclass(frozen=True)
 class RuntimeOptions:
@@ -55,19 +53,34 @@ class Recommendations:
 
 
 class Pipeline:
-    """One loaded model version. Immutable after load, so threads may share it."""
+    """One model version's stages, immutable once built, so threads may share it.
+
+    Built from in-memory parts (what `attnrec export` evaluates before publishing) or by `load`
+    from a published version, which also keeps that version's `path` and `manifest`.
+    """
 
     def __init__(
-        self, path: Path, manifest: Manifest, encoder: OnnxEncoder, index: ItemIndex, ranker: OnnxRanker | None
+        self,
+        encoder: OnnxEncoder,
+        index: ItemIndex,
+        item_ids: np.ndarray,
+        popularity: np.ndarray,
+        ranker: OnnxRanker | None = None,
+        *,
+        n_candidates: int = 0,
+        path: Path | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
-        self.path, self.manifest, self.encoder, self.index, self.ranker = path, manifest, encoder, index, ranker
-        self.item_ids = np.asarray(json.loads((path / manifest.files["item_ids"].path).read_text()))
-        self.popularity = np.load(path / manifest.files["item_popularity"].path)
+        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker."""
+        self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
+        self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
         # Most popular first; the fallback for histories with no known item.
         self.popular_rows = np.argsort(-self.popularity, kind="stable")
-        self.n_candidates = int(manifest.ranker.get("n_candidates", DEFAULT_CANDIDATES)) if ranker else 0
+        self.n_candidates = n_candidates if ranker is not None else 0
+        if ranker is not None and n_candidates < 1:
+            raise ValueError(f"a ranker needs n_candidates >= 1, got {n_candidates}")
         if ranker is not None and ranker.needs_hidden and "hidden" not in encoder.output_names:
-            raise ArtifactError(f"{path}: the ranker reads `hidden` but the encoder does not output it")
+            raise ArtifactError(f"{path or 'pipeline'}: the ranker reads `hidden` but the encoder does not output it")
 
     @classmethod
     def load(cls, path: Path | str, options: RuntimeOptions = RuntimeOptions(), *, verify: bool = True) -> "Pipeline":
@@ -78,15 +91,23 @@ class Pipeline:
 
             faiss.omp_set_num_threads(options.faiss_threads)
         kw = options.session_kwargs()
-        encoder = OnnxEncoder(path / manifest.files["encoder"].path, manifest.model["max_len"], **kw)
-        index = load_index(
-            path / manifest.files["index"].path,
-            manifest.index["params"],
-            mips_max_norm2=manifest.index.get("mips_max_norm2"),
-            use_gpu=options.faiss_gpu,
+        files = manifest.files
+        ranker = None if files.ranker is None else OnnxRanker(path / files.ranker.path, **kw)
+        return cls(
+            OnnxEncoder(path / files.encoder.path, manifest.model.max_len, **kw),
+            load_index(
+                path / files.index.path,
+                manifest.index.params,
+                mips_max_norm2=manifest.index.mips_max_norm2,
+                use_gpu=options.faiss_gpu,
+            ),
+            np.asarray(json.loads((path / files.item_ids.path).read_text())),
+            np.load(path / files.item_popularity.path),
+            ranker,
+            n_candidates=manifest.ranker.n_candidates if manifest.ranker is not None else 0,
+            path=path,
+            manifest=manifest,
         )
-        ranker = OnnxRanker(path / manifest.files["ranker"].path, **kw) if "ranker" in manifest.files else None
-        return cls(path, manifest, encoder, index, ranker)
 
     @property
     def version(self) -> int:

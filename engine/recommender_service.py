@@ -112,14 +112,14 @@ class RecommenderService(pb_grpc.RecommenderServicer):
             version=m.version,
             n_items=p.n_items,
             max_history=p.max_len,
-            dim=int(m.model.get("dim", 0)),
+            dim=m.model.dim,
             has_ranker=p.ranker is not None,
             default_n_candidates=p.n_candidates,
             item_id_type=v.id_type,
-            index_factory=str(m.index.get("factory", "")),
+            index_factory=m.index.factory,
             providers=p.encoder.providers,
             created_at=m.created_at,
-            metrics_json=json.dumps(m.metrics),
+            metrics_json=json.dumps(m.metrics.to_dict() if m.metrics else {}),
         )
 
 

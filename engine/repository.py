@@ -11,70 +11,399 @@ Catalogue rows 0..n_items-1 index every per-item file; the encoder's input token
 r + 1 (token 0 is padding). A version is written in a hidden staging folder and renamed into
 place when complete, so a reader never sees half a version. Every file's sha256 is in the
 manifest; `open_version` refuses a version whose files do not match.
+
+The manifest's schema is the frozen dataclasses below; this module alone turns them into JSON and
+back, so everyone else reads typed attributes (`manifest.model.dim`, `manifest.ranker is None`).
+Its `schema_version` is "MAJOR.MINOR": a reader refuses another major version, ignores the keys a
+newer minor version added, and upgrades schema 1 (the untyped manifests of earlier releases).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import types
+import typing
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_MAJOR, SCHEMA_MINOR = 2, 0
+SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 MANIFEST = "manifest.json"
 _STAGING_PREFIX = ".staging-"
+DEFAULT_CANDIDATES = 200  # stage one's top-N for a ranker whose section names none (schema 1)
 
 
 class ArtifactError(Exception):
     """A model version is missing, malformed or does not match its checksums."""
 
 
+class _Section:
+    """A manifest section: JSON-ready as a plain dict (fields that are None are left out)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
 @dataclass(frozen=True)
-class FileEntry:
+class FileEntry(_Section):
     path: str  # relative to the version folder
     sha256: str
     bytes: int
 
 
 @dataclass(frozen=True)
-class Manifest:
-    """What a version holds. Roles in `files`: encoder, item_embeddings, index, item_ids, item_popularity,
-    and ranker when the version has a second stage (then the `ranker` section describes it)."""
+class Files(_Section):
+    """The version's files by role; `ranker` only when the version has a second stage."""
+
+    encoder: FileEntry
+    item_embeddings: FileEntry
+    index: FileEntry
+    item_ids: FileEntry
+    item_popularity: FileEntry
+    ranker: FileEntry | None = None
+
+    def roles(self) -> dict[str, FileEntry]:
+        """Role → file, for the files present."""
+        return {f.name: entry for f in fields(self) if (entry := getattr(self, f.name)) is not None}
+
+
+@dataclass(frozen=True)
+class ModelSection(_Section):
+    """The encoder's architecture and how its scores are read."""
+
+    type: str  # "sasrec"
+    n_items: int
+    max_len: int
+    dim: int
+    n_blocks: int
+    n_heads: int
+    ffn_dim: int
+    dropout: float
+    token_offset: int = 1
+    padding_token: int = 0
+    score: str = "inner product of the encoder's query with item_embeddings rows"
+
+    def shape(self) -> dict[str, int]:
+        """The sizes that fix the graph (SASRecConfig's keyword arguments, dropout aside)."""
+        return {k: getattr(self, k) for k in ("n_items", "max_len", "dim", "n_blocks", "n_heads", "ffn_dim")}
+
+
+@dataclass(frozen=True)
+class TensorEntry(_Section):
+    """One input or output of an ONNX graph; symbolic dimensions are names."""
+
+    dtype: str
+    shape: tuple[str | int, ...]
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class EncoderParity(_Section):
+    max_abs_diff: float  # |onnx - torch| over the checked histories
+    by_length: dict[str, float]  # history length → max |onnx - torch|
+    histories: int
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class EncoderSpeed(_Section):
+    batch: int
+    length: int
+    torch_ms: float
+    onnxruntime_ms: float
+    speedup: float
+
+
+@dataclass(frozen=True)
+class EncoderSection(_Section):
+    inputs: dict[str, TensorEntry]
+    outputs: dict[str, TensorEntry]  # "query", and "hidden" when the encoder exports its states
+    opset: int
+    parity: EncoderParity
+    speed_cpu: EncoderSpeed | None = None
+
+
+@dataclass(frozen=True)
+class IndexSection(_Section):
+    """The FAISS index and the search parameters tuned for it, with what they measured."""
+
+    factory: str
+    metric: str
+    params: dict[str, int | float]  # FAISS ParameterSpace settings, e.g. {"nprobe": 16}
+    recall_n: int
+    recall: float  # recall@recall_n against exact search on the tuning queries
+    target_recall: float
+    reached_target: bool
+    search_ms: float
+    exact_search_ms: float
+    batch_ms_per_query: float
+    tuning_queries: int
+    tried: tuple[dict[str, int | float], ...] = ()  # each setting tried and its recall
+    mips_max_norm2: float | None = None  # set: items were stored MIPS→L2 augmented (attnrec.engine.index)
+
+
+@dataclass(frozen=True)
+class RankerParity(_Section):
+    max_abs_diff: float
+    cases: tuple[dict[str, int | float], ...]  # batch, length, candidates, max_abs_diff
+    tolerance: float
+
+
+@dataclass(frozen=True)
+class RankerTraining(_Section):
+    config: dict[str, Any]  # the ranker's training settings as given
+    best_epoch: int
+    epochs_run: int
+    best_valid_ndcg10: float
+    stage1_valid_ndcg10: float
+    samples: int
+    samples_target_retrieved: float
+    seconds: float
+    history: tuple[dict[str, float], ...] = ()  # per epoch: loss, validation NDCG@10
+
+
+@dataclass(frozen=True)
+class RankerSection(_Section):
+    """The second stage: re-orders stage one's `n_candidates` (present iff `files.ranker` is)."""
+
+    type: str  # "target_attention"
+    n_candidates: int = DEFAULT_CANDIDATES
+    inputs: dict[str, TensorEntry] = field(default_factory=dict)
+    outputs: dict[str, TensorEntry] = field(default_factory=dict)
+    features: tuple[str, ...] = ()
+    shape: dict[str, int | float | str] = field(default_factory=dict)
+    opset: int | None = None
+    parity: RankerParity | None = None
+    speed_cpu: tuple[dict[str, int | float], ...] = ()
+    training: RankerTraining | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalProtocol(_Section):
+    name: str
+    split: str
+    ranking: str
+    exclude_seen: bool
+    min_interactions: int
+    users_evaluated: int
+    users_eligible: int
+    users_train_only: int
+    ks: tuple[int, ...]
+
+
+SplitMetrics = dict[str, float]  # metric name → value (hr@10, ndcg@10, ..., users)
+
+
+@dataclass(frozen=True)
+class PipelineMetrics(_Section):
+    """The rows through the serving pipeline: (a) exact, (b) ann = FAISS top-k, (c) ranked."""
+
+    exact: dict[str, SplitMetrics]  # split name → metrics
+    ann: dict[str, SplitMetrics]
+    n_candidates: int
+    stage1_recall: dict[str, float]  # split → recall@n_candidates of stage one
+    served: str  # "ranked" or "ann": the row the server runs
+    ranked: dict[str, SplitMetrics] | None = None
+
+
+@dataclass(frozen=True)
+class MetricsSection(_Section):
+    """Evaluation at export time; `test`/`valid` are the pipeline the server runs."""
+
+    test: SplitMetrics
+    valid: SplitMetrics
+    baselines: dict[str, dict[str, SplitMetrics]]  # baseline → split → metrics
+    protocol: EvalProtocol
+    pipeline: PipelineMetrics | None = None
+
+
+@dataclass(frozen=True)
+class TrainingSection(_Section):
+    """How the weights were made, and the library versions that exported them."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # the training settings as given
+    best_epoch: int | None = None
+    epochs_run: int | None = None
+    train_seconds: float | None = None
+    best_valid_ndcg10: float | None = None
+    history: tuple[dict[str, float], ...] = ()  # per epoch: loss, validation metrics
+    checkpoint: str | None = None
+    note: str | None = None
+    torch: str | None = None
+    onnxruntime: str | None = None
+    faiss: str | None = None
+    python: str | None = None
+
+
+@dataclass(frozen=True)
+class DataSection(_Section):
+    """The interaction log the version was trained on."""
+
+    source: str
+    users: int
+    items: int | None = None
+    interactions: int | None = None
+    format: str | None = None
+    kcore: int | None = None
+    synthetic: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest(_Section):
+    """What a version holds."""
 
     name: str
     version: int
     created_at: str
-    model: dict[str, Any]  # type, dim, max_len, n_items, n_blocks, n_heads, ...
-    files: dict[str, FileEntry]  # role -> file
-    encoder: dict[str, Any]  # inputs/outputs, opset, parity check
-    index: dict[str, Any]  # factory, metric, search params, measured recall and latency
-    metrics: dict[str, Any] = field(default_factory=dict)  # evaluation at export time
-    training: dict[str, Any] = field(default_factory=dict)  # config, seed, epochs, wall time
-    data: dict[str, Any] = field(default_factory=dict)  # source, counts
-    ranker: dict[str, Any] = field(default_factory=dict)  # inputs, n_candidates, features, parity; {} = none
-    schema_version: int = SCHEMA_VERSION
+    files: Files
+    model: ModelSection
+    encoder: EncoderSection
+    index: IndexSection
+    ranker: RankerSection | None = None  # None: a single-stage version
+    metrics: MetricsSection | None = None
+    training: TrainingSection | None = None
+    data: DataSection | None = None
+    schema_version: str = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        if (self.files.ranker is None) != (self.ranker is None):
+            raise ValueError("a ranker file needs a ranker section and a ranker section a ranker file")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], where: str) -> "Manifest":
+    def from_dict(cls, raw: Any, where: str) -> "Manifest":
+        found = raw.get("schema_version") if isinstance(raw, dict) else None
+        major = _major(found)
+        if major == 1:
+            raw = _upgrade_v1(raw)
+        elif major != SCHEMA_MAJOR:
+            raise ArtifactError(
+                f"{where}: manifest schema version {found!r}, but this attnrec reads schema {SCHEMA_MAJOR}.x "
+                "(and upgrades 1): re-export the model with this attnrec (`attnrec export`), "
+                "or serve it with the attnrec that wrote it"
+            )
         try:
-            if raw.get("schema_version") != SCHEMA_VERSION:
-                found = raw.get("schema_version")
-                raise ArtifactError(f"{where}: manifest schema version {found!r}, this attnrec reads {SCHEMA_VERSION}")
-            files = {role: FileEntry(**entry) for role, entry in raw["files"].items()}
-            return cls(**{**raw, "files": files})
-        except (KeyError, TypeError) as exc:
-            raise ArtifactError(f"{where}: malformed manifest ({exc})") from exc
+            return _parse(cls, raw, "")
+        except _Malformed as exc:
+            raise ArtifactError(f"{where}: malformed manifest: {exc}") from None
+
+
+# ── JSON ↔ dataclasses ───────────────────────────────────────────────────────────────────────
+class _Malformed(Exception):
+    pass
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _plain(v) for f in fields(obj) if (v := getattr(obj, f.name)) is not None}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _parse(tp: Any, value: Any, at: str) -> Any:
+    """`value` (parsed JSON) as type `tp`, checked all the way down; keys a dataclass lacks are ignored."""
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _Malformed(f"{at or 'manifest'}: expected an object, found {value!r:.60}")
+        hints = _hints(tp)
+        known = {f.name for f in fields(tp)}
+        kwargs = {k: _parse(hints[k], v, f"{at}.{k}".lstrip(".")) for k, v in value.items() if k in known}
+        missing = [
+            f.name for f in fields(tp) if f.name not in kwargs and f.default is MISSING and f.default_factory is MISSING
+        ]
+        if missing:
+            raise _Malformed(f"{at or 'manifest'}: missing {', '.join(missing)}")
+        try:
+            return tp(**kwargs)
+        except ValueError as exc:
+            raise _Malformed(f"{at or 'manifest'}: {exc}") from None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if len(options) == 1:  # X | None: X's own, more precise complaint
+            return _parse(options[0], value, at)
+        for option in options:
+            try:
+                return _parse(option, value, at)
+            except _Malformed:
+                pass
+    elif origin is dict and isinstance(value, dict):
+        return {str(k): _parse(args[1], v, f"{at}.{k}") for k, v in value.items()}
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(_parse(args[0], v, f"{at}[{i}]") for i, v in enumerate(value))
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp in (str, bool) and isinstance(value, tp):
+        return value
+    name = getattr(tp, "__name__", None) or str(tp)
+    raise _Malformed(f"{at}: expected {name}, found {value!r:.60}")
+
+
+def _major(found: Any) -> int | None:
+    if isinstance(found, int) and not isinstance(found, bool):
+        return found
+    if isinstance(found, str) and found.split(".")[0].isdigit():
+        return int(found.split(".")[0])
+    return None
+
+
+def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """Schema 1 → 2: the same sections as untyped dicts, `{}` for an absent one, and keys that
+    named a number in them (recall@200, best_valid_ndcg@10, stage1_recall@50)."""
+
+    def renamed(d: dict[str, Any], old: str, new: str) -> dict[str, Any]:
+        d = dict(d)
+        if old in d:
+            d[new] = d.pop(old)
+        return d
+
+    out = {k: v for k, v in raw.items() if v != {} or k in ("model", "encoder", "index", "files")}
+    out["schema_version"] = SCHEMA_VERSION
+    if isinstance(index := out.get("index"), dict):
+        out["index"] = renamed(index, f"recall@{index.get('recall_n')}", "recall")
+    if isinstance(training := out.get("training"), dict):
+        out["training"] = renamed(training, "best_valid_ndcg@10", "best_valid_ndcg10")
+    if isinstance(out.get("files"), dict) and "ranker" in out["files"] and isinstance(out.get("ranker", {}), dict):
+        ranker = {"type": "target_attention", **out.get("ranker", {})}
+        if isinstance(ranker.get("inputs"), list):  # benchmarks' synthetic ranker listed names only
+            del ranker["inputs"]
+        if isinstance(rt := ranker.get("training"), dict):
+            rt = renamed(rt, "best_valid_ndcg@10", "best_valid_ndcg10")
+            ranker["training"] = renamed(rt, "stage1_valid_ndcg@10", "stage1_valid_ndcg10")
+        out["ranker"] = ranker
+    if isinstance(metrics := out.get("metrics"), dict) and isinstance(pipe := metrics.get("pipeline"), dict):
+        out["metrics"] = {
+            **metrics,
+            "pipeline": renamed(pipe, f"stage1_recall@{pipe.get('n_candidates')}", "stage1_recall"),
+        }
+    return out
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -111,7 +440,7 @@ def open_version(path: Path | str, *, verify: bool = True) -> Manifest:
         raise ArtifactError(f"{mpath}: not valid JSON ({exc})") from exc
     manifest = Manifest.from_dict(raw, str(mpath))
     if verify:
-        for role, entry in manifest.files.items():
+        for role, entry in manifest.files.roles().items():
             fpath = path / entry.path
             if not fpath.is_file():
                 raise ArtifactError(f"{path}: {role} file {entry.path} is missing")
@@ -163,7 +492,7 @@ class VersionWriter:
         with VersionWriter(repo, name) as w:
             onnx.save(model, w.path / "encoder.onnx")
             ...
-            version_dir = w.commit(files={"encoder": "encoder.onnx", ...}, model=..., ...)
+            version_dir = w.commit(files={"encoder": "encoder.onnx", ...}, model=ModelSection(...), ...)
 
     Leaving the block without `commit` (an exception included) removes the staging folder.
     """
@@ -183,7 +512,18 @@ class VersionWriter:
         if self.published is None:
             shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit(self, *, files: dict[str, str], **sections: Any) -> Path:
+    def commit(
+        self,
+        *,
+        files: dict[str, str],  # role (a field of Files) → path relative to the version folder
+        model: ModelSection,
+        encoder: EncoderSection,
+        index: IndexSection,
+        ranker: RankerSection | None = None,
+        metrics: MetricsSection | None = None,
+        training: TrainingSection | None = None,
+        data: DataSection | None = None,
+    ) -> Path:
         entries = {}
         for role, rel in files.items():
             fpath = self.path / rel
@@ -197,8 +537,14 @@ class VersionWriter:
                 name=self.name,
                 version=version,
                 created_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                files=entries,
-                **sections,
+                files=Files(**entries),
+                model=model,
+                encoder=encoder,
+                index=index,
+                ranker=ranker,
+                metrics=metrics,
+                training=training,
+                data=data,
             )
             tmp = self.path / (MANIFEST + ".tmp")
             tmp.write_text(manifest.to_json())
@@ -214,6 +560,34 @@ class VersionWriter:
             log.info("published %s", target)
             return target
         raise ArtifactError(f"could not publish a new version under {self.root}")
+
+
+def copy_version(
+    src: Path | str, repo: Path | str, name: str, *, ranker: RankerSection | None, ranker_file: Path | None
+) -> Path:
+    """Publish a copy of the version at `src` (files and sections) as the next version of repo/name, with
+    `ranker_file` as its ranker.onnx and `ranker` as its section, or without a ranker (both None)."""
+    if (ranker is None) != (ranker_file is None):
+        raise ValueError("a ranker file needs a ranker section and a ranker section a ranker file")
+    src = Path(src)
+    manifest = open_version(src)
+    with VersionWriter(repo, name) as w:
+        files = {role: e.path for role, e in manifest.files.roles().items() if role != "ranker"}
+        for rel in files.values():
+            shutil.copy(src / rel, w.path / rel)
+        if ranker_file is not None:
+            shutil.copy(ranker_file, w.path / "ranker.onnx")
+            files["ranker"] = "ranker.onnx"
+        return w.commit(
+            files=files,
+            model=manifest.model,
+            encoder=manifest.encoder,
+            index=manifest.index,
+            ranker=ranker,
+            metrics=manifest.metrics,
+            training=manifest.training,
+            data=manifest.data,
+        )
 
 
 def iter_models(repo: Path | str) -> Iterator[str]:

@@ -112,7 +112,7 @@ class EncoderModel(_Model):
     @property
     def outputs(self) -> list[TensorSpec]:
         v = self.host.current
-        dim = int(v.pipeline.manifest.model.get("dim", -1)) if v else -1
+        dim = v.pipeline.manifest.model.dim if v else -1
         specs = [TensorSpec("query", "FP32", (-1, dim))]
         if v is not None and "hidden" in v.pipeline.encoder.output_names:
             specs.append(TensorSpec("hidden", "FP32", (-1, -1, dim)))

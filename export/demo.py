@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int = 0, quiet: bool = False) -> int:
     from attnrec.engine.pipeline import Pipeline
+    from attnrec.engine.repository import DataSection, TrainingSection
 
     from .config import RankerConfig, TrainConfig
     from .data.sequences import build_sequences, leave_one_out
@@ -72,20 +73,20 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
         seed=seed,
         ranker=ranker,
         progress=not quiet,
-        training={
-            "config": asdict(cfg),
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "train_seconds": result.seconds,
-            "history": result.history,
-        },
-        data_info={
-            "source": str(data_path),
-            "synthetic": True,
-            "users": data.n_users,
-            "items": data.n_items,
-            "interactions": len(log_),
-        },
+        training=TrainingSection(
+            config=asdict(cfg),
+            best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run,
+            train_seconds=result.seconds,
+            history=tuple(result.history),
+        ),
+        data=DataSection(
+            source=str(data_path),
+            synthetic=True,
+            users=data.n_users,
+            items=data.n_items,
+            interactions=len(log_),
+        ),
     )
     print_report(metrics, console)
 

@@ -21,8 +21,15 @@ from rich.progress import Progress
 from rich.table import Table
 
 from attnrec.engine.metrics import RankingReport, evaluate_full_ranking
-from attnrec.engine.pipeline import DEFAULT_CANDIDATES, Pipeline, RuntimeOptions
-from attnrec.engine.repository import Manifest, resolve_version
+from attnrec.engine.pipeline import Pipeline, RuntimeOptions
+from attnrec.engine.repository import (
+    DEFAULT_CANDIDATES,
+    EvalProtocol,
+    Manifest,
+    MetricsSection,
+    PipelineMetrics,
+    resolve_version,
+)
 
 from .data.sequences import EvalSet, LeaveOneOut
 
@@ -88,11 +95,11 @@ def evaluate_query_fn(
 
 
 def load_item_vectors(version_dir: Path, manifest: Manifest) -> np.ndarray:
-    return np.load(version_dir / manifest.files["item_embeddings"].path)
+    return np.load(version_dir / manifest.files.item_embeddings.path)
 
 
 def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
-    return np.asarray(json.loads((version_dir / manifest.files["item_ids"].path).read_text()))
+    return np.asarray(json.loads((version_dir / manifest.files.item_ids.path).read_text()))
 
 
 def _run_pipeline(
@@ -121,6 +128,7 @@ def _run_pipeline(
 
 def evaluate_pipeline(
     pipeline: Pipeline,
+    item_vectors: np.ndarray,
     split: LeaveOneOut,
     *,
     n_candidates: int | None = None,
@@ -129,9 +137,9 @@ def evaluate_pipeline(
     progress: bool = True,
 ) -> dict[str, Any]:
     """The three rows on the same users, popularity beside them. The top-level `test`/`valid`
-    are the pipeline the server runs: ranked when the version has a ranker, else ann."""
+    are the pipeline the server runs: ranked when the version has a ranker, else ann.
+    `item_vectors`: the catalogue rows' embeddings, for (a) exact full ranking."""
     n = n_candidates or pipeline.n_candidates or DEFAULT_CANDIDATES
-    item_vectors = np.load(pipeline.path / pipeline.manifest.files["item_embeddings"].path)
     result = evaluate_query_fn(
         pipeline.encoder.encode_histories, item_vectors, split, max_users=max_users, seed=seed, progress=progress
     )
@@ -160,6 +168,26 @@ def evaluate_pipeline(
     return result
 
 
+def metrics_section(result: dict[str, Any]) -> MetricsSection:
+    """The manifest's `metrics` section from `evaluate_pipeline`'s report."""
+    pipe = result["pipeline"]
+    n = pipe["n_candidates"]
+    return MetricsSection(
+        test=result["test"],
+        valid=result["valid"],
+        baselines=result["baselines"],
+        protocol=EvalProtocol(**{**result["protocol"], "ks": tuple(result["protocol"]["ks"])}),
+        pipeline=PipelineMetrics(
+            exact=pipe["exact"],
+            ann=pipe["ann"],
+            ranked=pipe.get("ranked"),
+            n_candidates=n,
+            stage1_recall=pipe[f"stage1_recall@{n}"],
+            served=pipe["served"],
+        ),
+    )
+
+
 def evaluate_version(
     version_dir: Path,
     manifest: Manifest,
@@ -171,7 +199,10 @@ def evaluate_version(
     progress: bool = True,
 ) -> dict[str, Any]:
     pipeline = Pipeline.load(version_dir, RuntimeOptions(intra_op_threads=threads))
-    result = evaluate_pipeline(pipeline, split, n_candidates=n_candidates, max_users=max_users, progress=progress)
+    vectors = load_item_vectors(version_dir, manifest)
+    result = evaluate_pipeline(
+        pipeline, vectors, split, n_candidates=n_candidates, max_users=max_users, progress=progress
+    )
     result["model"] = {"name": manifest.name, "version": manifest.version, "path": str(version_dir)}
     return result
 

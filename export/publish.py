@@ -4,6 +4,7 @@ item vectors, tuned FAISS index, id map, popularity, optionally the second-stage
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -18,11 +19,26 @@ import torch
 from attnrec.engine.encoder import OnnxEncoder
 from attnrec.engine.pipeline import Pipeline
 from attnrec.engine.ranker import OnnxRanker
-from attnrec.engine.repository import FileEntry, Manifest, VersionWriter, open_version
+from attnrec.engine.repository import (
+    DataSection,
+    EncoderParity,
+    EncoderSection,
+    EncoderSpeed,
+    IndexSection,
+    Manifest,
+    ModelSection,
+    RankerParity,
+    RankerSection,
+    RankerTraining,
+    TensorEntry,
+    TrainingSection,
+    VersionWriter,
+    open_version,
+)
 
 from .config import RankerConfig
 from .data.sequences import LeaveOneOut
-from .evaluate import evaluate_pipeline
+from .evaluate import evaluate_pipeline, metrics_section
 from .index_build import build_index, default_factory, tune
 from .model import SASRec
 from .onnx_export import OPSET, check_parity, export_encoder, time_encoders
@@ -36,8 +52,8 @@ def publish(
     repo: Path,
     name: str,
     *,
-    training: dict[str, Any],
-    data_info: dict[str, Any],
+    training: TrainingSection,
+    data: DataSection,
     index_factory: str | None = None,
     recall_n: int = 200,
     target_recall: float = 0.98,
@@ -49,7 +65,8 @@ def publish(
     progress: bool = True,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
     """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
-    the encoder also outputs its hidden states, which that ranker reads)."""
+    the encoder also outputs its hidden states, which that ranker reads). `training` gets the
+    library versions added. Returns the version folder, its manifest and the evaluation report."""
     model = model.eval()
     cfg = model.cfg
     rng = np.random.default_rng(seed)
@@ -101,26 +118,24 @@ def publish(
             "item_ids": "item_ids.json",
             "item_popularity": "item_popularity.npy",
         }
-        ranker_section: dict[str, Any] = {}
-        onnx_ranker = None
+        ranker_section = onnx_ranker = None
         if ranker is not None:
             ranker_section = _ship_ranker(model, encoder, split, index, vectors, ranker, w.path / "ranker.onnx")
             files["ranker"] = "ranker.onnx"
             onnx_ranker = OnnxRanker(w.path / "ranker.onnx")
 
         # Evaluate the staged version through the serving pipeline, before it is published.
-        staged = Manifest(
-            name=name,
-            version=0,
-            created_at="",
-            model={"max_len": cfg.max_len},
-            files={role: FileEntry(rel, "", 0) for role, rel in files.items()},
-            encoder={},
-            index={},
-            ranker=ranker_section,
+        staged = Pipeline(
+            encoder,
+            index,
+            np.asarray(ids),
+            popularity,
+            onnx_ranker,
+            n_candidates=ranker_section.n_candidates if ranker_section is not None else 0,
         )
         metrics = evaluate_pipeline(
-            Pipeline(w.path, staged, encoder, index, onnx_ranker),
+            staged,
+            vectors,
             split,
             max_users=eval_users,
             seed=seed,
@@ -128,60 +143,53 @@ def publish(
         )
         version_dir = w.commit(
             files=files,
-            model={
-                "type": "sasrec",
-                **cfg.to_dict(),
-                "token_offset": 1,
-                "padding_token": 0,
-                "score": "inner product of the encoder's query with item_embeddings rows",
-            },
-            encoder={
-                "inputs": {
-                    "history": {
-                        "dtype": "int64",
-                        "shape": ["batch", "length"],
-                        "note": "tokens = catalogue row + 1, left-padded with 0, length <= max_len",
-                    }
+            model=ModelSection(type="sasrec", **cfg.to_dict()),
+            encoder=EncoderSection(
+                inputs={
+                    "history": TensorEntry(
+                        "int64",
+                        ("batch", "length"),
+                        "tokens = catalogue row + 1, left-padded with 0, length <= max_len",
+                    )
                 },
-                "outputs": {
-                    "query": {"dtype": "float32", "shape": ["batch", cfg.dim]},
-                    **({"hidden": {"dtype": "float32", "shape": ["batch", "length", cfg.dim]}} if with_hidden else {}),
+                outputs={
+                    "query": TensorEntry("float32", ("batch", cfg.dim)),
+                    **({"hidden": TensorEntry("float32", ("batch", "length", cfg.dim))} if with_hidden else {}),
                 },
-                "opset": OPSET,
-                "parity": {
-                    "max_abs_diff": parity.max_abs_diff,
-                    "by_length": parity.by_length,
-                    "histories": parity.n_histories,
-                    "tolerance": 1e-4,
-                },
-                "speed_cpu": speed,
-            },
-            index={
-                "factory": factory,
-                "metric": "inner_product",
-                "params": tuned.params,
-                # set: items were stored MIPS→L2 augmented; queries get a 0 appended (attnrec.engine.index)
-                "mips_max_norm2": index.mips_max_norm2,
-                "recall_n": tuned.n,
-                f"recall@{tuned.n}": tuned.recall,
-                "target_recall": target_recall,
-                "reached_target": tuned.reached_target,
-                "search_ms": tuned.search_ms,
-                "exact_search_ms": tuned.exact_ms,
-                "batch_ms_per_query": tuned.batch_ms_per_query,
-                "tuning_queries": len(queries),
-                "tried": tuned.tried,
-            },
-            metrics={k: metrics[k] for k in ("test", "valid", "baselines", "protocol", "pipeline")},
+                opset=OPSET,
+                parity=EncoderParity(
+                    max_abs_diff=parity.max_abs_diff,
+                    by_length={str(n): d for n, d in parity.by_length.items()},
+                    histories=parity.n_histories,
+                    tolerance=1e-4,
+                ),
+                speed_cpu=EncoderSpeed(**speed),
+            ),
+            index=IndexSection(
+                factory=factory,
+                metric="inner_product",
+                params=tuned.params,
+                mips_max_norm2=index.mips_max_norm2,
+                recall_n=tuned.n,
+                recall=tuned.recall,
+                target_recall=target_recall,
+                reached_target=tuned.reached_target,
+                search_ms=tuned.search_ms,
+                exact_search_ms=tuned.exact_ms,
+                batch_ms_per_query=tuned.batch_ms_per_query,
+                tuning_queries=len(queries),
+                tried=tuple(tuned.tried),
+            ),
+            metrics=metrics_section(metrics),
             ranker=ranker_section,
-            training={
-                **training,
-                "torch": torch.__version__,
-                "onnxruntime": ort.__version__,
-                "faiss": faiss.__version__,
-                "python": platform.python_version(),
-            },
-            data=data_info,
+            training=dataclasses.replace(
+                training,
+                torch=torch.__version__,
+                onnxruntime=ort.__version__,
+                faiss=faiss.__version__,
+                python=platform.python_version(),
+            ),
+            data=data,
         )
     return version_dir, open_version(version_dir), metrics
 
@@ -194,7 +202,7 @@ def _ship_ranker(
     vectors: np.ndarray,
     cfg: RankerConfig,
     path: Path,
-) -> dict[str, Any]:
+) -> RankerSection:
     """Train the ranker on the exported encoder's and the index's own candidates and hidden
     states (what the server computes), export and verify it; the manifest's `ranker` section."""
     from dataclasses import asdict
@@ -230,34 +238,31 @@ def _ship_ranker(
         speed[0]["ms"],
         speed[1]["users_per_s"],
     )
-    return {
-        "type": "target_attention",
-        "n_candidates": cfg.n_candidates,
-        "inputs": {
-            name: spec
-            for name, spec in {
-                "history": {"dtype": "int64", "shape": ["batch", "length"], "note": "tokens, left-padded with 0"},
-                "hidden": {"dtype": "float32", "shape": ["batch", "length", shape.dim]},
-                "candidates": {"dtype": "int64", "shape": ["batch", "candidates"], "note": "row + 1; 0 = empty slot"},
-                "candidate_scores": {"dtype": "float32", "shape": ["batch", "candidates"]},
-            }.items()
-            if name in names
-        },
-        "outputs": {"scores": {"dtype": "float32", "shape": ["batch", "candidates"]}},
-        "features": features(shape),
-        "shape": shape.to_dict(),
-        "opset": OPSET,
-        "parity": {"max_abs_diff": parity.max_abs_diff, "cases": parity.cases, "tolerance": 1e-4},
-        "speed_cpu": speed,
-        "training": {
-            "config": asdict(cfg),
-            "best_epoch": result.best_epoch,
-            "epochs_run": result.epochs_run,
-            "best_valid_ndcg@10": result.best_valid_ndcg10,
-            "stage1_valid_ndcg@10": result.stage1_valid_ndcg10,
-            "samples": result.samples,
-            "samples_target_retrieved": result.samples_target_retrieved,
-            "seconds": result.seconds,
-            "history": result.history,
-        },
+    inputs = {
+        "history": TensorEntry("int64", ("batch", "length"), "tokens, left-padded with 0"),
+        "hidden": TensorEntry("float32", ("batch", "length", shape.dim)),
+        "candidates": TensorEntry("int64", ("batch", "candidates"), "row + 1; 0 = empty slot"),
+        "candidate_scores": TensorEntry("float32", ("batch", "candidates")),
     }
+    return RankerSection(
+        type="target_attention",
+        n_candidates=cfg.n_candidates,
+        inputs={name: spec for name, spec in inputs.items() if name in names},
+        outputs={"scores": TensorEntry("float32", ("batch", "candidates"))},
+        features=tuple(features(shape)),
+        shape=shape.to_dict(),
+        opset=OPSET,
+        parity=RankerParity(max_abs_diff=parity.max_abs_diff, cases=tuple(parity.cases), tolerance=1e-4),
+        speed_cpu=tuple(speed),
+        training=RankerTraining(
+            config=asdict(cfg),
+            best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run,
+            best_valid_ndcg10=result.best_valid_ndcg10,
+            stage1_valid_ndcg10=result.stage1_valid_ndcg10,
+            samples=result.samples,
+            samples_target_retrieved=result.samples_target_retrieved,
+            seconds=result.seconds,
+            history=tuple(result.history),
+        ),
+    )

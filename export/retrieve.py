@@ -146,7 +146,7 @@ def plan(
     if unknown:
         shown = ", ".join(map(str, unknown[:10])) + (" …" if len(unknown) > 10 else "")
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
-    if rank and "ranker" not in manifest.files:
+    if rank and manifest.files.ranker is None:
         raise ArtifactError(f"{manifest.name} version {manifest.version} has no ranker: retrieve without --rank")
     return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank)
 

@@ -4,14 +4,13 @@ model versions derived from the `trained_repo` fixture's (with a toy ONNX ranker
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import threading
 from pathlib import Path
 
 import numpy as np
 
-from attnrec.engine.repository import VersionWriter, open_version
+from attnrec.engine.repository import RankerSection, copy_version
 from attnrec.engine.server import Server
 from attnrec.engine.settings import ServerSettings
 
@@ -68,28 +67,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clone_version(src: Path, repo: Path, name: str = "seq", *, ranker_onnx: Path | None = None, **ranker) -> Path:
+def clone_version(
+    src: Path, repo: Path, name: str = "seq", *, ranker_onnx: Path | None = None, n_candidates: int = 200
+) -> Path:
     """Publish a copy of the version at `src` as the next version of `repo/name`: without a ranker,
-    or with `ranker_onnx` (src's own ranker, if any, is never copied)."""
-    manifest = open_version(src)
-    with VersionWriter(repo, name) as w:
-        files = {}
-        for role, entry in manifest.files.items():
-            if role == "ranker":
-                continue
-            shutil.copy(src / entry.path, w.path / entry.path)
-            files[role] = entry.path
-        if ranker_onnx is not None:
-            shutil.copy(ranker_onnx, w.path / "ranker.onnx")
-            files["ranker"] = "ranker.onnx"
-        return w.commit(
-            files=files,
-            model=manifest.model,
-            encoder=manifest.encoder,
-            index=manifest.index,
-            metrics=manifest.metrics,
-            ranker=ranker if ranker_onnx is not None else {},
-        )
+    or with `ranker_onnx` re-ordering `n_candidates` (src's own ranker, if any, is never copied)."""
+    ranker = RankerSection("toy", n_candidates) if ranker_onnx is not None else None
+    return copy_version(src, repo, name, ranker=ranker, ranker_file=ranker_onnx)
 
 
 def toy_ranker(path: Path) -> Path:

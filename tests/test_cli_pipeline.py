@@ -15,17 +15,17 @@ def test_train_publishes_a_complete_verified_version(trained_repo, small_log):
     data, repo = trained_repo
     assert list_versions(repo, "seq") == [1]
     m = open_version(repo / "seq" / "1")
-    assert set(m.files) == {"encoder", "item_embeddings", "index", "item_ids", "item_popularity", "ranker"}
-    assert m.ranker["n_candidates"] == 50 and m.ranker["parity"]["max_abs_diff"] <= 1e-4
+    assert set(m.files.roles()) == {"encoder", "item_embeddings", "index", "item_ids", "item_popularity", "ranker"}
+    assert m.ranker.n_candidates == 50 and m.ranker.parity.max_abs_diff <= 1e-4
     # the default ranker attends over its own item embeddings: the encoder needs no hidden states
-    assert "hidden" not in m.encoder["outputs"] and "hidden" not in m.ranker["inputs"]
-    assert m.model["n_items"] == len(np.unique(small_log.item)) and m.model["max_len"] == 16 and m.model["dim"] == 16
-    assert m.encoder["parity"]["max_abs_diff"] <= 1e-4
-    assert m.index["factory"] == "Flat" and m.index["recall@200"] == 1.0
-    assert m.training["config"]["dim"] == 16 and m.training["best_epoch"] >= 1
+    assert "hidden" not in m.encoder.outputs and "hidden" not in m.ranker.inputs
+    assert m.model.n_items == len(np.unique(small_log.item)) and m.model.max_len == 16 and m.model.dim == 16
+    assert m.encoder.parity.max_abs_diff <= 1e-4
+    assert m.index.factory == "Flat" and m.index.recall_n == 200 and m.index.recall == 1.0
+    assert m.training.config["dim"] == 16 and m.training.best_epoch >= 1
     assert json.loads((repo / "seq" / "1" / "item_ids.json").read_text()) == sorted(np.unique(small_log.item).tolist())
-    assert m.metrics["test"]["ndcg@10"] > m.metrics["baselines"]["popularity"]["test"]["ndcg@10"]
-    assert m.metrics["test"] == m.metrics["pipeline"]["ranked"]["test"]  # what the server runs
+    assert m.metrics.test["ndcg@10"] > m.metrics.baselines["popularity"]["test"]["ndcg@10"]
+    assert m.metrics.test == m.metrics.pipeline.ranked["test"]  # what the server runs
 
 
 def test_evaluate_json_matches_the_published_metrics(trained_repo, tmp_path):
@@ -37,7 +37,7 @@ def test_evaluate_json_matches_the_published_metrics(trained_repo, tmp_path):
         for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
             assert 0.0 <= result[split][key] <= 1.0
     published = open_version(repo / "seq" / "1").metrics
-    assert result["test"] == pytest.approx(published["test"])
+    assert result["test"] == pytest.approx(published.test)
     assert result["protocol"]["exclude_seen"] is True
     assert result["protocol"]["users_evaluated"] == 400 and result["model"]["version"] == 1
 
@@ -124,10 +124,10 @@ def test_export_refuses_a_checkpoint_trained_on_other_items(trained_repo, tmp_pa
     assert main([*args, "--data", str(data)]) == 0
     assert list_versions(tmp_path / "r", "x") == [1]
     m = open_version(tmp_path / "r" / "x" / "1")
-    assert "ranker" not in m.files and m.ranker == {} and m.metrics["pipeline"]["served"] == "ann"
+    assert m.files.ranker is None and m.ranker is None and m.metrics.pipeline.served == "ann"
 
 
 def test_demo_runs_end_to_end_on_a_small_synthetic_log(tmp_path):
     assert main(["-q", "demo", "--out", str(tmp_path / "demo"), "--users", "300", "--items", "200"]) == 0
     m = open_version(tmp_path / "demo" / "repo" / "demo" / "1")
-    assert m.metrics["test"]["ndcg@10"] > m.metrics["baselines"]["popularity"]["test"]["ndcg@10"]
+    assert m.metrics.test["ndcg@10"] > m.metrics.baselines["popularity"]["test"]["ndcg@10"]

@@ -48,7 +48,7 @@ def test_server_lists_the_models_and_their_batching(client, served):
 
 def test_encoder_infer_equals_the_onnx_session(client, trained_repo):
     path, manifest = newest_valid_version(trained_repo[1], "seq")
-    session = OnnxEncoder(path / "encoder.onnx", manifest.model["max_len"])
+    session = OnnxEncoder(path / "encoder.onnx", manifest.model.max_len)
     tokens = np.array([[0, 0, 3, 9, 2], [4, 1, 7, 7, 5]], dtype=np.int64)
     inp = tc.InferInput("history", list(tokens.shape), "INT64")
     inp.set_data_from_numpy(tokens)

@@ -1,10 +1,15 @@
 """attnrec.engine.pipeline: the one recommend path that the server, retrieval and evaluation share."""
 
+import json
+
 import numpy as np
 import pytest
 
+from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.index import load_index
 from attnrec.engine.metrics import topk_excluding
 from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import newest_valid_version
 
 
@@ -17,7 +22,7 @@ def pipeline(trained_repo):
 
 def test_recommend_is_exact_top_k_without_seen_and_excluded_items(pipeline):
     rng = np.random.default_rng(0)
-    vectors = np.load(pipeline.path / pipeline.manifest.files["item_embeddings"].path)
+    vectors = np.load(pipeline.path / pipeline.manifest.files.item_embeddings.path)
     histories = [rng.choice(pipeline.n_items, size=n, replace=False) for n in (1, 5, 30, 7)]
     exclude = [np.array([], np.int64), rng.choice(pipeline.n_items, 3), np.array([0, 1]), np.array([], np.int64)]
     got = pipeline.recommend(histories, 10, exclude=exclude, rank=False)  # stage one alone
@@ -65,3 +70,34 @@ def test_runtime_options_reach_the_sessions_and_faiss(trained_repo):
         )
     finally:
         faiss.omp_set_num_threads(before)
+
+
+def test_a_pipeline_built_from_parts_recommends_what_the_loaded_version_does(pipeline):
+    path, m = pipeline.path, pipeline.manifest
+    parts = Pipeline(
+        OnnxEncoder(path / m.files.encoder.path, m.model.max_len),
+        load_index(path / m.files.index.path, m.index.params, mips_max_norm2=m.index.mips_max_norm2),
+        np.asarray(json.loads((path / m.files.item_ids.path).read_text())),
+        np.load(path / m.files.item_popularity.path),
+        OnnxRanker(path / m.files.ranker.path),
+        n_candidates=m.ranker.n_candidates,
+    )
+    assert parts.manifest is None and parts.n_candidates == pipeline.n_candidates == 50
+    rng = np.random.default_rng(1)
+    histories = [rng.choice(pipeline.n_items, size=n, replace=False) for n in (0, 1, 9, 40)]
+    for rank in (True, False):
+        want = pipeline.recommend(histories, 10, exclude=histories, rank=rank)
+        got = parts.recommend(histories, 10, exclude=histories, rank=rank)
+        np.testing.assert_array_equal(got.rows, want.rows)
+        np.testing.assert_array_equal(got.scores, want.scores)
+    with pytest.raises(ValueError, match="n_candidates"):
+        Pipeline(parts.encoder, parts.index, parts.item_ids, parts.popularity, parts.ranker)
+
+
+def test_the_metrics_published_from_parts_are_those_of_the_loaded_version(pipeline, small_split):
+    """`attnrec export` evaluates the staged parts before publishing; the published version evaluates the same."""
+    from attnrec.export.evaluate import evaluate_pipeline, load_item_vectors, metrics_section
+
+    vectors = load_item_vectors(pipeline.path, pipeline.manifest)
+    again = evaluate_pipeline(pipeline, vectors, small_split, progress=False)
+    assert metrics_section(again) == pipeline.manifest.metrics

@@ -143,13 +143,13 @@ def test_onnx_ranker_matches_torch_for_any_batch_length_and_candidate_count(tmp_
 
 def _reference_rows(version_dir, manifest, es, n):
     """numpy reference of the three rows: exact top-20, FAISS(Flat) top-20, ranker over exact top-n."""
-    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model["max_len"])
+    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model.max_len)
     ranker = OnnxRanker(version_dir / "ranker.onnx")
     items = load_item_vectors(version_dir, manifest)
     exact_top, ranked_top, in_top_n = [], [], []
     for j in range(len(es)):
         hist = es.history(j)
-        tokens = pad_histories([hist], manifest.model["max_len"])
+        tokens = pad_histories([hist], manifest.model.max_len)
         outs = enc.run(tokens)
         scores = outs["query"] @ items.T
         top = topk_excluding(scores.copy(), [hist - 1], n)[0]
@@ -194,10 +194,11 @@ def test_known_answers_all_items_as_candidates_and_n_equal_to_k(trained_repo, tm
     pipeline = Pipeline.load(version_dir)
     from attnrec.export.evaluate import evaluate_pipeline
 
-    full = evaluate_pipeline(pipeline, small_split, n_candidates=pipeline.n_items, progress=False)
+    vectors = load_item_vectors(version_dir, pipeline.manifest)
+    full = evaluate_pipeline(pipeline, vectors, small_split, n_candidates=pipeline.n_items, progress=False)
     for which, es in (("test", small_split.test), ("valid", small_split.valid)):
         repeats = np.mean([t in es.history(j) for j, t in enumerate(es.targets)])
         assert full["pipeline"][f"stage1_recall@{pipeline.n_items}"][which] == pytest.approx(1 - repeats)
-    twenty = evaluate_pipeline(pipeline, small_split, n_candidates=20, progress=False)["pipeline"]
+    twenty = evaluate_pipeline(pipeline, vectors, small_split, n_candidates=20, progress=False)["pipeline"]
     for which in ("test", "valid"):
         assert twenty["ranked"][which]["hr@20"] == twenty["ann"][which]["hr@20"] == twenty["stage1_recall@20"][which]

@@ -36,7 +36,7 @@ def test_output_matches_a_numpy_full_ranking(version, tmp_path):
     assert len(table["user_id"]) == data.n_users * 25
     assert set(table["model_version"]) == {manifest.version}
     # reference: every user's full history → ONNX query → exact scores over all items, seen removed
-    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model["max_len"])
+    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model.max_len)
     items = load_item_vectors(version_dir, manifest)
     ids = load_item_ids(version_dir, manifest)
     for u in (0, 7, data.n_users - 1):
@@ -91,13 +91,13 @@ def test_rank_gives_the_pipelines_ranked_answer(version, tmp_path):
     table = table.to_pydict()
     ids = load_item_ids(version_dir, manifest)
     # reference: the ranker's scores of the FAISS top-N (whole history excluded), sorted by hand
-    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model["max_len"])
+    enc = OnnxEncoder(version_dir / "encoder.onnx", manifest.model.max_len)
     ranker = OnnxRanker(version_dir / "ranker.onnx")
     items = load_item_vectors(version_dir, manifest)
-    n = manifest.ranker["n_candidates"]
+    n = manifest.ranker.n_candidates
     for u in (0, 11, data.n_users - 1):
         hist = data.sequence(u)
-        tokens = pad_histories([hist], manifest.model["max_len"])
+        tokens = pad_histories([hist], manifest.model.max_len)
         outs = enc.run(tokens)
         exact = outs["query"][0] @ items.T
         exact[hist - 1] = -np.inf

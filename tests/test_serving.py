@@ -35,14 +35,14 @@ def served(plain_repo):
 @pytest.fixture(scope="module")
 def reference(plain_repo):
     path, manifest = newest_valid_version(plain_repo, "seq")
-    enc = OnnxEncoder(path / "encoder.onnx", manifest.model["max_len"])
+    enc = OnnxEncoder(path / "encoder.onnx", manifest.model.max_len)
     return enc, load_item_vectors(path, manifest), load_item_ids(path, manifest).astype(str), manifest
 
 
 def test_recommend_is_the_offline_evaluations_exact_top_k(served, reference):
     enc, vectors, ids, manifest = reference
     rng = np.random.default_rng(1)
-    max_len = manifest.model["max_len"]
+    max_len = manifest.model.max_len
     with RecommenderClient(served.target) as client:
         for n in (1, 3, max_len, max_len + 9):
             rows = rng.choice(len(ids), size=n, replace=False)
@@ -113,9 +113,9 @@ def test_model_info(served, reference):
     *_, manifest = reference
     info = RecommenderClient(served.target).model_info()
     assert info["model"] == "seq" and info["version"] == manifest.version
-    assert info["max_history"] == manifest.model["max_len"] and info["item_id_type"] == "int64"
+    assert info["max_history"] == manifest.model.max_len and info["item_id_type"] == "int64"
     assert info["providers"] == ["CPUExecutionProvider"] and not info["has_ranker"]
-    assert info["metrics"] == manifest.metrics
+    assert info["metrics"] == manifest.metrics.to_dict()
 
 
 def test_encoder_and_pipeline_tensor_models(served, reference):

@@ -86,15 +86,15 @@ def run(settings: Settings, section: Section) -> None:
     from attnrec.engine.repository import open_version
 
     manifest = open_version(v.path)
-    item_ids = np.asarray(json.loads((v.path / manifest.files["item_ids"].path).read_text()))
+    item_ids = np.asarray(json.loads((v.path / manifest.files.item_ids.path).read_text()))
     requests, rows = build_requests(item_ids, g["requests"], g["history"], K, settings.seed)
     logs = Path(settings.work_dir) / "e2e-logs"
     method = settings.method
     section.data.update(
         model=v.to_dict(),
         n_items=len(item_ids),
-        index=manifest.index.get("factory"),
-        index_params=manifest.index.get("params"),
+        index=manifest.index.factory,
+        index_params=manifest.index.params,
         history=g["history"],
         k=K,
         grid=g,
@@ -104,8 +104,8 @@ def run(settings: Settings, section: Section) -> None:
         v.ranker, f"{v.ranker} ranker"
     )
     section.note(
-        f"Model: {v.source}; {len(item_ids):,} items, index {manifest.index.get('factory')} "
-        f"{manifest.index.get('params')}; {ranker_label}, {manifest.ranker.get('n_candidates')} candidates; "
+        f"Model: {v.source}; {len(item_ids):,} items, index {manifest.index.factory} "
+        f"{manifest.index.params}; {ranker_label}, {manifest.ranker.n_candidates} candidates; "
         f"history {g['history']}, k {K}; {len(requests)} distinct pre-built requests, cycled."
     )
     section.note(

@@ -23,7 +23,7 @@ from ..timing import measure
 
 TITLE = "Model stage: torch eager vs onnxruntime, per call"
 REFERENCE_SHAPE = dict(n_items=10_000, max_len=200, dim=64, n_blocks=2, n_heads=1, ffn_dim=256)
-N_CANDIDATES = 200  # the pipeline's default candidates per request (attnrec.engine.pipeline.DEFAULT_CANDIDATES)
+N_CANDIDATES = 200  # the pipeline's default candidates per request (attnrec.engine.repository.DEFAULT_CANDIDATES)
 RANKER_MLP = 128
 
 
@@ -60,10 +60,9 @@ def _models(settings: Settings, section: Section):
     if settings.model_path is not None:
         path = Path(settings.model_path)
         manifest = open_version(path)
-        shape = {k: manifest.model[k] for k in REFERENCE_SHAPE}
-        cfg = SASRecConfig(**shape)
-        encoder_path = path / manifest.files["encoder"].path
-        hidden = "hidden" in manifest.encoder.get("outputs", [])
+        cfg = SASRecConfig(**manifest.model.shape())
+        encoder_path = path / manifest.files.encoder.path
+        hidden = "hidden" in manifest.encoder.outputs
         source = f"repository version {path} (torch: same shape, random weights)"
     else:
         cfg = SASRecConfig(**shape_for(settings))
@@ -76,8 +75,8 @@ def _models(settings: Settings, section: Section):
         section.note(
             f"Encoder ONNX vs torch: max |difference| {parity.max_abs_diff:.1e} over {parity.n_histories} histories."
         )
-    if settings.model_path is not None and "ranker" in manifest.files:
-        ranker_path, ranker = Path(settings.model_path) / manifest.files["ranker"].path, None
+    if settings.model_path is not None and manifest.files.ranker is not None:
+        ranker_path, ranker = Path(settings.model_path) / manifest.files.ranker.path, None
         section.note("Ranker: the version's ranker.onnx (onnxruntime only: the repository holds no torch weights).")
     else:
         ranker = TargetAttentionRanker(cfg.n_items, cfg.dim, cfg.max_len, RANKER_MLP).eval()

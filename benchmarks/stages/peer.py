@@ -42,12 +42,12 @@ def run(settings: Settings, section: Section) -> None:
     g = grid(settings)
     v = bench_version(settings, "peer")
     manifest = open_version(v.path)
-    onnx_path = v.path / manifest.files["encoder"].path
-    n_items = int(manifest.model["n_items"])
+    onnx_path = v.path / manifest.files.encoder.path
+    n_items = manifest.model.n_items
     rng = np.random.default_rng(settings.seed)
     tokens = [rng.integers(1, n_items + 1, size=(1, g["history"]), dtype=np.int64) for _ in range(g["requests"])]
     cfg = mlserver.MLServerConfig(max_batch_size=32, max_batch_time_s=0.002, intra_op_threads=settings.threads)
-    shape = {k: manifest.model.get(k) for k in ("n_items", "max_len", "dim", "n_blocks", "n_heads", "ffn_dim")}
+    shape = manifest.model.shape()
     section.data.update(model=v.to_dict(), encoder=str(onnx_path), shape=shape, grid=g, mlserver_config=cfg.__dict__)
     section.note(
         f"Encoder: {onnx_path.name} of {v.source} ({shape}); requests: {len(tokens)} pre-built (1, {g['history']}) "

@@ -75,16 +75,16 @@ def trained_vectors(version: Path, n_queries: int, settings: Settings) -> tuple[
     from attnrec.engine.repository import open_version
 
     manifest = open_version(version)
-    items = np.load(version / manifest.files["item_embeddings"].path).astype(np.float32)
-    popularity = np.load(version / manifest.files["item_popularity"].path).astype(np.float64) + 1.0
+    items = np.load(version / manifest.files.item_embeddings.path).astype(np.float32)
+    popularity = np.load(version / manifest.files.item_popularity.path).astype(np.float64) + 1.0
     encoder = OnnxEncoder(
-        version / manifest.files["encoder"].path,
-        manifest.model["max_len"],
+        version / manifest.files.encoder.path,
+        manifest.model.max_len,
         providers=settings.providers,
         intra_op_threads=settings.threads,
     )
     rng = np.random.default_rng(settings.seed)
-    length = min(50, manifest.model["max_len"])
+    length = min(50, manifest.model.max_len)
     rows = rng.choice(len(items), size=(n_queries, length), p=popularity / popularity.sum())
     queries = np.concatenate([encoder.encode(rows[i : i + 256] + 1) for i in range(0, n_queries, 256)])
     return np.ascontiguousarray(items), queries.astype(np.float32), f"trained ({manifest.name} v{manifest.version})"

@@ -65,19 +65,21 @@ def load_log(args: argparse.Namespace):
 
 def load_split(args: argparse.Namespace):
     """The leave-one-out split of the log, and the facts about the data that a version records."""
+    from attnrec.engine.repository import DataSection
+
     from ..data.sequences import build_sequences, leave_one_out
 
     log_, source = load_log(args)
     data = build_sequences(log_)
     split = leave_one_out(data)
-    info = {
-        "source": source,
-        "format": args.format,
-        "interactions": int(len(data.items)),
-        "users": data.n_users,
-        "items": data.n_items,
-        "kcore": args.kcore,
-    }
+    info = DataSection(
+        source=source,
+        format=args.format,
+        interactions=int(len(data.items)),
+        users=data.n_users,
+        items=data.n_items,
+        kcore=args.kcore,
+    )
     log.info(
         "%d users, %d items, %s interactions; %d evaluated users",
         data.n_users,

@@ -82,7 +82,7 @@ def add_repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, metavar="MODEL_NAME", help="model name inside the repository")
 
 
-def publish_version(model, split, info, args, training: dict) -> dict:
+def publish_version(model, split, info, args, training) -> dict:
     """Export, evaluate and publish `model` as a new version (with a ranker unless --no-ranker); print its report."""
     from ..evaluate import print_report
     from ..publish import publish
@@ -93,7 +93,7 @@ def publish_version(model, split, info, args, training: dict) -> dict:
         args.out,
         args.name,
         training=training,
-        data_info=info,
+        data=info,
         index_factory=args.index_factory,
         recall_n=args.recall_n,
         target_recall=args.target_recall,
@@ -105,17 +105,18 @@ def publish_version(model, split, info, args, training: dict) -> dict:
     )
     print_report(metrics)
     idx = manifest.index
-    recall = idx["recall@%d" % idx["recall_n"]]
     print(
-        f"published {version_dir}  (index {idx['factory']} {idx['params']}, recall@{idx['recall_n']} "
-        f"{recall:.4f}; ONNX parity {manifest.encoder['parity']['max_abs_diff']:.1e}"
-        + (f"; ranker parity {manifest.ranker['parity']['max_abs_diff']:.1e})" if manifest.ranker else ")")
+        f"published {version_dir}  (index {idx.factory} {idx.params}, recall@{idx.recall_n} "
+        f"{idx.recall:.4f}; ONNX parity {manifest.encoder.parity.max_abs_diff:.1e}"
+        + (f"; ranker parity {manifest.ranker.parity.max_abs_diff:.1e})" if manifest.ranker else ")")
     )
     return metrics
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
+
+    from attnrec.engine.repository import TrainingSection
 
     from ..config import TrainConfig
     from ..model import SASRec
@@ -134,14 +135,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = SASRec(cfg.model_config(state["n_items"]))
     model.load_state_dict(state["best_state"])
     args.seed, args.threads = cfg.seed, cfg.threads
-    training = {
-        "config": asdict(cfg),
-        "best_epoch": state["best_epoch"],
-        "epochs_run": state["epoch"],
-        "best_valid_ndcg@10": state["best"],
-        "history": state["history"],
-        "checkpoint": str(args.checkpoint),
-    }
+    training = TrainingSection(
+        config=asdict(cfg),
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        best_valid_ndcg10=state["best"],
+        history=tuple(state["history"]),
+        checkpoint=str(args.checkpoint),
+    )
     publish_version(model, split, info, args, training)
     return 0
 

@@ -59,6 +59,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from attnrec.engine.repository import TrainingSection
+
     from ..train import train
 
     split, info = load_split(args)
@@ -73,15 +75,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         result.epochs_run,
         result.seconds,
     )
-    training = {
-        "config": asdict(cfg),
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
-        "train_seconds": result.seconds,
-        "best_valid_ndcg@10": result.best_valid_ndcg10,
-        "history": result.history,
-        "checkpoint": str(ckpt),
-    }
+    training = TrainingSection(
+        config=asdict(cfg),
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=result.seconds,
+        best_valid_ndcg10=result.best_valid_ndcg10,
+        history=tuple(result.history),
+        checkpoint=str(ckpt),
+    )
     publish_version(result.model, split, info, args, training)
     return 0
 
