@@ -24,7 +24,8 @@ import numpy as np
 def build(version_dir: Path, torch_weights: Path | None, threads: int):
     import torch
 
-    from attnrec.engine.index import load_index, search
+    from attnrec.engine.index import load_index
+    from attnrec.engine.pipeline import search
     from attnrec.engine.repository import open_version
 
     from .bench_models import RANKER_MLP, BenchVersion, torch_encoder

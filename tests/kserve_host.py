@@ -11,10 +11,10 @@ import asyncio
 import time
 from pathlib import Path
 
+from attnrec.engine.errors import InvalidRequest, ModelStats, NotFound, TensorSpec
 from attnrec.engine.kserve.tensors import DTYPES
 from attnrec.engine.pipeline import Pipeline
 from attnrec.engine.repository import newest_valid_version
-from attnrec.engine.served import InvalidRequest, ModelStats, NotFound, TensorSpec
 
 _ORT_TYPES = {"tensor(float)": "FP32", "tensor(int64)": "INT64"}
 

@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from attnrec.engine.batcher import Batcher, BatchSettings
-from attnrec.engine.served import DeadlineExpired, ModelStats, QueueFull
+from attnrec.engine.errors import DeadlineExpired, QueueFull
+from attnrec.engine.model_interface import ModelStats
+from attnrec.engine.pipeline import BatchOutput
 
 
 class Recorder:
@@ -21,7 +23,7 @@ class Recorder:
         self.gate.wait(10)
         time.sleep(self.delay)
         self.batches.append((group, list(items)))
-        return [(group, x * 10) for x in items]
+        return BatchOutput([(group, x * 10) for x in items], 0.0, 0.0, {})
 
 
 def run(coro):
