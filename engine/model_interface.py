@@ -35,7 +35,7 @@ class ModelStats:
     compute_infer_ns: int = 0
     compute_output_ns: int = 0
     last_inference_ms: int = 0  # wall clock, milliseconds since the epoch
-    batch_stats: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute ns]
+    batch_stats: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute_infer ns]
 
 
 class ServedModel(Protocol):

@@ -21,7 +21,8 @@ KServe names (a wire contract):
                 popularity_fallback BOOL (B, 1): no known history item, popular items answered
 
 Each row of a request is one batch row; rows of different requests are padded to the longest
-in the batch (histories on the left, candidates on the right) and cut back for the reply.
+in the batch (histories on the left, candidates on the right) and cut back for the reply, by
+engine/pipeline.py's run functions.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, models: ModelRegistry, loader: ModelLoader, *, stream_window: int = 64) -> None:
         self.models, self.loader, self.stream_window = models, loader, stream_window
-        self.recommend = models.recommend
+        self.recommender = models.recommend  # the whole-path model
         # prometheus_client's child, observed directly (no hand-written call per request)
         self.total_seconds = models.telemetry.stage_seconds.labels("pipeline", "total")
 
@@ -68,7 +68,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     # ── conversions ───────────────────────────────────────────────────────────────────────
     async def _recommend(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
         start = time.perf_counter()
-        answer = await self.recommend.recommend(
+        answer = await self.recommender.recommend(
             request.history, request.k, exclude=request.exclude, n_candidates=request.n_candidates, deadline=deadline
         )
         return self._reply(request, answer, start)
