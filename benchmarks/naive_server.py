@@ -23,8 +23,7 @@ import numpy as np
 def build(version_dir: Path, torch_weights: Path | None, threads: int):
     import torch
 
-    from attnrec.engine.index import search
-    from attnrec.engine.pipeline import Pipeline, RuntimeOptions
+    from attnrec.engine.pipeline import Pipeline, RuntimeOptions, search
 
     from .bench_models import RANKER_MLP, BenchVersion, torch_encoder
     from .synthetic_ranker import TargetAttentionRanker

@@ -14,9 +14,14 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .served import DeadlineExpired, InvalidRequest, ModelStats, QueueFull, Unavailable
+from .errors import DeadlineExpired, InvalidRequest, QueueFull, Unavailable
+from .model_interface import ModelStats
+
+if TYPE_CHECKING:
+    from .pipeline import BatchOutput
+    from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,6 @@ class Completed:
     value: Any
     queue_s: float
     batch_size: int  # requests in its batch
-    batch_rows: int
 
 
 @dataclass
@@ -51,10 +55,9 @@ class _Pending:
     future: asyncio.Future
 
 
-# run(group, items) -> one result per item, in order; called in the executor.
-RunBatch = Callable[[Any, Sequence[Any]], Sequence[Any]]
-# observe(batch_rows, queue_seconds of each request): telemetry hook, called on the event loop.
-Observe = Callable[[int, Sequence[float]], None]
+# run(group, items) -> BatchOutput (engine/pipeline.py): one value per item, in order, and the
+# batch's input/output preparation and stage times; called in the executor.
+RunBatch = Callable[[Any, Sequence[Any]], "BatchOutput"]
 
 
 class Batcher:
@@ -65,12 +68,12 @@ class Batcher:
         settings: BatchSettings,
         executor: Executor,
         stats: ModelStats,
-        observe: Observe | None = None,
+        telemetry: "Telemetry | None" = None,
     ) -> None:
         if settings.max_batch_size < 1 or settings.instances < 1:
             raise ValueError(f"{name}: max_batch_size and instances must be at least 1")
         self.name, self.run, self.settings, self.executor, self.stats = name, run, settings, executor, stats
-        self.observe = observe
+        self.telemetry = telemetry
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task] = []
@@ -91,10 +94,6 @@ class Batcher:
             p = self._queue.popleft()
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"{self.name}: the server is shutting down"))
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
 
     async def submit(self, item: Any, *, group: Any = None, rows: int = 1, deadline: float | None = None) -> Completed:
         """Queue one request of `rows` rows and wait for its result."""
@@ -162,33 +161,46 @@ class Batcher:
             rows = sum(p.rows for p in batch)
             queue_s = [start - p.enqueued for p in batch]
             try:
-                results = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
+                out = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
                 error = None
             except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                results, error = None, exc
+                out, error = None, exc
                 if not getattr(exc, "code", None):
                     log.exception("%s: batch of %d failed", self.name, len(batch))
             end = time.monotonic()
-            self._account(batch, rows, start, end, error is None)
-            if self.observe is not None:
-                self.observe(rows, queue_s)
+            self._account(batch, rows, start, end, out)
+            if self.telemetry is not None:  # prometheus_client directly: no hand-written hop per batch
+                t = self.telemetry
+                t.batch_size.labels(self.name).observe(rows)
+                queue_hist = t.stage_seconds.labels(self.name, "queue")
+                for q in queue_s:
+                    queue_hist.observe(q)
+                for stage, seconds in out.stages.items() if out is not None else ():
+                    t.stage_seconds.labels(self.name, stage).observe(seconds)
             for i, p in enumerate(batch):
                 if p.future.done():
                     continue
                 if error is not None:
                     p.future.set_exception(error)
                 else:
-                    p.future.set_result(Completed(results[i], queue_s[i], len(batch), rows))
+                    p.future.set_result(Completed(out.values[i], queue_s[i], len(batch)))
 
-    def _account(self, batch: list[_Pending], rows: int, start: float, end: float, ok: bool) -> None:
-        s, compute_ns = self.stats, int((end - start) * 1e9)
+    def _account(self, batch: list[_Pending], rows: int, start: float, end: float, out: "BatchOutput | None") -> None:
+        """Triton's ModelStatistics: compute_input/output are the run function's own preparation and
+        splitting times; compute_infer is the rest of the batch's time in the executor."""
+        s, total_ns = self.stats, int((end - start) * 1e9)
+        input_ns, output_ns = (int(out.input_s * 1e9), int(out.output_s * 1e9)) if out is not None else (0, 0)
+        infer_ns = max(0, total_ns - input_ns - output_ns)
         s.execution_count += 1
         s.inference_count += rows
-        s.compute_infer_ns += compute_ns
+        s.compute_input_ns += input_ns
+        s.compute_infer_ns += infer_ns
+        s.compute_output_ns += output_ns
         s.last_inference_ms = int(time.time() * 1000)
         count_ns = s.batch_stats.setdefault(rows, [0, 0])
         count_ns[0] += 1
-        count_ns[1] += compute_ns
+        count_ns[1] += infer_ns
+        ok = out is not None
         for p in batch:
             total = int((end - p.enqueued) * 1e9)
             s.queue_ns += int((start - p.enqueued) * 1e9)

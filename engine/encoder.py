@@ -1,4 +1,5 @@
-"""The ONNX encoder: padded item histories in, query vectors out (onnxruntime, no torch)."""
+"""The ONNX encoder's session (onnxruntime, no torch): execution providers, session options, and the
+graph's input/output names. Running it is request-time compute: engine/pipeline.py (`encode`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnxruntime as ort
 
 log = logging.getLogger(__name__)
@@ -52,22 +52,6 @@ def make_session(
     return ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(providers))
 
 
-def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
-    """(B, L) int64 tokens, left-padded with 0 to the longest history in the batch (≤ max_len).
-
-    Histories hold tokens (catalogue row + 1). Longer ones keep their most recent max_len
-    items. Left padding keeps every sequence's last item in the last column, where the
-    encoder reads the query vector.
-    """
-    length = max(1, min(max_len, max((len(h) for h in histories), default=1)))
-    out = np.zeros((len(histories), length), dtype=np.int64)
-    for i, h in enumerate(histories):
-        h = h[-length:]
-        if len(h):
-            out[i, length - len(h) :] = h
-    return out
-
-
 class OnnxEncoder:
     """history tokens (B, L) → query vectors (B, D), and optionally hidden states (B, L, D)."""
 
@@ -80,14 +64,3 @@ class OnnxEncoder:
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
-
-    def run(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(None, {self.input_name: tokens})
-        return dict(zip(self.output_names, outs))
-
-    def encode(self, tokens: np.ndarray) -> np.ndarray:
-        return self.session.run(["query"], {self.input_name: tokens})[0]
-
-    def encode_histories(self, histories: Sequence[np.ndarray]) -> np.ndarray:
-        """Histories of tokens (catalogue row + 1), any lengths → (B, D) query vectors."""
-        return self.encode(pad_histories(histories, self.max_len))

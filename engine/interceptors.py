@@ -6,11 +6,11 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncContextManager, Awaitable, Callable
 
 import grpc
 
-from .served import ServingError
+from .errors import ServingError
 
 log = logging.getLogger(__name__)
 
@@ -24,42 +24,87 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, behaviou
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
-def _wrap_unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await behaviour(request, context)
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as exc:
-            await _abort_for(exc, context, behaviour)
-
-    return handler
+# A scope around one RPC: scope(context, behaviour) -> an async context manager that the handler's
+# whole run (the await of a unary response, the iteration of a stream) happens inside.
+Scope = Callable[[grpc.aio.ServicerContext, Callable], AsyncContextManager]
 
 
-def _wrap_stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            async for reply in behaviour(request, context):
-                yield reply
-        except (grpc.aio.AbortError, grpc.aio.UsageError):
-            raise
-        except Exception as exc:
-            await _abort_for(exc, context, behaviour)
+def _with(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour run inside `scope` (the one wrapper of every interceptor)."""
 
-    return handler
+    def unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with scope(context, behaviour):
+                return await behaviour(request, context)
 
+        return run
 
-def _with(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped (unary responses by `wrap_unary`, streams by `wrap_stream`)."""
+    def stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with scope(context, behaviour):
+                async for reply in behaviour(request, context):
+                    yield reply
+
+        return run
+
     if handler.unary_unary:
-        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+        return handler._replace(unary_unary=unary(handler.unary_unary))
     if handler.stream_unary:
-        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+        return handler._replace(stream_unary=unary(handler.stream_unary))
     if handler.unary_stream:
-        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+        return handler._replace(unary_stream=stream(handler.unary_stream))
     if handler.stream_stream:
-        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+        return handler._replace(stream_stream=stream(handler.stream_stream))
     return handler
+
+
+# The scopes are small classes, not contextlib.asynccontextmanager generators: they run on every
+# RPC, and a generator-based one costs about 1.5 µs more per enter/exit.
+class _ErrorsToStatus:
+    __slots__ = ("context", "behaviour")
+
+    def __init__(self, context: grpc.aio.ServicerContext, behaviour: Callable) -> None:
+        self.context, self.behaviour = context, behaviour
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, Exception) and not isinstance(exc, (grpc.aio.AbortError, grpc.aio.UsageError)):
+            await _abort_for(exc, self.context, self.behaviour)  # raises the abort in exc's place
+        return False
+
+
+class _Measured:
+    """One RPC in flight: counted, timed and its final code recorded (by MetricsInterceptor._finish)."""
+
+    __slots__ = ("interceptor", "method", "context", "start")
+
+    def __init__(self, interceptor: "MetricsInterceptor", method: str, context: grpc.aio.ServicerContext) -> None:
+        self.interceptor, self.method, self.context = interceptor, method, context
+
+    async def __aenter__(self) -> None:
+        self.interceptor.t.in_flight.inc()
+        self.start = time.perf_counter()
+
+    async def __aexit__(self, kind, exc, tb) -> bool:
+        self.interceptor._finish(self.method, self.context, self.start, exc)
+        return False
+
+
+class _Denied:
+    """Aborts UNAUTHENTICATED on entry: the behaviour never runs."""
+
+    __slots__ = ("context", "why")
+
+    def __init__(self, context: grpc.aio.ServicerContext, why: str) -> None:
+        self.context, self.why = context, why
+
+    async def __aenter__(self) -> None:
+        await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, self.why)
+
+    async def __aexit__(self, kind, exc, tb) -> bool:
+        return False
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -69,7 +114,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        return None if handler is None else _with(handler, _wrap_unary, _wrap_stream)
+        return None if handler is None else _with(handler, _ErrorsToStatus)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -94,37 +139,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-
-        def wrap_unary(behaviour):
-            async def run(request, context):
-                self.t.in_flight.inc()
-                start, error = time.perf_counter(), None
-                try:
-                    return await behaviour(request, context)
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._finish(method, context, start, error)
-
-            return run
-
-        def wrap_stream(behaviour):
-            async def run(request, context):
-                self.t.in_flight.inc()
-                start, error = time.perf_counter(), None
-                try:
-                    async for reply in behaviour(request, context):
-                        yield reply
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._finish(method, context, start, error)
-
-            return run
-
-        return _with(handler, wrap_unary, wrap_stream)
+        return _with(handler, lambda context, _behaviour: _Measured(self, method, context))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -144,18 +159,4 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(sent, self.expected):
             return handler
         why = "missing `authorization: Bearer …` metadata" if not sent else "invalid bearer token"
-
-        def deny_unary(_behaviour):
-            async def run(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-
-            return run
-
-        def deny_stream(_behaviour):
-            async def run(request, context):
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-                yield  # an async generator, as stream handlers must be
-
-            return run
-
-        return _with(handler, deny_unary, deny_stream)
+        return _with(handler, lambda context, _behaviour: _Denied(context, why))

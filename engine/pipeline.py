@@ -3,6 +3,11 @@
 The server, the offline retrieval job and `attnrec evaluate` all call `Pipeline.recommend`,
 so online and offline answers for the same version are the same computation.
 Everything here works in catalogue rows (0..n_items-1); external ids are the callers' business.
+
+All request-time compute lives here (padding, the encoder and ranker sessions' `run`, the FAISS
+search with exclusion, top-k), and so do the batcher's run functions (`run_encoder`,
+`run_ranker`, `run_recommend`): a request's path ends in this file without calling back into
+engine/encoder.py, engine/ranker.py or engine/index.py, which make sessions and indexes at load time.
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .encoder import OnnxEncoder, pad_histories
-from .index import ItemIndex, load_index, search
+from .encoder import OnnxEncoder
+from .index import ItemIndex, load_index
 from .ranker import OnnxRanker
 from .repository import ArtifactError, Manifest, open_version
 
@@ -41,6 +46,82 @@ class RuntimeOptions:
             "graph_optimization": self.graph_optimization,
             "allow_spinning": self.allow_spinning,
         }
+
+
+def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
+    """(B, L) int64 tokens, left-padded with 0 to the longest history in the batch (≤ max_len).
+
+    Histories hold tokens (catalogue row + 1). Longer ones keep their most recent max_len
+    items. Left padding keeps every sequence's last item in the last column, where the
+    encoder reads the query vector.
+    """
+    length = max(1, min(max_len, max((len(h) for h in histories), default=1)))
+    out = np.zeros((len(histories), length), dtype=np.int64)
+    for i, h in enumerate(histories):
+        h = h[-length:]
+        if len(h):
+            out[i, length - len(h) :] = h
+    return out
+
+
+def encode(encoder: OnnxEncoder, tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Padded tokens (B, L) → every encoder output by name: `query` (B, D) [, `hidden` (B, L, D)]."""
+    return dict(zip(encoder.output_names, encoder.session.run(None, {encoder.input_name: tokens})))
+
+
+def encode_histories(encoder: OnnxEncoder, histories: Sequence[np.ndarray]) -> np.ndarray:
+    """Histories of tokens (catalogue row + 1), any lengths → (B, D) query vectors."""
+    tokens = pad_histories(histories, encoder.max_len)
+    return encoder.session.run(["query"], {encoder.input_name: tokens})[0]
+
+
+def score(ranker: OnnxRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads."""
+    return ranker.session.run(["scores"], {n: feeds[n] for n in ranker.input_names})[0]
+
+
+def search_index(index: ItemIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, D) queries → (scores, rows), each (B, k), best first, in inner-product scores; missing slots are -1."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    if index.mips_max_norm2 is None:
+        return index.index.search(q, k)
+    dist, rows = index.index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), k)
+    scores = (np.einsum("ij,ij->i", q, q)[:, None] + index.mips_max_norm2 - dist) / 2
+    return scores.astype(np.float32), rows
+
+
+def search(
+    index: ItemIndex, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows per query, never a row in that query's `exclude` (e.g. the history).
+
+    FAISS is asked for k plus the longest exclusion list, then excluded rows are dropped, so
+    every query still gets k results when the catalogue allows. Missing slots are -1 / -inf.
+    """
+    ntotal = index.index.ntotal
+    extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
+    fetch = min(k + extra, ntotal)
+    scores, rows = search_index(index, queries, fetch)
+    if not extra:
+        return scores[:, :k], rows[:, :k]
+    # Vectorised over the batch: key = query * (ntotal + 1) + row, one sorted lookup for all
+    # queries (searchsorted: np.isin's set machinery costs more than the search at batch 1).
+    width = ntotal + 1
+    q_of = np.repeat(np.arange(len(rows), dtype=np.int64), [len(e) for e in exclude])
+    excluded = np.sort(q_of * width + np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude]))
+    found_keys = np.arange(len(rows), dtype=np.int64)[:, None] * width + rows
+    at = np.minimum(np.searchsorted(excluded, found_keys), len(excluded) - 1)
+    keep = (rows >= 0) & (excluded[at] != found_keys)
+    # Kept entries first, in their score order (a stable sort of the "dropped" flag).
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, order, axis=1)
+    out_r = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
+    out_s = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32)
+    if out_r.shape[1] < k:  # the catalogue is smaller than k
+        pad = k - out_r.shape[1]
+        out_r = np.pad(out_r, ((0, 0), (0, pad)), constant_values=-1)
+        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return out_s, out_r
 
 
 @dataclass
@@ -154,7 +235,7 @@ class Pipeline:
 
         t0 = time.perf_counter()
         tokens = pad_histories([histories[i][-self.max_len :] + 1 for i in active], self.max_len)
-        outs = self.encoder.run(tokens)
+        outs = encode(self.encoder, tokens)
         t1 = time.perf_counter()
         use_ranker = rank and self.ranker is not None
         n = max(k, n_candidates or self.n_candidates) if use_ranker else k
@@ -168,7 +249,7 @@ class Pipeline:
                 "candidates": np.where(cand_rows >= 0, cand_rows + 1, 0),
                 "candidate_scores": np.where(cand_rows >= 0, cand_scores, 0.0).astype(np.float32),
             }
-            ranked = np.where(cand_rows >= 0, self.ranker.score(feeds), -np.inf).astype(np.float32)
+            ranked = np.where(cand_rows >= 0, score(self.ranker, feeds), -np.inf).astype(np.float32)
             order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
             cand_rows = np.take_along_axis(cand_rows, order, axis=1)
             cand_scores = np.take_along_axis(ranked, order, axis=1)
@@ -188,3 +269,73 @@ class Pipeline:
         scores = np.full(k, -np.inf, dtype=np.float32)
         rows[: len(top)], scores[: len(top)] = top, self.popularity[top]
         return rows, scores
+
+
+# ── the batcher's run functions: batched requests in, one result per request out ─────────────────
+@dataclass
+class BatchOutput:
+    """A run function's answer to the batcher: one value per request, and where the time went."""
+
+    values: list
+    input_s: float  # preparing the batch's input tensors (Triton's compute_input)
+    output_s: float  # splitting the outputs per request (Triton's compute_output)
+    stages: dict[str, float]  # request-path stage → seconds, observed once per batch
+
+
+def run_encoder(p: Pipeline, items: Sequence[np.ndarray]) -> BatchOutput:
+    """Token matrices (b, L) of several requests → per request {"query": (b, D)[, "hidden": (b, L, D)]}."""
+    t0 = time.perf_counter()
+    rows = [r[r != 0] for tokens in items for r in tokens]  # re-padded to the batch's longest
+    tokens = pad_histories(rows, p.max_len)
+    t1 = time.perf_counter()
+    outs = encode(p.encoder, tokens)
+    t2 = time.perf_counter()
+    results, start = [], 0
+    for tokens in items:
+        b, length = tokens.shape
+        part = {"query": outs["query"][start : start + b]}
+        if "hidden" in outs:
+            hidden = outs["hidden"][start : start + b, -length:] if length else outs["hidden"][start : start + b, :0]
+            if hidden.shape[1] < length:  # the batch was shorter than this request's padding
+                hidden = np.pad(hidden, ((0, 0), (length - hidden.shape[1], 0), (0, 0)))
+            part["hidden"] = hidden
+        results.append(part)
+        start += b
+    return BatchOutput(results, t1 - t0, time.perf_counter() - t2, {"encoder": t2 - t0})
+
+
+def run_ranker(p: Pipeline, items: Sequence[dict[str, np.ndarray]]) -> BatchOutput:
+    """The ranker's feeds of several requests → per request its (b, N) scores."""
+    t0 = time.perf_counter()
+    feeds = {}
+    for name in items[0]:
+        parts = [it[name] for it in items]
+        width = max(part.shape[1] for part in parts)
+        if name in ("history", "hidden"):  # left-padded: pad on the left to the longest
+            parts = [np.pad(x, [(0, 0), (width - x.shape[1], 0)] + [(0, 0)] * (x.ndim - 2)) for x in parts]
+        else:  # candidate slots: pad on the right with empty slots (token 0, score 0)
+            parts = [np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in parts]
+        feeds[name] = np.concatenate(parts)
+    t1 = time.perf_counter()
+    scores = score(p.ranker, feeds)
+    t2 = time.perf_counter()
+    results, start = [], 0
+    for it in items:
+        b, n = it["candidates"].shape
+        results.append(scores[start : start + b, :n])
+        start += b
+    return BatchOutput(results, t1 - t0, time.perf_counter() - t2, {"ranker": t2 - t0})
+
+
+def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
+    """Queries (rows, exclude, k) of several users → per user (rows, scores, timings), top k first.
+    `group` is the version's pipeline and the candidate count its batch shares."""
+    p, n = group
+    t0 = time.perf_counter()
+    histories, exclude, k = [q.rows for q in items], [q.exclude for q in items], max(q.k for q in items)
+    t1 = time.perf_counter()
+    recs = p.recommend(histories, k, exclude=exclude, n_candidates=n or None)
+    t2 = time.perf_counter()
+    values = [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]
+    stages = {stage: recs.timings[stage] for stage in ("encoder", "search", "ranker") if recs.timings.get(stage)}
+    return BatchOutput(values, t1 - t0, time.perf_counter() - t2, stages)

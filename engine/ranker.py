@@ -9,13 +9,12 @@ The graph declares which of these inputs it reads (all batch-major, padded like 
 
 and answers `scores` float32 (B, N), higher is better. A ranker that reads `hidden` needs an
 encoder exported with its hidden states; `Pipeline` checks that when it loads a version.
+Scoring is request-time compute: engine/pipeline.py (`score`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import numpy as np
 
 from .encoder import make_session
 
@@ -35,7 +34,3 @@ class OnnxRanker:
     @property
     def needs_hidden(self) -> bool:
         return "hidden" in self.input_names
-
-    def score(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """(B, N) scores; `feeds` may hold more inputs than this graph reads."""
-        return self.session.run(["scores"], {n: feeds[n] for n in self.input_names})[0]

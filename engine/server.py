@@ -22,9 +22,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from . import kserve, recommender_service
-from .host import Host
+from . import kserve, recommender_servicer
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from .loader import ModelLoader
+from .models import ModelRegistry
 from .repository import iter_models
 from .rpc.pool import POOL
 from .settings import ServerSettings
@@ -41,20 +42,20 @@ class Service:
     add: Callable[[grpc.aio.Server], None]
 
 
-# A service factory gets the host (and the settings) once the host exists.
-ServiceFactory = Callable[[Host, ServerSettings], Service]
+# A service factory gets the models, their loader (and the settings) once they exist.
+ServiceFactory = Callable[[ModelRegistry, ModelLoader, ServerSettings], Service]
 
 
-def recommender(host: Host, settings: ServerSettings) -> Service:
+def recommender(models: ModelRegistry, loader: ModelLoader, settings: ServerSettings) -> Service:
     return Service(
-        recommender_service.SERVICE_NAME,
-        lambda server: recommender_service.add_to(server, host, settings.stream_window),
+        recommender_servicer.SERVICE_NAME,
+        lambda server: recommender_servicer.add_to(server, models, loader, settings.stream_window),
     )
 
 
-def inference(host: Host, settings: ServerSettings) -> Service:
+def inference(models: ModelRegistry, loader: ModelLoader, settings: ServerSettings) -> Service:
     """KServe V2 / Triton's `inference.GRPCInferenceService` over the same models and batchers."""
-    return Service(kserve.SERVICE_NAME, lambda server: kserve.add_to_server(server, host))
+    return Service(kserve.SERVICE_NAME, lambda server: kserve.add_to_server(server, models, loader))
 
 
 def services() -> list[ServiceFactory]:
@@ -86,15 +87,14 @@ class Server:
     def __init__(self, settings: ServerSettings, extra_services: Sequence[ServiceFactory] = ()) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
-        self.host = Host(
-            settings.repo,
+        self.models = ModelRegistry(
             choose_model(settings.repo, settings.model),
-            options=settings.runtime,
             batching=settings.batching,
             max_k=settings.max_k,
             telemetry=self.telemetry,
         )
-        self.services = [make(self.host, settings) for make in [*services(), *extra_services]]
+        self.loader = ModelLoader(settings.repo, self.models, settings.runtime)
+        self.services = [make(self.models, self.loader, settings) for make in [*services(), *extra_services]]
         self.health = HealthServicer()
         self.port = 0
         self._stop = asyncio.Event()
@@ -132,11 +132,11 @@ class Server:
         if s.metrics_port:
             self._metrics_http = self.telemetry.serve_http(s.metrics_port)
             log.info("metrics on http://0.0.0.0:%d/metrics", s.metrics_port)
-        await self.host.start()  # load and warm up; raises when nothing loadable is there
+        await self.loader.start()  # load and warm up; raises when nothing loadable is there
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if s.poll_interval > 0:
-            self._poller = asyncio.ensure_future(self.host.poll(s.poll_interval))
-        log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.host.models()))
+            self._poller = asyncio.ensure_future(self.loader.poll(s.poll_interval))
+        log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.models.models()))
 
     async def _set_health(self, status) -> None:
         for name in ["", *self._names()]:
@@ -159,7 +159,7 @@ class Server:
         """NOT_SERVING, (shutdown delay), refuse new RPCs, let in-flight ones finish within the grace period."""
         s = self.settings
         log.info("draining: NOT_SERVING, up to %.1fs for in-flight requests", s.grace)
-        self.host.draining = True
+        self.models.slot.draining = True
         await self.health.enter_graceful_shutdown()
         if s.shutdown_delay > 0:
             await asyncio.sleep(s.shutdown_delay)
@@ -167,7 +167,7 @@ class Server:
             self._poller.cancel()
         if self._grpc is not None:
             await self._grpc.stop(s.grace)
-        await self.host.close()
+        await self.models.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

@@ -1,4 +1,5 @@
-"""Prometheus metrics of one server (prometheus-client), on their own registry.
+"""Prometheus metrics of one server (prometheus-client), on their own registry. This module only
+makes and holds them: the request path observes the prometheus_client objects directly.
 
 attnrec_requests_total{method, code}          RPCs by full method name and gRPC status
 attnrec_request_seconds{method}               RPC latency (histogram)
@@ -10,8 +11,6 @@ attnrec_model_loads_total{model, outcome}     hot swaps: loaded / refused
 """
 
 from __future__ import annotations
-
-from typing import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -43,15 +42,6 @@ class Telemetry:
         self.model_loads = Counter(
             "attnrec_model_loads", "version loads by outcome (loaded, refused)", ["model", "outcome"], registry=r
         )
-
-    def observe_batch(self, model: str, rows: int, queue_s: Sequence[float]) -> None:
-        self.batch_size.labels(model).observe(rows)
-        hist = self.stage_seconds.labels(model, "queue")
-        for q in queue_s:
-            hist.observe(q)
-
-    def observe_stage(self, model: str, stage: str, seconds: float) -> None:
-        self.stage_seconds.labels(model, stage).observe(seconds)
 
     def serve_http(self, port: int, address: str = "0.0.0.0"):
         """Start the /metrics HTTP endpoint in a thread; returns the WSGI server (call .shutdown())."""

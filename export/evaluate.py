@@ -10,6 +10,7 @@ read alone.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -20,8 +21,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from attnrec.engine.metrics import RankingReport, evaluate_full_ranking
-from attnrec.engine.pipeline import Pipeline, RuntimeOptions
+from attnrec.engine.pipeline import Pipeline, RuntimeOptions, encode_histories
 from attnrec.engine.repository import (
     DEFAULT_CANDIDATES,
     EvalProtocol,
@@ -32,6 +32,7 @@ from attnrec.engine.repository import (
 )
 
 from .data.sequences import EvalSet, LeaveOneOut
+from .ranking_metrics import RankingReport, evaluate_full_ranking
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,12 @@ def evaluate_pipeline(
     `item_vectors`: the catalogue rows' embeddings, for (a) exact full ranking."""
     n = n_candidates or pipeline.n_candidates or DEFAULT_CANDIDATES
     result = evaluate_query_fn(
-        pipeline.encoder.encode_histories, item_vectors, split, max_users=max_users, seed=seed, progress=progress
+        functools.partial(encode_histories, pipeline.encoder),
+        item_vectors,
+        split,
+        max_users=max_users,
+        seed=seed,
+        progress=progress,
     )
     pop = split.train_popularity()[1:].astype(np.float64)
     sets = {"test": split.test, "valid": split.valid}

@@ -16,6 +16,7 @@ import faiss
 import numpy as np
 
 from attnrec.engine.index import ItemIndex, mips_augment
+from attnrec.engine.pipeline import search_index
 from attnrec.engine.timing import median_ms
 
 log = logging.getLogger(__name__)
@@ -90,11 +91,11 @@ def recall_at(approx: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(a, e, assume_unique=False)) / n for a, e in zip(approx, exact)]))
 
 
-def _time_single(index, queries: np.ndarray, n: int, repeats: int) -> float:
+def _time_single(index: ItemIndex, queries: np.ndarray, n: int, repeats: int) -> float:
     """Median ms of one query at a time (the serving case at batch 1)."""
     sample = queries[:repeats]
     rows = iter(sample)  # a new query each call
-    return median_ms(lambda: index.search(next(rows)[None, :], n), len(sample))
+    return median_ms(lambda: search_index(index, next(rows)[None, :], n), len(sample))
 
 
 @dataclass
@@ -125,15 +126,15 @@ def tune(
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     n = min(n, index.ntotal)
-    exact = faiss.IndexFlatIP(vectors.shape[1])
-    exact.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    _, truth = exact.search(queries, n)
+    exact = ItemIndex(faiss.IndexFlatIP(vectors.shape[1]))
+    exact.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    _, truth = search_index(exact, queries, n)
     exact_ms = _time_single(exact, queries, n, timing_queries)
     tried = []
 
     def recall(params: dict[str, Any]) -> float:
         index.set_params(params)
-        _, got = index.search(queries, n)
+        _, got = search_index(index, queries, n)
         r = recall_at(got, truth)
         tried.append({**params, "recall": r})
         log.debug("%s recall@%d %.4f", params, n, r)
@@ -164,6 +165,6 @@ def tune(
     index.set_params(params)
     search_ms = _time_single(index, queries, n, timing_queries)
     t = time.perf_counter()
-    index.search(queries, n)
+    search_index(index, queries, n)
     batch_ms = (time.perf_counter() - t) * 1e3 / max(len(queries), 1)
     return TuneResult(params, r, n, search_ms, exact_ms, batch_ms, tried, reached)

@@ -11,7 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from attnrec.engine.encoder import make_session, pad_histories
+from attnrec.engine.encoder import make_session
+from attnrec.engine.pipeline import pad_histories
 from attnrec.engine.timing import median_ms
 
 from .model import SASRec

@@ -5,6 +5,7 @@ item vectors, tuned FAISS index, id map, popularity, optionally the second-stage
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import platform
@@ -17,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 from attnrec.engine.encoder import OnnxEncoder
-from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.pipeline import Pipeline, encode, encode_histories
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import (
     DataSection,
@@ -91,7 +92,7 @@ def publish(
 
         # Tune the index on what it will serve: validation users' real query vectors.
         tq = rng.choice(len(split.valid), min(tune_queries, len(split.valid)), replace=False)
-        queries = encoder.encode_histories([split.valid.history(j) for j in np.sort(tq)])
+        queries = encode_histories(encoder, [split.valid.history(j) for j in np.sort(tq)])
         factory = index_factory or default_factory(cfg.n_items)
         index = build_index(vectors, factory, seed=seed)
         tuned = tune(index, vectors, queries, n=recall_n, target_recall=target_recall)
@@ -219,7 +220,7 @@ def _ship_ranker(
         mlp_dim=cfg.mlp_dim,
         dropout=cfg.dropout,
     )
-    result = train_ranker(split, encoder.run, model.cfg.max_len, index, vectors, cfg, shape)
+    result = train_ranker(split, functools.partial(encode, encoder), model.cfg.max_len, index, vectors, cfg, shape)
     log.info(
         "ranker: best valid NDCG@10 %.4f at epoch %d (stage one %.4f), %d epochs, %.0fs",
         result.best_valid_ndcg10,

@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from attnrec.engine.encoder import make_session, pad_histories
+from attnrec.engine.encoder import make_session
+from attnrec.engine.pipeline import pad_histories, score
 from attnrec.engine.ranker import RANKER_INPUTS, OnnxRanker
 from attnrec.engine.timing import median_ms
 
@@ -99,7 +100,7 @@ def check_ranker_parity(
             hidden = encoder.hidden(t)
             want = ranker(t, hidden, torch.from_numpy(cands), torch.from_numpy(scores)).numpy()
         feeds = {"history": tokens, "hidden": hidden.numpy(), "candidates": cands, "candidate_scores": scores}
-        got = onnx.score(feeds)  # reads the inputs its graph declares
+        got = score(onnx, feeds)  # reads the inputs its graph declares
         diff = float(np.abs(got - want)[cands > 0].max()) if (cands > 0).any() else 0.0
         cases.append({"batch": batch, "length": length, "candidates": n, "max_abs_diff": diff})
     report = RankerParity(max(c["max_abs_diff"] for c in cases), cases)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attnrec.engine.encoder import pad_histories
-from attnrec.engine.index import ItemIndex, search
+from attnrec.engine.index import ItemIndex
+from attnrec.engine.pipeline import pad_histories, search
 
 from .config import RankerConfig
 from .data.sequences import EvalSet, LeaveOneOut

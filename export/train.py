@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from attnrec.engine.metrics import evaluate_full_ranking
-
 from .config import TrainConfig
 from .data.sequences import LeaveOneOut
 from .model import SASRec
+from .ranking_metrics import evaluate_full_ranking
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def _seen_before(inputs: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
 @torch.no_grad()
 def query_vectors(model: SASRec, histories: list[np.ndarray], batch_size: int = 512) -> np.ndarray:
     """Query vectors for token histories (any lengths), in eval mode."""
-    from attnrec.engine.encoder import pad_histories
+    from attnrec.engine.pipeline import pad_histories
 
     was_training = model.training
     model.eval()

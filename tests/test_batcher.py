@@ -8,7 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from attnrec.engine.batcher import Batcher, BatchSettings
-from attnrec.engine.served import DeadlineExpired, ModelStats, QueueFull
+from attnrec.engine.errors import DeadlineExpired, QueueFull
+from attnrec.engine.model_interface import ModelStats
+from attnrec.engine.pipeline import BatchOutput
 
 
 class Recorder:
@@ -21,7 +23,7 @@ class Recorder:
         self.gate.wait(10)
         time.sleep(self.delay)
         self.batches.append((group, list(items)))
-        return [(group, x * 10) for x in items]
+        return BatchOutput([(group, x * 10) for x in items], 0.0, 0.0, {})
 
 
 def run(coro):
@@ -87,3 +89,33 @@ def test_batches_never_mix_groups():
     assert [o.value[0] for o in out] == ["v1"] * 10 + ["v2"] * 10
     assert all(len(items) <= 10 for _, items in rec.batches)
     assert len(rec.batches) == 2  # the queue delay gathered each group into one batch
+
+
+def test_run_functions_times_are_accounted_and_observed():
+    """compute_input/output are what the run function measured; compute_infer is the rest; the
+    batch size, queue and stage times go straight to the Prometheus histograms."""
+    from attnrec.engine.telemetry import Telemetry
+
+    def run_batch(group, items):
+        time.sleep(0.01)
+        return BatchOutput(list(items), 0.001, 0.002, {"encoder": 0.004})
+
+    telemetry = Telemetry()
+
+    async def main():
+        b = Batcher("m", run_batch, BatchSettings(max_batch_size=4), ThreadPoolExecutor(1), ModelStats(), telemetry)
+        out = await asyncio.gather(*(b.submit(i) for i in range(8)))
+        await b.close()
+        return out, b.stats
+
+    out, stats = run(main())
+    assert [o.value for o in out] == list(range(8))
+    n = stats.execution_count
+    assert stats.compute_input_ns == n * 1_000_000 and stats.compute_output_ns == n * 2_000_000
+    assert stats.compute_infer_ns >= n * 7_000_000  # ≥ the 10 ms sleep less the input and output parts
+    assert sum(ns for _, ns in stats.batch_stats.values()) == stats.compute_infer_ns
+    sample = lambda name, **labels: telemetry.registry.get_sample_value(name, labels)  # noqa: E731
+    assert sample("attnrec_batch_size_count", model="m") == n
+    assert sample("attnrec_batch_size_sum", model="m") == 8
+    assert sample("attnrec_stage_seconds_count", model="m", stage="queue") == 8
+    assert sample("attnrec_stage_seconds_sum", model="m", stage="encoder") == pytest.approx(n * 0.004)

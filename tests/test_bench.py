@@ -217,6 +217,7 @@ def test_synthetic_ranker_follows_the_onnx_ranker_contract(tmp_path):
     import torch
 
     from attnrec.benchmarks.synthetic_ranker import TargetAttentionRanker, export_ranker
+    from attnrec.engine.pipeline import score
     from attnrec.engine.ranker import OnnxRanker
 
     torch.manual_seed(0)
@@ -229,7 +230,7 @@ def test_synthetic_ranker_follows_the_onnx_ranker_contract(tmp_path):
         "candidate_scores": rng.standard_normal((2, 11)).astype(np.float32),
         "hidden": np.zeros((2, 9, 8), np.float32),  # not read by this graph: the contract allows extras
     }
-    got = ranker.score(feeds)
+    got = score(ranker, feeds)
     with torch.no_grad():
         want = model(*(torch.from_numpy(feeds[k]) for k in ("history", "candidates", "candidate_scores"))).numpy()
     assert got.shape == (2, 11) and np.abs(got - want).max() < 1e-5

@@ -2,7 +2,8 @@ import faiss
 import numpy as np
 import pytest
 
-from attnrec.engine.index import load_index, search
+from attnrec.engine.index import load_index
+from attnrec.engine.pipeline import search, search_index
 from attnrec.export.index_build import build_index, default_factory, recall_at, tune
 
 
@@ -29,7 +30,7 @@ def test_exact_index_matches_brute_force_inner_product():
     items = clustered(500, 16)
     q = clustered(20, 16, seed=1)
     index = build_index(items, "Flat")
-    scores, rows = index.search(q, 10)
+    scores, rows = search_index(index, q, 10)
     want = np.argsort(-(q @ items.T), axis=1)[:, :10]
     assert (rows == want).all()
     np.testing.assert_allclose(scores, np.take_along_axis(q @ items.T, want, axis=1), rtol=1e-5)
@@ -41,7 +42,7 @@ def test_mips_reduction_to_l2_is_exact_with_a_flat_l2_index():
     q = clustered(30, 16, seed=4)
     index = build_index(items, "IVF1,Flat")  # one list: exact, but through the augmented L2 path
     assert index.mips_max_norm2 is not None
-    scores, rows = index.search(q, 20)
+    scores, rows = search_index(index, q, 20)
     ip = q @ items.T
     want = np.argsort(-ip, axis=1)[:, :20]
     assert (rows == want).all()
@@ -62,8 +63,8 @@ def test_ivf_tuning_reaches_the_target_recall_on_held_out_queries(tmp_path):
     # the tuned setting generalises to queries it was not tuned on, after a save/load round trip
     faiss.write_index(index.index, str(tmp_path / "items.faiss"))
     loaded = load_index(tmp_path / "items.faiss", result.params, mips_max_norm2=index.mips_max_norm2, use_gpu=False)
-    _, got = loaded.search(queries[200:], 100)
-    _, truth = build_index(items, "Flat").search(queries[200:], 100)
+    _, got = search_index(loaded, queries[200:], 100)
+    _, truth = search_index(build_index(items, "Flat"), queries[200:], 100)
     assert recall_at(got, truth) >= 0.93
 
 

@@ -1,55 +1,37 @@
-"""The KServe V2 / Triton surface over a real port, called with tritonclient (unchanged, from PyPI)
-and with our own stubs; the encoder behind it is a real onnxruntime session (tests/kserve_host.py)."""
+"""The KServe V2 / Triton surface of the real server (`attnrec serve`'s Server: models, batchers,
+loader) over a real port with a real published version, called with tritonclient (unchanged, from
+PyPI) and with our own stubs. Every V2 datatype's conversions are checked through the servicer's own
+request decoding and response encoding, over the wire format (no served model takes them all)."""
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import threading
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
-from tritonclient.utils import InferenceServerException
+from serving import RunningServer, settings
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from attnrec.engine.interceptors import ErrorInterceptor
-from attnrec.engine.kserve import SERVICE_NAME, add_to_server
+from attnrec.engine.errors import InvalidRequest
+from attnrec.engine.kserve import SERVICE_NAME
+from attnrec.engine.kserve.servicer import decode_inputs, encode_response
 from attnrec.engine.kserve.tensors import DTYPES, encode_bytes
+from attnrec.engine.model_interface import TensorSpec
 from attnrec.engine.rpc.inference import grpc_service_pb2 as pb
 from attnrec.engine.rpc.inference import grpc_service_pb2_grpc as pb_grpc
 from attnrec.engine.rpc.inference import model_config_pb2 as mc
-from attnrec.engine.rpc.pool import POOL
-from tests.kserve_host import TestHost
 
 
 @pytest.fixture(scope="module")
 def served(trained_repo):
-    """(url, host): a grpc.aio server with the KServe servicer and server reflection, on its own loop."""
-    from grpc_reflection.v1alpha import reflection
-
+    """(url, models): the real server over the `trained_repo` version, with its model registry."""
     _, repo = trained_repo
-    host = TestHost(repo, "seq")
-    loop = asyncio.new_event_loop()
-    # run_forever (not run_until_complete of a serve coroutine): the loop must outlive
-    # server.stop() so that stop's own result reaches the test thread.
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-
-    async def start():
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()])
-        add_to_server(server, host)
-        reflection.enable_server_reflection([SERVICE_NAME, reflection.SERVICE_NAME], server, pool=POOL)
-        port = server.add_insecure_port("127.0.0.1:0")
-        await server.start()
-        return server, port
-
-    server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
-    yield f"127.0.0.1:{port}", host
-    asyncio.run_coroutine_threadsafe(server.stop(grace=None), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
-    loop.close()
+    config = settings(repo, address="127.0.0.1", max_batch_size=64, max_queue_delay_us=500, max_queue_size=256)
+    with RunningServer(config) as s:
+        yield f"127.0.0.1:{s.port}", s.server.models
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +47,13 @@ def stub(served):
         yield pb_grpc.GRPCInferenceServiceStub(channel)
 
 
+def _session(models):
+    """The encoder session the server loaded (the answers must be exactly its own)."""
+    return models.slot.current.compute.encoder.session
+
+
 def _histories(host, rng):
-    n = host.get("encoder").pipeline.n_items
+    n = host.slot.current.compute.n_items
     tokens = rng.integers(1, n + 1, size=(5, 9)).astype(np.int64)
     tokens[1, :4] = 0  # left padding, as pad_histories makes it
     tokens[3, :8] = 0
@@ -113,7 +100,7 @@ def test_health_and_metadata(client, served):
     meta = client.get_server_metadata()
     assert meta.name == "attnrec" and "model_configuration" in meta.extensions
     model = client.get_model_metadata("encoder")
-    dim = host.get("encoder").pipeline.encoder.session.get_outputs()[0].shape[-1]
+    dim = _session(host).get_outputs()[0].shape[-1]
     assert model.platform == "onnxruntime_onnx" and list(model.versions) == [host.get("encoder").version]
     assert [(t.name, t.datatype, list(t.shape)) for t in model.inputs] == [("history", "INT64", [-1, -1])]
     assert ("query", "FP32", [-1, dim]) in [(t.name, t.datatype, list(t.shape)) for t in model.outputs]
@@ -121,7 +108,7 @@ def test_health_and_metadata(client, served):
 
 def test_model_config_follows_tritons_conventions(client, served):
     config = client.get_model_config("encoder").config
-    dim = served[1].get("encoder").pipeline.encoder.session.get_outputs()[0].shape[-1]
+    dim = _session(served[1]).get_outputs()[0].shape[-1]
     assert (config.name, config.platform, config.backend, config.max_batch_size) == (
         "encoder",
         "onnxruntime_onnx",
@@ -135,17 +122,17 @@ def test_model_config_follows_tritons_conventions(client, served):
     query = next(o for o in config.output if o.name == "query")
     assert (tc.model_config_pb2.DataType.Name(query.data_type), list(query.dims)) == ("TYPE_FP32", [dim])
     assert config.dynamic_batching.max_queue_delay_microseconds == 500
-    assert list(config.dynamic_batching.preferred_batch_size) == [8, 32]
+    assert list(config.dynamic_batching.preferred_batch_size) == []  # the batcher aims for no particular sizes
     assert config.dynamic_batching.default_queue_policy.max_queue_size == 256
-    # an identity model reports BYTES as Triton's TYPE_STRING, and no batcher
-    identity = client.get_model_config("identity_bytes").config
-    assert tc.model_config_pb2.DataType.Name(identity.input[0].data_type) == "TYPE_STRING"
-    assert not identity.HasField("dynamic_batching")
+    # the whole-path model's BYTES item ids are Triton's TYPE_STRING
+    pipeline = client.get_model_config("pipeline").config
+    history = next(i for i in pipeline.input if i.name == "history")
+    assert tc.model_config_pb2.DataType.Name(history.data_type) == "TYPE_STRING"
 
 
 def test_infer_raw_with_tritonclient_equals_the_session(client, served):
     host = served[1]
-    session = host.get("encoder").session
+    session = _session(host)
     tokens = _histories(host, np.random.default_rng(0))
     expected = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"history": tokens})))
     inp = tc.InferInput("history", list(tokens.shape), "INT64")
@@ -164,7 +151,7 @@ def test_infer_raw_with_tritonclient_equals_the_session(client, served):
 
 def test_infer_typed_contents_with_our_stubs(stub, served):
     host = served[1]
-    session = host.get("encoder").session
+    session = _session(host)
     tokens = _histories(host, np.random.default_rng(1))
     request = pb.ModelInferRequest(model_name="encoder", id="typed")
     tensor = request.inputs.add(name="history", datatype="INT64", shape=list(tokens.shape))
@@ -191,14 +178,45 @@ def _sample(datatype: str, rng) -> np.ndarray:
     return rng.standard_normal((2, 3)).astype(dtype)
 
 
+@dataclass
+class Identity:
+    """Tensor specs only: `x` of one datatype → `y` (the servicer's decoding and encoding read no more)."""
+
+    datatype: str
+    max_batch_size: int = 64
+    version: str = "1"
+
+    @property
+    def name(self) -> str:
+        return f"identity_{self.datatype.lower()}"
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return [TensorSpec("x", self.datatype, (-1, -1))]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [TensorSpec("y", self.datatype, (-1, -1))]
+
+
+def echo(request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    """The request over the wire (serialised and parsed), decoded, `x` answered as `y`, encoded, and
+    the response over the wire again: what a served identity model would answer."""
+    request = pb.ModelInferRequest.FromString(request.SerializeToString())
+    model = Identity(request.inputs[0].datatype)
+    response = encode_response(model, request, {"y": decode_inputs(model, request)["x"]}, None)
+    return pb.ModelInferResponse.FromString(response.SerializeToString())
+
+
 @pytest.mark.parametrize("datatype", list(DTYPES))
-def test_every_datatype_round_trips_raw_and_typed(client, stub, datatype):
+def test_every_datatype_round_trips_raw_and_typed(datatype):
     rng = np.random.default_rng(7)
     x = _sample(datatype, rng)
     model = f"identity_{datatype.lower()}"
-    inp = tc.InferInput("x", list(x.shape), datatype)
-    inp.set_data_from_numpy(x)
-    y = client.infer(model, [inp]).as_numpy("y")
+    raw = serialize_byte_tensor(x).item() if datatype == "BYTES" else x.tobytes()  # tritonclient's raw form
+    answer = echo(_raw_request(model, "x", datatype, list(x.shape), raw))
+    # read back as tritonclient reads a response
+    y = tc.InferResult(tc.service_pb2.ModelInferResponse.FromString(answer.SerializeToString())).as_numpy("y")
     assert y.shape == x.shape
     np.testing.assert_array_equal(y, x)
     if datatype == "FP16":  # no typed field: it must travel raw
@@ -220,7 +238,7 @@ def test_every_datatype_round_trips_raw_and_typed(client, stub, datatype):
         "BYTES": "bytes_contents",
     }[datatype]
     getattr(tensor.contents, field).extend(x.reshape(-1).tolist())
-    response = stub.ModelInfer(request)
+    response = echo(request)
     assert response.outputs[0].datatype == datatype
     raw = response.raw_output_contents[0]
     if datatype == "BYTES":
@@ -257,9 +275,9 @@ def test_bad_requests_get_clear_status_codes(stub, client):
     _fails(stub, _raw_request("encoder", "histry", "INT64", [2, 3], ok_raw), bad, "no input 'histry'")
     _fails(stub, _raw_request("encoder", "history", "INT64", [6], ok_raw), bad, "shape")
     _fails(stub, _raw_request("encoder", "history", "INT64", [2, 3], (tokens * 10**6).tobytes()), bad, "tokens")
-    _fails(stub, _raw_request("identity_bytes", "x", "BYTES", [1, 2], encode_bytes(np.array([b"a"]))), bad, "BYTES")
+    _fails(stub, _raw_request("pipeline", "history", "BYTES", [1, 2], encode_bytes(np.array([b"a"]))), bad, "BYTES")
     _fails(stub, _raw_request("identity_bf16", "x", "BF16", [1, 1], b"\0\0"), grpc.StatusCode.NOT_FOUND)
-    _fails(stub, _raw_request("identity_fp32", "x", "BF16", [1, 1], b"\0\0"), bad, "BF16")
+    _fails(stub, _raw_request("encoder", "history", "BF16", [1, 1], b"\0\0"), bad, "BF16")
     mixed = _raw_request("encoder", "history", "INT64", [2, 3], ok_raw)
     mixed.inputs[0].contents.int64_contents.extend([1] * 6)
     _fails(stub, mixed, bad, "raw_input_contents")
@@ -271,10 +289,12 @@ def test_bad_requests_get_clear_status_codes(stub, client):
     _fails(stub, short, bad, "needs 6 elements, got 5")
     fp16 = pb.ModelInferRequest(model_name="identity_fp16")
     fp16.inputs.add(name="x", datatype="FP16", shape=[1, 1]).contents.fp32_contents.append(1.0)
-    _fails(stub, fp16, bad, "raw")
+    with pytest.raises(InvalidRequest, match="raw"):  # no served model reads FP16: through the servicer's decoding
+        echo(fp16)
     wide = pb.ModelInferRequest(model_name="identity_int8")
     wide.inputs.add(name="x", datatype="INT8", shape=[1, 1]).contents.int_contents.append(300)
-    _fails(stub, wide, bad, "range of INT8")
+    with pytest.raises(InvalidRequest, match="range of INT8"):
+        echo(wide)
     unknown_output = _raw_request("encoder", "history", "INT64", [2, 3], ok_raw)
     unknown_output.outputs.add(name="scores")
     _fails(stub, unknown_output, bad, "no output 'scores'")
@@ -299,13 +319,17 @@ def test_statistics_count_what_ran(client, served):
     assert stats[0].inference_stats.success.count == host.get("encoder").stats.success_count
     assert stats[0].inference_stats.success.ns > 0 and stats[0].last_inference > 0
     assert any(b.batch_size == len(tokens) and b.compute_infer.count >= 1 for b in stats[0].batch_stats)
+    # real figures: preparing the batch's input tensors and splitting its outputs (engine/pipeline.py)
+    times = stats[0].inference_stats
+    assert times.compute_input.ns > 0 and times.compute_output.ns > 0 and times.compute_infer.ns > 0
+    assert times.compute_input.count == times.compute_output.count == times.success.count
     everything = client.get_inference_statistics().model_stats
     assert {s.name for s in everything} == {m.name for m in host.models()}
 
 
 def test_stream_infer_answers_every_request_with_its_id(client, served):
     host = served[1]
-    session = host.get("encoder").session
+    session = _session(host)
     rng = np.random.default_rng(3)
     batches = [_histories(host, rng) for _ in range(4)]
     answers: queue.Queue = queue.Queue()
@@ -327,19 +351,23 @@ def test_stream_infer_answers_every_request_with_its_id(client, served):
         np.testing.assert_array_equal(results[str(i)].as_numpy("query"), session.run(["query"], {"history": tokens})[0])
 
 
-def test_repository_index_load_and_unload(client, served):
+def test_repository_index_load_and_unload(client, stub, served):
     host = served[1]
     index = {m.name: m for m in client.get_model_repository_index().models}
     assert index["encoder"].state == "READY" and index["encoder"].version == host.get("encoder").version
     client.unload_model("encoder")
     try:
-        assert not client.is_model_ready("encoder") and not client.is_server_ready()
-        assert "encoder" not in {m.name for m in client.get_model_repository_index().models}
+        # the server keeps serving its other models; the unloaded one is listed UNAVAILABLE and refused
+        assert not client.is_model_ready("encoder") and client.is_server_ready()
+        index = {m.name: m for m in client.get_model_repository_index().models}
+        assert index["encoder"].state == "UNAVAILABLE" and index["pipeline"].state == "READY"
+        ready_only = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True)).models
+        assert "encoder" not in {m.name for m in ready_only} and "pipeline" in {m.name for m in ready_only}
         inp = tc.InferInput("history", [1, 1], "INT64")
         inp.set_data_from_numpy(np.ones((1, 1), dtype=np.int64))
         with pytest.raises(InferenceServerException) as err:
             client.infer("encoder", [inp])
-        assert _code(err.value) == "NOT_FOUND"
+        assert _code(err.value) == "UNAVAILABLE"
     finally:
         client.load_model("encoder")
     assert client.is_model_ready("encoder") and client.is_server_ready()

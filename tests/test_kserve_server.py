@@ -12,6 +12,7 @@ from tritonclient.utils import InferenceServerException
 
 from attnrec.engine.client import RecommenderClient
 from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.pipeline import encode
 from attnrec.engine.repository import newest_valid_version
 
 
@@ -33,7 +34,7 @@ def test_server_lists_the_models_and_their_batching(client, served):
     assert client.is_server_live() and client.is_server_ready()
     names = [m.name for m in client.get_model_repository_index().models]
     assert names == ["encoder", "ranker", "pipeline"]  # the fixture trains a ranker too
-    version = str(served.server.host.current.version)
+    version = str(served.server.models.slot.current.version)
     for name in names:
         assert client.is_model_ready(name) and client.is_model_ready(name, version)
         config = client.get_model_config(name).config
@@ -53,11 +54,11 @@ def test_encoder_infer_equals_the_onnx_session(client, trained_repo):
     inp = tc.InferInput("history", list(tokens.shape), "INT64")
     inp.set_data_from_numpy(tokens)
     got = client.infer("encoder", [inp], outputs=[tc.InferRequestedOutput("query")]).as_numpy("query")
-    np.testing.assert_allclose(got, session.run(tokens)["query"], atol=1e-5)
+    np.testing.assert_allclose(got, encode(session, tokens)["query"], atol=1e-5)
 
 
 def test_pipeline_infer_equals_recommend(client, served):
-    ids = served.server.host.current.pipeline.item_ids.astype(str)
+    ids = served.server.models.slot.current.compute.item_ids.astype(str)
     history = np.array([[ids[5].encode(), ids[11].encode(), ids[2].encode()]], dtype=object)
     inputs = [tc.InferInput("history", [1, 3], "BYTES"), tc.InferInput("k", [1, 1], "INT64")]
     inputs[0].set_data_from_numpy(history)

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from attnrec.engine.metrics import evaluate_full_ranking, hit_positions, topk_excluding
+from attnrec.export.ranking_metrics import evaluate_full_ranking, hit_positions, topk_excluding
 
 
 def test_topk_excludes_and_orders():

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from attnrec.engine.encoder import OnnxEncoder, pad_histories
+from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.pipeline import encode, encode_histories, pad_histories
 from attnrec.export.model import SASRec, SASRecConfig
 from attnrec.export.onnx_export import ParityError, check_parity, export_encoder
 
@@ -41,7 +42,7 @@ def test_onnx_export_matches_torch(tmp_path, tiny_model, small_split):
     assert set(report.by_length) >= {1, tiny_model.cfg.max_len}
     # the serving wrapper gives the same vectors as torch for unpadded, different-length histories
     enc = OnnxEncoder(path, tiny_model.cfg.max_len)
-    got = enc.encode_histories(real[:4])
+    got = encode_histories(enc, real[:4])
     with torch.no_grad():
         want = np.stack(
             [tiny_model(torch.tensor(np.array([h[-tiny_model.cfg.max_len :]])))[0].numpy() for h in real[:4]]
@@ -73,6 +74,6 @@ def test_export_with_hidden_states(tmp_path, tiny_model):
     report = check_parity(tiny_model, path)
     assert report.max_abs_diff <= 1e-4
     enc = OnnxEncoder(path, tiny_model.cfg.max_len)
-    out = enc.run(pad_histories([np.array([1, 2, 3])], tiny_model.cfg.max_len))
+    out = encode(enc, pad_histories([np.array([1, 2, 3])], tiny_model.cfg.max_len))
     assert out["hidden"].shape == (1, 3, tiny_model.cfg.dim)
     np.testing.assert_allclose(out["query"], out["hidden"][:, -1], atol=1e-6)

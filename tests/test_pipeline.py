@@ -7,10 +7,10 @@ import pytest
 
 from attnrec.engine.encoder import OnnxEncoder
 from attnrec.engine.index import load_index
-from attnrec.engine.metrics import topk_excluding
-from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.pipeline import Pipeline, encode_histories
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import newest_valid_version
+from attnrec.export.ranking_metrics import topk_excluding
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def test_recommend_is_exact_top_k_without_seen_and_excluded_items(pipeline):
     exclude = [np.array([], np.int64), rng.choice(pipeline.n_items, 3), np.array([0, 1]), np.array([], np.int64)]
     got = pipeline.recommend(histories, 10, exclude=exclude, rank=False)  # stage one alone
 
-    query = pipeline.encoder.encode_histories([h + 1 for h in histories])
+    query = encode_histories(pipeline.encoder, [h + 1 for h in histories])
     want = topk_excluding(query @ vectors.T, [np.union1d(h, e) for h, e in zip(histories, exclude)], 10)
     np.testing.assert_array_equal(got.rows, want)
     for i, h in enumerate(histories):

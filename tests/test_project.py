@@ -113,10 +113,19 @@ def test_wheel_holds_only_the_attnrec_package(tmp_path):
     """One distribution, one import name: nothing but attnrec/ at the wheel's top level."""
     import zipfile
 
-    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
-    result = subprocess.run([*pip, str(ROOT)], capture_output=True, text=True, timeout=300)
+    # From a copy of the tracked files: setuptools reuses a checkout's build/ folder, where a removed
+    # module would live on, and the wheel must show what a clean clone builds.
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    src = tmp_path / "src"
+    for rel in filter(None, tracked.decode().split("\0")):
+        if (ROOT / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, src / rel)
+    out = tmp_path / "dist"
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]
+    result = subprocess.run([*pip, str(src)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    (wheel,) = tmp_path.glob("attnrec-*.whl")
+    (wheel,) = out.glob("attnrec-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"attnrec"}, top

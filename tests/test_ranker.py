@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from attnrec.cli import main
-from attnrec.engine.encoder import OnnxEncoder, pad_histories
-from attnrec.engine.index import search
-from attnrec.engine.metrics import topk_excluding
-from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.pipeline import Pipeline, encode, pad_histories, score, search
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import newest_valid_version
 from attnrec.export.config import RankerConfig
@@ -20,6 +18,7 @@ from attnrec.export.onnx_export import ParityError
 from attnrec.export.ranker_export import check_ranker_parity, export_ranker
 from attnrec.export.ranker_model import RankerShape, TargetAttentionRanker
 from attnrec.export.ranker_train import eval_candidates, torch_encode, training_prefixes, training_samples
+from attnrec.export.ranking_metrics import topk_excluding
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +122,16 @@ def test_onnx_ranker_matches_torch_for_any_batch_length_and_candidate_count(tmp_
     hidden = tiny_model.hidden(torch.from_numpy(tokens)).detach().numpy()
     cands = np.array([[4, 8, 15, 16], [23, 42, 7, 0]])
     feeds = {"history": tokens, "hidden": hidden, "candidates": cands, "candidate_scores": np.ones((2, 4), np.float32)}
-    both = onnx.score(feeds)
+    both = score(onnx, feeds)
     alone_tokens = pad_histories([h[-5:]], 20)
-    alone = onnx.score(
+    alone = score(
+        onnx,
         {
             "history": alone_tokens,
             "hidden": tiny_model.hidden(torch.from_numpy(alone_tokens)).detach().numpy(),
             "candidates": cands[:1],
             "candidate_scores": np.ones((1, 4), np.float32),
-        }
+        },
     )
     np.testing.assert_allclose(both[0], alone[0], atol=1e-5)
     # a broken graph is caught
@@ -150,14 +150,14 @@ def _reference_rows(version_dir, manifest, es, n):
     for j in range(len(es)):
         hist = es.history(j)
         tokens = pad_histories([hist], manifest.model.max_len)
-        outs = enc.run(tokens)
+        outs = encode(enc, tokens)
         scores = outs["query"] @ items.T
         top = topk_excluding(scores.copy(), [hist - 1], n)[0]
         exact_top.append(top[:20])
         in_top_n.append(es.targets[j] - 1 in top)
         feeds = {"history": tokens, "hidden": outs.get("hidden"), "candidates": top[None] + 1}
         feeds["candidate_scores"] = scores[0, top][None].astype(np.float32)
-        ranked_top.append(top[np.argsort(-ranker.score(feeds)[0], kind="stable")][:20])
+        ranked_top.append(top[np.argsort(-score(ranker, feeds)[0], kind="stable")][:20])
     return np.array(exact_top), np.array(ranked_top), float(np.mean(in_top_n))
 
 

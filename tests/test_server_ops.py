@@ -44,13 +44,13 @@ def own_repo(trained_repo, tmp_path):
 def test_not_serving_until_warmed_up_then_reflection_lists_and_calls(own_repo):
     s = RunningServer(settings(own_repo), start=False)
     release = threading.Event()
-    real_start = s.server.host.start
+    real_start = s.server.loader.start
 
     async def slow_start():
         await asyncio.get_running_loop().run_in_executor(None, release.wait, 30)
         await real_start()
 
-    s.server.host.start = slow_start
+    s.server.loader.start = slow_start
     started = asyncio.run_coroutine_threadsafe(s.server.start(), s.loop)
     try:
         for _ in range(100):
@@ -122,7 +122,7 @@ def test_hot_swap_under_load_with_zero_failed_requests_and_broken_versions_refus
             time.sleep(0.5)
             clone_version(own_repo / "seq" / "1", own_repo)  # version 2, published atomically
             for _ in range(100):
-                if s.server.host.current.version == 2:
+                if s.server.models.slot.current.version == 2:
                     break
                 time.sleep(0.1)
             time.sleep(0.5)
@@ -140,7 +140,7 @@ def test_hot_swap_under_load_with_zero_failed_requests_and_broken_versions_refus
         finally:
             stop.set()
             load.join(30)
-        assert s.server.host.current.version == 2
+        assert s.server.models.slot.current.version == 2
     errors = [r for r in results if not isinstance(r, int)]
     assert not errors, errors[:3]
     versions = [r for r in results if isinstance(r, int)]

@@ -10,12 +10,12 @@ from serving import RunningServer, assert_same_ranking, clone_version, settings,
 
 from attnrec.engine.client import RecommenderClient, request
 from attnrec.engine.encoder import OnnxEncoder
-from attnrec.engine.metrics import topk_excluding
-from attnrec.engine.pipeline import Pipeline
+from attnrec.engine.errors import InvalidRequest
+from attnrec.engine.pipeline import Pipeline, encode, encode_histories, score
 from attnrec.engine.repository import newest_valid_version
 from attnrec.engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
-from attnrec.engine.served import InvalidRequest
 from attnrec.export.evaluate import load_item_ids, load_item_vectors
+from attnrec.export.ranking_metrics import topk_excluding
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_recommend_is_the_offline_evaluations_exact_top_k(served, reference):
             rows = rng.choice(len(ids), size=n, replace=False)
             excl = rng.choice(len(ids), size=2, replace=False)
             r = client.recommend(list(ids[rows]) + ["no-such-item"], 10, exclude=list(ids[excl]), timings=True)
-            query = enc.encode_histories([rows[-max_len:] + 1])
+            query = encode_histories(enc, [rows[-max_len:] + 1])
             want = topk_excluding(query @ vectors.T, [np.union1d(rows, excl)], 10)[0]  # whole history excluded
             assert r.items == list(ids[want])
             np.testing.assert_allclose(r.scores, (query @ vectors[want].T)[0], rtol=1e-5, atol=1e-5)
@@ -120,7 +120,7 @@ def test_model_info(served, reference):
 
 def test_encoder_and_pipeline_tensor_models(served, reference):
     enc, vectors, ids, manifest = reference
-    host = served.server.host
+    host = served.server.models
     assert [m.name for m in host.models()] == ["encoder", "pipeline"]  # no ranker in this version
     a = np.array([[0, 0, 5, 9, 2]], np.int64)  # left-padded
     b = np.array([[7, 1], [3, 4]], np.int64)
@@ -131,8 +131,8 @@ def test_encoder_and_pipeline_tensor_models(served, reference):
         )
 
     out_a, out_b = served.call(both())
-    np.testing.assert_allclose(out_a["query"], enc.run(a)["query"], atol=1e-5)
-    np.testing.assert_allclose(out_b["query"], enc.run(b)["query"], atol=1e-5)
+    np.testing.assert_allclose(out_a["query"], encode(enc, a)["query"], atol=1e-5)
+    np.testing.assert_allclose(out_b["query"], encode(enc, b)["query"], atol=1e-5)
     with pytest.raises(InvalidRequest, match="tokens must be in"):
         served.call(host.get("encoder").infer({"history": np.array([[len(ids) + 1]])}))
 
@@ -166,7 +166,7 @@ def test_ranker_version_is_served_through_the_ranker(trained_repo, tmp_path):
             plain = pipe.recommend([np.array(h)], 5, rank=False)
             reordered |= r.items != ids[plain.rows[0]].tolist()
         assert reordered  # the ranker really changed the answer
-        host = s.server.host
+        host = s.server.models
         assert [m.name for m in host.models()] == ["encoder", "ranker", "pipeline"]
         ranker = host.get("ranker")
         assert [t.name for t in ranker.inputs] == ["history", "candidates", "candidate_scores"]
@@ -185,5 +185,5 @@ def test_ranker_version_is_served_through_the_ranker(trained_repo, tmp_path):
             return await asyncio.gather(ranker.infer(feeds), ranker.infer(feeds2))
 
         got, got2 = s.call(both())
-        np.testing.assert_allclose(got["scores"], pipe.ranker.score(feeds), atol=1e-6)
-        np.testing.assert_allclose(got2["scores"], pipe.ranker.score(feeds2), atol=1e-6)
+        np.testing.assert_allclose(got["scores"], score(pipe.ranker, feeds), atol=1e-6)
+        np.testing.assert_allclose(got2["scores"], score(pipe.ranker, feeds2), atol=1e-6)

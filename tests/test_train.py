@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnrec.engine.metrics import evaluate_full_ranking
+from attnrec.export.ranking_metrics import evaluate_full_ranking
 from attnrec.export.train import TrainConfig, train, training_windows, validate
 
 FAST = dict(max_len=16, dim=16, n_blocks=1, n_heads=1, ffn_dim=32, batch_size=64, seed=5, threads=2)

@@ -1,7 +1,7 @@
 """Retrieval stage: exact inner-product search vs the IVF / HNSW family, at 10^4–10^6 items, dim 64 and 128.
 
 Indexes are built by attnrec.export.index_build.build_index (the MIPS→L2 reduction for approximate
-ones) and searched through attnrec.engine.index.ItemIndex, exactly as the server does. Per index and
+ones) and searched through attnrec.engine.pipeline.search_index, exactly as the server does. Per index and
 search setting: recall@N against exact search, single-query latency (p50/p99), batched
 latency (a batch of BATCH queries per call) and queries/s, build time, index bytes.
 """
@@ -72,6 +72,7 @@ def synthetic_vectors(n: int, dim: int, n_queries: int, seed: int) -> tuple[np.n
 def trained_vectors(version: Path, n_queries: int, settings: Settings) -> tuple[np.ndarray, np.ndarray, str]:
     """A repository version's item embeddings, and its encoder's queries for histories drawn by popularity."""
     from attnrec.engine.encoder import OnnxEncoder
+    from attnrec.engine.pipeline import encode_histories
     from attnrec.engine.repository import open_version
 
     manifest = open_version(version)
@@ -86,7 +87,7 @@ def trained_vectors(version: Path, n_queries: int, settings: Settings) -> tuple[
     rng = np.random.default_rng(settings.seed)
     length = min(50, manifest.model.max_len)
     rows = rng.choice(len(items), size=(n_queries, length), p=popularity / popularity.sum())
-    queries = np.concatenate([encoder.encode(rows[i : i + 256] + 1) for i in range(0, n_queries, 256)])
+    queries = np.concatenate([encode_histories(encoder, rows[i : i + 256] + 1) for i in range(0, n_queries, 256)])
     return np.ascontiguousarray(items), queries.astype(np.float32), f"trained ({manifest.name} v{manifest.version})"
 
 
@@ -111,6 +112,7 @@ def _index_bytes(index) -> int:
 def run(settings: Settings, section: Section) -> None:
     import faiss
 
+    from attnrec.engine.pipeline import search_index
     from attnrec.export.index_build import build_index, recall_at
 
     if settings.threads:
@@ -148,7 +150,7 @@ def run(settings: Settings, section: Section) -> None:
             size = _index_bytes(index.index)
             for params in sweep:
                 index.set_params(params)
-                _, found = index.search(queries, k)
+                _, found = search_index(index, queries, k)
                 if truth is None:  # the exact index comes first: its answers are the truth
                     truth = found
                 recall = recall_at(found, truth)
@@ -157,10 +159,12 @@ def run(settings: Settings, section: Section) -> None:
 
                 def single(index=index, it=it):  # a different query each call, cycling
                     i = next(it) % len(queries)
-                    return index.search(queries[i : i + 1], k)
+                    return search_index(index, queries[i : i + 1], k)
 
                 s = _single_thread(lambda: measure(single, settings.method))
-                b = measure(lambda index=index: index.search(batch, k), settings.method, items_per_call=len(batch))
+                b = measure(
+                    lambda index=index: search_index(index, batch, k), settings.method, items_per_call=len(batch)
+                )
                 if family == "exact" and "threads_check" not in section.data and faiss.omp_get_max_threads() > 1:
                     # Why single queries run on one thread: FAISS's OpenMP split of one query over
                     # the catalogue, measured here once, at the configured thread count.

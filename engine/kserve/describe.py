@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from ..model_interface import ModelStats, ServedModel, TensorSpec
 from ..rpc.inference import grpc_service_pb2 as pb
 from ..rpc.inference import model_config_pb2 as mc
-from ..served import ModelStats, ServedModel, TensorSpec
 from .tensors import CONFIG_DTYPES
 
 BACKENDS = {"onnxruntime_onnx": "onnxruntime"}  # Triton's backend name for each platform we serve
@@ -45,13 +45,11 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
         ],
     )
     config.parameters["version"].string_value = model.version
-    delay = getattr(model, "max_queue_delay_us", None)
-    if delay is not None:  # a dynamic batcher stands in front of this model
-        batching = config.dynamic_batching
-        batching.max_queue_delay_microseconds = int(delay)
-        batching.preferred_batch_size.extend(int(b) for b in getattr(model, "preferred_batch_sizes", ()) or ())
-        batching.preserve_ordering = False  # every request gets its own rows back, whatever the order
-        batching.default_queue_policy.max_queue_size = int(getattr(model, "max_queue_size", 0) or 0)
+    batching = config.dynamic_batching  # every served model has a dynamic batcher in front
+    batching.max_queue_delay_microseconds = int(model.max_queue_delay_us)
+    batching.preferred_batch_size.extend(int(b) for b in model.preferred_batch_sizes)
+    batching.preserve_ordering = False  # every request gets its own rows back, whatever the order
+    batching.default_queue_policy.max_queue_size = int(model.max_queue_size)
     return config
 
 

@@ -1,7 +1,8 @@
 """`inference.GRPCInferenceService`: the KServe V2 / Open Inference Protocol over gRPC, with
-Triton's model configuration, statistics and repository extensions, over a `ModelHost`.
+Triton's model configuration, statistics and repository extensions, over the server's
+`ModelRegistry` (engine/models.py) and, for load/unload, its `ModelLoader` (engine/loader.py).
 
-Thin by design: convert, call the host, convert back. Errors are ServingError subclasses
+Thin by design: convert, call the model, convert back. Errors are ServingError subclasses
 (the ErrorInterceptor turns them into status codes), except in ModelStreamInfer, where, as in
 Triton, a failed request answers in-band with `error_message` and the stream goes on.
 """
@@ -17,9 +18,12 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
+from ..errors import InvalidRequest, NotFound, ServingError, Unavailable
+from ..loader import ModelLoader
+from ..model_interface import ServedModel
+from ..models import ModelRegistry
 from ..rpc.inference import grpc_service_pb2 as pb
 from ..rpc.inference import grpc_service_pb2_grpc as pb_grpc
-from ..served import InvalidRequest, ModelHost, NotFound, ServedModel, ServingError, Unavailable
 from . import describe
 from .tensors import from_contents, from_raw, to_raw
 
@@ -128,8 +132,8 @@ def encode_response(
 
 
 class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, host: ModelHost, *, server_name: str = "attnrec") -> None:
-        self.host = host
+    def __init__(self, models: ModelRegistry, loader: ModelLoader, *, server_name: str = "attnrec") -> None:
+        self.models, self.loader = models, loader
         self.server_name = server_name
         self.server_version = _server_version()
 
@@ -137,11 +141,11 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):  # noqa: N802
-        return pb.ServerReadyResponse(ready=bool(self.host.ready))
+        return pb.ServerReadyResponse(ready=bool(self.models.ready))
 
     async def ModelReady(self, request, context):  # noqa: N802
         try:  # as in Triton: an unknown model (or version) is not ready, which is no error
-            return pb.ModelReadyResponse(ready=bool(self.host.get(request.name, request.version).ready))
+            return pb.ModelReadyResponse(ready=bool(self.models.get(request.name, request.version).ready))
         except NotFound:
             return pb.ModelReadyResponse(ready=False)
 
@@ -149,22 +153,22 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerMetadataResponse(name=self.server_name, version=self.server_version, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):  # noqa: N802
-        return describe.model_metadata(self.host.get(request.name, request.version))
+        return describe.model_metadata(self.models.get(request.name, request.version))
 
     async def ModelConfig(self, request, context):  # noqa: N802
-        return pb.ModelConfigResponse(config=describe.model_config(self.host.get(request.name, request.version)))
+        return pb.ModelConfigResponse(config=describe.model_config(self.models.get(request.name, request.version)))
 
     async def ModelStatistics(self, request, context):  # noqa: N802
         if request.name:
-            models = [self.host.get(request.name, request.version)]
+            models = [self.models.get(request.name, request.version)]
         else:
             if request.version:
                 raise InvalidRequest("a version needs a model name")
-            models = self.host.models()
+            models = self.models.models()
         return pb.ModelStatisticsResponse(model_stats=[describe.model_statistics(m) for m in models])
 
     async def infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        model = self.host.get(request.model_name, request.model_version)
+        model = self.models.get(request.model_name, request.model_version)
         if not model.ready:
             raise Unavailable(f"model '{model.name}' is not ready")
         sequence = _param(request.parameters["sequence_id"]) if "sequence_id" in request.parameters else None
@@ -224,7 +228,7 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def RepositoryIndex(self, request, context):  # noqa: N802
         entries = []
-        for model in self.host.models():
+        for model in self.models.models():
             ready = bool(model.ready)
             if request.ready and not ready:
                 continue
@@ -244,18 +248,18 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         unsupported = [k for k in request.parameters if k == "config" or k.startswith("file:")]
         if unsupported:
             raise InvalidRequest(f"load parameters {unsupported} are not supported: models come from the repository")
-        await self.host.load(request.model_name)
+        await self.loader.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(self, request, context):  # noqa: N802
         if not request.model_name:
             raise InvalidRequest("model_name is empty")
-        await self.host.unload(request.model_name)
+        await self.loader.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
-def add_to_server(server: grpc.aio.Server, host: ModelHost) -> KServeServicer:
-    """Serve `inference.GRPCInferenceService` for `host` on `server`; returns the servicer."""
-    servicer = KServeServicer(host)
+def add_to_server(server: grpc.aio.Server, models: ModelRegistry, loader: ModelLoader) -> KServeServicer:
+    """Serve `inference.GRPCInferenceService` for `models` on `server`; returns the servicer."""
+    servicer = KServeServicer(models, loader)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     return servicer

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 
-from ..served import InvalidRequest
+from ..errors import InvalidRequest
 
 # V2 datatype → numpy dtype (little-endian on the wire); BYTES elements are Python bytes objects.
 DTYPES: dict[str, np.dtype] = {

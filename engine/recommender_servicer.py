@@ -1,4 +1,5 @@
-"""`attnrec.v1.Recommender`: the domain API. Thin: convert, call the pipeline model, convert back."""
+"""`attnrec.v1.Recommender`: the domain API. Thin: convert, call the whole-path model
+(engine/models.py `RecommendModel`), convert back. ReloadModel asks the loader."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import time
 
 import grpc
 
-from .host import Host
+from .errors import ServingError, Unavailable
+from .loader import ModelLoader
+from .models import Answer, ModelRegistry
 from .rpc.attnrec.v1 import recommender_pb2 as pb
 from .rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
-from .served import ServingError, Unavailable
-from .served_models import Answer
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
@@ -23,9 +24,12 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     return None if left is None else time.monotonic() + left
 
 
-class RecommenderService(pb_grpc.RecommenderServicer):
-    def __init__(self, host: Host, *, stream_window: int = 64) -> None:
-        self.host, self.stream_window = host, stream_window
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    def __init__(self, models: ModelRegistry, loader: ModelLoader, *, stream_window: int = 64) -> None:
+        self.models, self.loader, self.stream_window = models, loader, stream_window
+        self.recommender = models.recommend  # the whole-path model
+        # prometheus_client's child, observed directly (no hand-written call per request)
+        self.total_seconds = models.telemetry.stage_seconds.labels("pipeline", "total")
 
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendReply:
         return await self._recommend(request, deadline_of(context))
@@ -58,13 +62,13 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         return self._info()
 
     async def ReloadModel(self, request: pb.ReloadModelRequest, context) -> pb.ModelInfo:
-        await self.host.reload(force=True)
+        await self.loader.reload(force=True)
         return self._info()
 
     # ── conversions ───────────────────────────────────────────────────────────────────────
     async def _recommend(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
         start = time.perf_counter()
-        answer = await self.host.pipeline.recommend(
+        answer = await self.recommender.recommend(
             request.history, request.k, exclude=request.exclude, n_candidates=request.n_candidates, deadline=deadline
         )
         return self._reply(request, answer, start)
@@ -80,7 +84,7 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         reply = pb.RecommendReply(
             items=a.items,
             scores=a.scores.tolist(),
-            model=self.host.name,
+            model=self.models.name,
             model_version=a.version,
             unknown_items=a.unknown_items,
             popularity_fallback=a.popularity_fallback,
@@ -99,14 +103,14 @@ class RecommenderService(pb_grpc.RecommenderServicer):
                     batch_size=int(t["batch_size"]),
                 )
             )
-        self.host.telemetry.observe_stage("pipeline", "total", time.perf_counter() - start)
+        self.total_seconds.observe(time.perf_counter() - start)
         return reply
 
     def _info(self) -> pb.ModelInfo:
-        v = self.host.current
+        v = self.models.slot.current
         if v is None:
-            raise Unavailable(f"model {self.host.name!r} is not loaded yet")
-        p, m = v.pipeline, v.pipeline.manifest
+            raise Unavailable(f"model {self.models.name!r} is not loaded yet")
+        p, m = v.compute, v.compute.manifest
         return pb.ModelInfo(
             model=m.name,
             version=m.version,
@@ -123,5 +127,6 @@ class RecommenderService(pb_grpc.RecommenderServicer):
         )
 
 
-def add_to(server: grpc.aio.Server, host: Host, stream_window: int = 64) -> None:
-    pb_grpc.add_RecommenderServicer_to_server(RecommenderService(host, stream_window=stream_window), server)
+def add_to(server: grpc.aio.Server, models: ModelRegistry, loader: ModelLoader, stream_window: int = 64) -> None:
+    servicer = RecommenderServicer(models, loader, stream_window=stream_window)
+    pb_grpc.add_RecommenderServicer_to_server(servicer, server)

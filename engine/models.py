@@ -1,4 +1,10 @@
-"""The three `ServedModel`s of a host: tensors in, tensors out, each through its own batcher.
+"""The models the servicers call: validation, external id ↔ row mapping, version pinning.
+
+`ModelRegistry` holds the three `ServedModel`s of one repository model (engine/model_interface.py),
+each in front of its own batcher whose run function is engine/pipeline.py's; they read the
+version to serve from a `VersionSlot` that the loader (engine/loader.py) writes. Nothing here
+calls the loader, so a request goes servicer → this file → engine/batcher.py → engine/pipeline.py.
+KServe names (a wire contract):
 
     encoder   history INT64 (B, L) tokens (row + 1, left-padded with 0)
               → query FP32 (B, D) [+ hidden FP32 (B, L, D) when the encoder exports it]
@@ -15,26 +21,50 @@
                 popularity_fallback BOOL (B, 1): no known history item, popular items answered
 
 Each row of a request is one batch row; rows of different requests are padded to the longest
-in the batch (histories on the left, candidates on the right) and cut back for the reply.
+in the batch (histories on the left, candidates on the right) and cut back for the reply, by
+engine/pipeline.py's run functions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from concurrent.futures import Executor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .batcher import Batcher, BatchSettings
-from .encoder import pad_histories
-from .served import InvalidRequest, ModelStats, TensorSpec, Unavailable
+from .errors import InvalidRequest, NotFound, Unavailable
+from .model_interface import ModelStats, ServedModel, TensorSpec
+from .pipeline import Pipeline, run_encoder, run_ranker, run_recommend
+from .telemetry import Telemetry
 
-if TYPE_CHECKING:
-    from .host import Host, LoadedVersion
-    from .telemetry import Telemetry
+
+@dataclass(eq=False)  # compared by identity: the batcher groups requests by version
+class LoadedVersion:
+    """A loaded, warmed-up version and its external-id maps (engine/loader.py makes them)."""
+
+    compute: Pipeline  # the version's sessions and index
+    # Copied from `compute` at load: fields, so that a request reads them without a call into
+    # engine/pipeline.py (its path reaches that file once, through the batcher).
+    version: int
+    n_items: int
+    max_len: int
+    item_keys: np.ndarray  # (n_items,) object: the external id of each row, as str
+    rows_by_key: dict[str, int]
+    id_type: str  # "int64" or "string"
+
+
+class VersionSlot:
+    """What the loader writes and the models read: the version serving, the models unloaded through
+    KServe's repository API, and whether the server is draining. Plain attributes, no calls."""
+
+    def __init__(self) -> None:
+        self.current: LoadedVersion | None = None
+        self.unloaded: set[str] = set()
+        self.draining = False
+
 
 DEFAULT_K = 10
 
@@ -42,40 +72,38 @@ DEFAULT_K = 10
 class _Model:
     name = ""
     platform = "onnxruntime_onnx"
+    run: Callable  # the batcher's run function: engine/pipeline.py's, never a method here
 
-    def __init__(self, host: "Host", batching: BatchSettings, executor: Executor, telemetry: "Telemetry") -> None:
-        self.host, self.telemetry = host, telemetry
+    def __init__(self, slot: VersionSlot, batching: BatchSettings, executor: ThreadPoolExecutor, telemetry: Telemetry):
+        self.slot = slot
         self.max_batch_size = batching.max_batch_size
-        # What ModelConfig's dynamic_batching reports (engine/served.py: BatcherSettings).
+        # What ModelConfig's dynamic_batching reports.
         self.max_queue_delay_us = batching.max_queue_delay_us
         self.max_queue_size = batching.max_queue_size
         self.preferred_batch_sizes: tuple[int, ...] = ()
         self._stats = ModelStats()
-        observe = lambda rows, queue_s: telemetry.observe_batch(self.name, rows, queue_s)  # noqa: E731
-        self.batcher = Batcher(self.name, self._run, batching, executor, self._stats, observe)
+        self.batcher = Batcher(self.name, self.run, batching, executor, self._stats, telemetry)
 
     @property
     def version(self) -> str:
-        v = self.host.current
+        v = self.slot.current
         return str(v.version) if v else ""
 
     @property
     def ready(self) -> bool:
-        return self.host.is_loaded(self.name) and not self.host.draining
+        slot = self.slot
+        return slot.current is not None and self.name not in slot.unloaded and not slot.draining
 
     @property
     def stats(self) -> ModelStats:
         return self._stats
 
-    def _pinned(self) -> "LoadedVersion":
+    def _pinned(self) -> LoadedVersion:
         """The version a new request runs on (kept for the whole request)."""
-        v = self.host.current
-        if v is None or not self.host.is_loaded(self.name):
+        v = self.slot.current
+        if v is None or self.name in self.slot.unloaded:
             raise Unavailable(f"model {self.name!r} is not loaded")
         return v
-
-    def _run(self, version: Any, items: Sequence[Any]) -> list[Any]:
-        raise NotImplementedError
 
     @staticmethod
     def _filter(out: dict[str, np.ndarray], wanted: list[str] | None, model: str) -> dict[str, np.ndarray]:
@@ -96,14 +124,15 @@ def _int_tensor(inputs: dict[str, np.ndarray], name: str, model: str, ndim: int)
     return x.astype(np.int64, copy=False)
 
 
-def _check_tokens(tokens: np.ndarray, name: str, v: "LoadedVersion", model: str) -> None:
-    if tokens.size and (tokens.min() < 0 or tokens.max() > v.pipeline.n_items):
-        raise InvalidRequest(f"{model}: {name!r} tokens must be in 0..{v.pipeline.n_items} (row + 1; 0 = padding)")
+def _check_tokens(tokens: np.ndarray, name: str, v: LoadedVersion, model: str) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() > v.n_items):
+        raise InvalidRequest(f"{model}: {name!r} tokens must be in 0..{v.n_items} (row + 1; 0 = padding)")
 
 
 # ── encoder ───────────────────────────────────────────────────────────────────────────────────
 class EncoderModel(_Model):
     name = "encoder"
+    run = staticmethod(run_encoder)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -111,10 +140,10 @@ class EncoderModel(_Model):
 
     @property
     def outputs(self) -> list[TensorSpec]:
-        v = self.host.current
-        dim = v.pipeline.manifest.model.dim if v else -1
+        v = self.slot.current
+        dim = v.compute.manifest.model.dim if v else -1
         specs = [TensorSpec("query", "FP32", (-1, dim))]
-        if v is not None and "hidden" in v.pipeline.encoder.output_names:
+        if v is not None and "hidden" in v.compute.encoder.output_names:
             specs.append(TensorSpec("hidden", "FP32", (-1, -1, dim)))
         return specs
 
@@ -123,33 +152,11 @@ class EncoderModel(_Model):
     ) -> dict[str, np.ndarray]:
         v = self._pinned()
         tokens = _int_tensor(inputs, "history", self.name, 2)
-        if tokens.shape[1] > v.pipeline.max_len:
-            raise InvalidRequest(
-                f"encoder: history has {tokens.shape[1]} columns, the model reads at most {v.pipeline.max_len}"
-            )
+        if tokens.shape[1] > v.max_len:
+            raise InvalidRequest(f"encoder: history has {tokens.shape[1]} columns, the model reads at most {v.max_len}")
         _check_tokens(tokens, "history", v, self.name)
-        done = await self.batcher.submit(tokens, group=v, rows=len(tokens), deadline=deadline)
+        done = await self.batcher.submit(tokens, group=v.compute, rows=len(tokens), deadline=deadline)
         return self._filter(done.value, outputs, self.name)
-
-    def _run(self, v: "LoadedVersion", items: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
-        t0 = time.perf_counter()
-        rows = [r[r != 0] for tokens in items for r in tokens]  # re-padded to the batch's longest
-        outs = v.pipeline.encoder.run(pad_histories(rows, v.pipeline.max_len))
-        self.telemetry.observe_stage(self.name, "encoder", time.perf_counter() - t0)
-        results, start = [], 0
-        for tokens in items:
-            b, length = tokens.shape
-            part = {"query": outs["query"][start : start + b]}
-            if "hidden" in outs:
-                hidden = (
-                    outs["hidden"][start : start + b, -length:] if length else outs["hidden"][start : start + b, :0]
-                )
-                if hidden.shape[1] < length:  # the batch was shorter than this request's padding
-                    hidden = np.pad(hidden, ((0, 0), (length - hidden.shape[1], 0), (0, 0)))
-                part["hidden"] = hidden
-            results.append(part)
-            start += b
-        return results
 
 
 # ── ranker ────────────────────────────────────────────────────────────────────────────────────
@@ -163,16 +170,17 @@ _RANKER_SPECS = {
 
 class RankerModel(_Model):
     name = "ranker"
+    run = staticmethod(run_ranker)
 
-    def _ranker(self, v: "LoadedVersion | None"):
-        if v is None or v.pipeline.ranker is None:
+    def _ranker(self, v: LoadedVersion | None):
+        if v is None or v.compute.ranker is None:
             raise Unavailable("the version serving has no ranker")
-        return v.pipeline.ranker
+        return v.compute.ranker
 
     @property
     def inputs(self) -> list[TensorSpec]:
-        v = self.host.current
-        return [_RANKER_SPECS[n] for n in self._ranker(v).input_names] if v and v.pipeline.ranker else []
+        v = self.slot.current
+        return [_RANKER_SPECS[n] for n in self._ranker(v).input_names] if v and v.compute.ranker else []
 
     @property
     def outputs(self) -> list[TensorSpec]:
@@ -207,30 +215,8 @@ class RankerModel(_Model):
             raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
         if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
             raise InvalidRequest("ranker: hidden must have as many positions as history")
-        done = await self.batcher.submit(feeds, group=v, rows=b.pop(), deadline=deadline)
+        done = await self.batcher.submit(feeds, group=v.compute, rows=b.pop(), deadline=deadline)
         return self._filter({"scores": done.value}, outputs, self.name)
-
-    def _run(self, v: "LoadedVersion", items: Sequence[dict[str, np.ndarray]]) -> list[np.ndarray]:
-        t0 = time.perf_counter()
-        names = list(items[0])
-        feeds = {}
-        for name in names:
-            parts = [it[name] for it in items]
-            if name in ("history", "hidden"):  # left-padded: pad on the left to the longest
-                width = max(p.shape[1] for p in parts)
-                parts = [np.pad(p, [(0, 0), (width - p.shape[1], 0)] + [(0, 0)] * (p.ndim - 2)) for p in parts]
-            else:  # candidate slots: pad on the right with empty slots (token 0, score 0)
-                width = max(p.shape[1] for p in parts)
-                parts = [np.pad(p, ((0, 0), (0, width - p.shape[1]))) for p in parts]
-            feeds[name] = np.concatenate(parts)
-        scores = self._ranker(v).score(feeds)
-        self.telemetry.observe_stage(self.name, "ranker", time.perf_counter() - t0)
-        results, start = [], 0
-        for it in items:
-            b, n = it["candidates"].shape
-            results.append(scores[start : start + b, :n])
-            start += b
-        return results
 
 
 # ── pipeline ──────────────────────────────────────────────────────────────────────────────────
@@ -254,9 +240,12 @@ class Answer:
     timings: dict[str, float] = field(default_factory=dict)  # seconds; batch_size as a count
 
 
-class PipelineModel(_Model):
+class RecommendModel(_Model):
+    """The whole request path, served as KServe model `pipeline` and behind Recommend."""
+
     name = "pipeline"
     platform = "attnrec_pipeline"
+    run = staticmethod(run_recommend)
 
     def __init__(self, *args: Any, max_k: int) -> None:
         super().__init__(*args)
@@ -299,10 +288,10 @@ class PipelineModel(_Model):
         found = [lookup.get(x) for x in history]
         rows = np.array([r for r in found if r is not None], dtype=np.int64)
         excl = np.array([r for r in (lookup.get(x) for x in exclude) if r is not None], dtype=np.int64)
-        p = v.pipeline
+        p = v.compute
         # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
         n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(_Query(rows, excl, k), group=(v, n), deadline=deadline)
+        done = await self.batcher.submit(_Query(rows, excl, k), group=(p, n), deadline=deadline)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
         return Answer(
@@ -311,19 +300,9 @@ class PipelineModel(_Model):
             version=v.version,
             unknown_items=len(found) - len(rows),
             popularity_fallback=len(rows) == 0,
-            truncated_items=max(0, len(rows) - p.max_len),
+            truncated_items=max(0, len(rows) - v.max_len),
             timings={**timings, "queue": done.queue_s, "batch_size": done.batch_size},
         )
-
-    def _run(self, group: tuple["LoadedVersion", int], items: Sequence[_Query]) -> list[tuple]:
-        v, n = group
-        recs = v.pipeline.recommend(
-            [q.rows for q in items], max(q.k for q in items), exclude=[q.exclude for q in items], n_candidates=n or None
-        )
-        for stage in ("encoder", "search", "ranker"):
-            if recs.timings.get(stage):
-                self.telemetry.observe_stage(self.name, stage, recs.timings[stage])
-        return [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]
 
     async def infer(
         self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
@@ -376,3 +355,46 @@ def _per_row(inputs: dict[str, np.ndarray], name: str, b: int, default: int) -> 
     if x.dtype.kind not in "iu" or x.size != b:
         raise InvalidRequest(f"pipeline: input {name!r} must be INT64 with one value per row ({b}), got {x.shape}")
     return x.reshape(b).astype(np.int64)
+
+
+class ModelRegistry:
+    """The served models of one repository model, by KServe name, over one version slot; the
+    KServe servicer's `get`/`models`/`ready`. Loading is engine/loader.py's (it writes `slot`)."""
+
+    def __init__(
+        self, name: str, *, batching: BatchSettings = BatchSettings(), max_k: int = 1000, telemetry: Telemetry
+    ) -> None:
+        self.name, self.batching, self.telemetry = name, batching, telemetry
+        self.slot = VersionSlot()
+        # Batches of the three models may run at once; one more thread loads new versions.
+        self.executor = ThreadPoolExecutor(max_workers=3 * batching.instances + 1, thread_name_prefix="attnrec")
+        args = (self.slot, batching, self.executor, telemetry)
+        self.encoder = EncoderModel(*args)
+        self.ranker = RankerModel(*args)
+        self.recommend = RecommendModel(*args, max_k=max_k)
+        self._models: dict[str, _Model] = {m.name: m for m in (self.encoder, self.ranker, self.recommend)}
+
+    @property
+    def ready(self) -> bool:
+        """Loaded and warmed up, and not draining."""
+        return self.slot.current is not None and not self.slot.draining
+
+    def models(self) -> list[ServedModel]:
+        v = self.slot.current
+        return [m for m in self._models.values() if m is not self.ranker or (v is not None and v.compute.ranker)]
+
+    def get(self, name: str, version: str = "") -> ServedModel:
+        """The model, or NotFound; a non-empty `version` must be the one serving."""
+        model = self._models.get(name)
+        v = self.slot.current
+        if model is None or (model is self.ranker and v is not None and v.compute.ranker is None):
+            known = ", ".join(m.name for m in self.models())
+            raise NotFound(f"no model {name!r} on this server (it serves: {known})")
+        if version and v is not None and version != str(v.version):
+            raise NotFound(f"model {name!r} version {version} is not serving (version {v.version} is)")
+        return model
+
+    async def close(self) -> None:
+        for m in self._models.values():
+            await m.batcher.close()
+        self.executor.shutdown(wait=False, cancel_futures=True)
