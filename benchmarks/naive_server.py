@@ -86,9 +86,13 @@ async def serve(version_dir: Path, port: int, torch_weights: Path | None, thread
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnrec.benchmarks.naive_server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--version-dir", type=Path, required=True)
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--torch-weights", type=Path)
+    p.add_argument("--version-dir", type=Path, required=True, help="the version to serve (its index and ids)")
+    p.add_argument("--port", type=int, required=True, help="port to listen on, on 127.0.0.1")
+    p.add_argument(
+        "--torch-weights",
+        type=Path,
+        help="the suite's sasrec.pt (config and weights) for the torch encoder (default: from encoder.onnx)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args(argv)
     asyncio.run(serve(args.version_dir, args.port, args.torch_weights, args.threads))

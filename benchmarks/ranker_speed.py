@@ -24,12 +24,12 @@ from attnrec.engine.timing import median_ms
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("version_dir", type=Path)
+    p.add_argument("version_dir", type=Path, help="a repository version with a ranker: REPO_DIR/MODEL_NAME/VERSION")
     p.add_argument("--length", type=int, default=200, help="history length (default: 200)")
     p.add_argument("--candidates", type=int, default=200, help="candidates per user (default: 200)")
     p.add_argument("--batches", default="1,64", help="comma-separated batch sizes (default: 1,64)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
-    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=200, help="timed calls per batch size (default: 200)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .peer.mlserver import free_port
+from .peer.mlserver import free_port, log_tail
 
 
 @dataclass
@@ -31,10 +31,7 @@ class ServerProcess:
         return self.process.pid
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.process.poll() is not None:

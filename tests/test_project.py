@@ -173,3 +173,24 @@ def test_every_engine_module_imports_without_torch_or_the_offline_half():
 def test_the_import_block_catches_a_module_that_needs_torch():
     result = _import_all_in_fresh_interpreter("attnrec.export", ("torch",))
     assert result.returncode != 0 and "torch is not installed on a serving host" in result.stderr
+
+
+def _arguments_without_help(source: str) -> list[str]:
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
+            if not any(k.arg == "help" for k in node.keywords) and not any(k.arg is None for k in node.keywords):
+                found.append(f"line {node.lineno}: {ast.unparse(node)[:80]}")
+    return found
+
+
+def test_every_command_line_flag_in_the_package_has_help():
+    """Beyond `attnrec`'s own parser (tests/test_cli.py): the scripts run as `python -m attnrec.…` too."""
+    missing = []
+    for half in ("attnrec", "engine", "export", "benchmarks"):
+        for path in (ROOT / half).rglob("*.py"):
+            missing += [f"{path.relative_to(ROOT)} {m}" for m in _arguments_without_help(path.read_text())]
+    assert missing == []
+    assert _arguments_without_help("p.add_argument('--port', type=int)\np.add_argument('-x', help='y')") == [
+        "line 1: p.add_argument('--port', type=int)"
+    ]

@@ -70,6 +70,14 @@ def ensure_venv(venv: Path = DEFAULT_VENV, *, log=print) -> Path:
     return venv
 
 
+def log_tail(path: Path, n: int = 30) -> str:
+    """The last n lines of a server's log ("" when there is none yet): what an error message shows."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -169,10 +177,7 @@ class MLServer:
         raise TimeoutError(f"MLServer not ready after {timeout_s:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
+        return log_tail(self.log_path, n)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         if self.process is None or self.process.poll() is not None:
