@@ -1,4 +1,4 @@
-"""Evaluating a model version from the repository under DESIGN.md's protocol (no torch).
+"""Evaluating a model version from the repository under the quality protocol of docs/architecture.md (no torch).
 
 What is measured is what is served: the version's ONNX encoder, FAISS index and ranker, seen
 items excluded. Three rows on the same users: (a) `exact`, full ranking of the catalogue by

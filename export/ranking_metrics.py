@@ -1,4 +1,4 @@
-"""Full-ranking top-k and the metrics of DESIGN.md's protocol, over numpy arrays.
+"""Full-ranking top-k and the metrics of the quality protocol (docs/architecture.md), over numpy arrays.
 
 Every item the user interacted with before the target is excluded from the ranking. If the
 target itself is a repeat of an earlier item it is therefore excluded too and counts as a miss:

@@ -122,7 +122,7 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class LeaveOneOut:
-    """DESIGN.md's protocol: per user, the last item is test, the one before validation.
+    """The quality protocol (docs/architecture.md): per user, the last item is test, the one before validation.
 
     Training sees each user's sequence without its last two items. Users with fewer than
     three interactions cannot give both targets: all their items go to training and they are
