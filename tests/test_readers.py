@@ -187,6 +187,23 @@ def test_sasrec_text(tmp_path):
     assert_log(read_interactions(path), [1, 1, 2], [5, 6, 5], [0, 1, 2])
 
 
+def test_s3rec_user_sequences(tmp_path):
+    """One line per user, items oldest first: each line becomes that user's interactions in order."""
+    path = write(tmp_path, "Toys_and_Games.txt", "1 5 6 7\n2\t5  9\n10 3\n")
+    assert detect_format(path) == "s3rec"
+    assert_log(read_interactions(path), [1, 1, 1, 2, 2, 10], [5, 6, 7, 5, 9, 3], [0, 1, 2, 3, 4, 5])
+    # string ids stay strings
+    path = write(tmp_path, "names.txt", "u1 a b\nu2 c\n")
+    assert_log(read_interactions(path, "s3rec"), ["u1", "u1", "u2"], ["a", "b", "c"], [0, 1, 2])
+
+
+def test_s3rec_detected_from_any_of_the_first_lines(tmp_path):
+    # a first user with a single item looks like `user item`; a later longer line decides
+    path = write(tmp_path, "x.txt", "1 5\n2 5 6\n")
+    assert detect_format(path) == "s3rec"
+    assert len(read_interactions(path)) == 3
+
+
 @pytest.mark.parametrize(
     "name, fmt",
     [
@@ -248,6 +265,8 @@ INTER = "user_id:token\titem_id:token\ttimestamp:float\n"
         ("x.inter", "auto", "user_id\titem_id\n1\t2\n", 1, "has no ':type'"),
         ("s.txt", "sasrec", "1 2\n3 4\n5 6 7\n", 3, "expected 2 fields"),
         ("s.txt", "sasrec", "1 2\n\n3\n", 3, "expected 2 fields (user item), found 1"),
+        ("t.txt", "s3rec", "1 2 3\n2 5 6 7\n\n3\n", 4, "expected a user and at least one item, found 1 fields"),
+        ("t.txt", "auto", "1 2 3\n2 5 6 7\n1 8 9\n", 3, "user '1' already has a line (line 1)"),
     ],
 )
 def test_malformed_rows_name_file_and_line(tmp_path, name, fmt, text, line, what):

@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..data.readers import FORMATS
+
 log = logging.getLogger(__name__)
 
 
@@ -14,7 +16,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("data")
     src = g.add_mutually_exclusive_group(required=required)
     src.add_argument(
-        "--data", type=Path, help="interaction log: CSV, TSV, Parquet, MovieLens, RecBole .inter or SASRec text"
+        "--data",
+        type=Path,
+        help="interaction log: CSV, TSV, Parquet, MovieLens, RecBole .inter, SASRec or S3-Rec text",
     )
     src.add_argument(
         "--dataset",
@@ -24,8 +28,9 @@ def add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument(
         "--format",
         default="auto",
-        choices=["auto", "csv", "tsv", "parquet", "movielens", "recbole", "sasrec"],
-        help="input format (default: detected from the file name and content)",
+        choices=FORMATS,
+        help="input format (default: detected from the file name and content; s3rec = one `user item item …` "
+        "line per user, the layout of S3-Rec, CL4SRec, ICLRec and DuoRec)",
     )
     g.add_argument("--user-col", help="user id column (default: detected, e.g. user_id / userId)")
     g.add_argument("--item-col", help="item id column (default: detected, e.g. item_id / movieId)")

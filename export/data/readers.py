@@ -1,4 +1,4 @@
-"""Read interaction logs from CSV, TSV, Parquet, MovieLens, RecBole `.inter` and SASRec text files.
+"""Read interaction logs from CSV, TSV, Parquet, MovieLens, RecBole `.inter`, SASRec and S3-Rec text files.
 
 Every reader returns an `InteractionLog` or fails with a `DataError` that names the file, the
 1-based line (or Parquet row) and what was wrong: a malformed row is never dropped silently.
@@ -24,7 +24,7 @@ from .log import DataError, InteractionLog
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "csv", "tsv", "parquet", "movielens", "recbole", "sasrec")
+FORMATS = ("auto", "csv", "tsv", "parquet", "movielens", "recbole", "sasrec", "s3rec")
 
 # Column names tried, in order, when the caller names none. Matched exactly, then ignoring case.
 USER_NAMES = ("user_id", "userId", "user", "uid")
@@ -68,7 +68,7 @@ def read_interactions(
     if fmt == "movielens":
         return _read_movielens(path, **cols)
     _no_columns(fmt, cols)
-    return _read_sasrec(path)
+    return _read_sasrec(path) if fmt == "sasrec" else _read_user_sequences(path)
 
 
 def detect_format(path: Path) -> str:
@@ -80,8 +80,12 @@ def detect_format(path: Path) -> str:
     by_suffix = {".parquet": "parquet", ".pq": "parquet", ".inter": "recbole", ".csv": "csv", ".tsv": "tsv"}
     if suffix in by_suffix:
         return by_suffix[suffix]
-    if suffix == ".txt" and _looks_like_sasrec(path):
-        return "sasrec"
+    if suffix == ".txt":
+        first = _first_lines(path, _SNIFF_LINES)
+        if any(len(line.split()) > 2 for line in first):
+            return "s3rec"
+        if _looks_like_sasrec(first):
+            return "sasrec"
     raise DataError(
         f"{path}: cannot tell the format from the name or content; pass fmt= one of {', '.join(FORMATS[1:])}"
     )
@@ -171,6 +175,42 @@ def _read_sasrec(path) -> InteractionLog:
         raise DataError(f"{path}: {where(i)}: expected 2 fields (user item), found {found}")
     user, item = pc.list_element(parts, 0), pc.list_element(parts, 1)
     return _to_log(path, user, item, None, where)
+
+
+def _read_user_sequences(path) -> InteractionLog:
+    """`user item item …` per line (one user per line, items oldest first): the layout of the
+    S3-Rec, CL4SRec, ICLRec and DuoRec repositories' data files."""
+    table = _read_delimited(path, "\x1f", ["line"])
+    line_where = _line_locator(path, header_rows=0)
+    parts = pc.utf8_split_whitespace(pc.utf8_trim_whitespace(table["line"].combine_chunks()))
+    counts = pc.list_value_length(parts).to_numpy(zero_copy_only=False)
+    short = np.flatnonzero(counts < 2)
+    if len(short):
+        at = int(short[0])
+        raise DataError(f"{path}: {line_where(at)}: expected a user and at least one item, found {counts[at]} fields")
+    users = pc.list_element(parts, 0).to_numpy(zero_copy_only=False)
+    dup = _first_repeat(users)
+    if dup is not None:
+        first, again = dup
+        raise DataError(
+            f"{path}: {line_where(again)}: user {users[again]!r} already has a line ({line_where(first)}); "
+            "this format holds one line per user"
+        )
+    n_items = counts - 1
+    line_of = np.repeat(np.arange(len(counts)), n_items)  # the line of each interaction, for messages
+    user = pa.array(np.repeat(users, n_items), type=pa.string())
+    item = pc.list_flatten(pc.list_slice(parts, 1))
+    return _to_log(path, user, item, None, lambda i: line_where(int(line_of[i])))
+
+
+def _first_repeat(values: np.ndarray) -> tuple[int, int] | None:
+    """(first index, index of its first repeat) of the earliest repeated value, or None."""
+    _, first_at, inverse = np.unique(values, return_index=True, return_inverse=True)
+    repeated = np.flatnonzero(first_at[inverse] != np.arange(len(values)))
+    if not len(repeated):
+        return None
+    again = int(repeated[0])
+    return int(first_at[inverse[again]]), again
 
 
 def _read_parquet(path, *, user_col, item_col, time_col) -> InteractionLog:
@@ -435,9 +475,11 @@ def _movielens_layout(path: Path) -> str:
     raise DataError(f"{path}: line 1: not a MovieLens ratings file (u.data, ratings.dat or ratings.csv)")
 
 
-def _looks_like_sasrec(path: Path) -> bool:
+_SNIFF_LINES = 20  # a `.txt` file's first lines that decide between sasrec and s3rec
+
+
+def _looks_like_sasrec(first: list[str]) -> bool:
     # The first line decides; a later malformed line is then reported by the reader, with its number.
-    first = _first_lines(path, 1)
     return bool(first) and re.fullmatch(r"\s*\d+\s+\d+\s*", first[0]) is not None
 
 
