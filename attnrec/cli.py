@@ -44,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "attnrec.benchmarks.cli",
         "benchmark suite: per-stage latency and throughput as JSON, Markdown and PNG (see README)",
     ),
+    "quality": (
+        "attnrec.benchmarks.quality",
+        "train and evaluate on datasets over seeds; write quality-<date>.md beside published numbers",
+    ),
     "download": (
         "attnrec.export.cli.data",
         "download a public dataset into the cache and print the ratings file's path",

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 class ModelShape:
     """The encoder's architecture: the one declaration that SASRecConfig and TrainConfig (its flags) share."""
 
-    max_len: int = 200
+    max_len: int = 0  # 0: chosen from the data when training (export/train.py choose_max_len)
     dim: int = 64
     n_blocks: int = 2
     n_heads: int = 1
@@ -21,13 +21,19 @@ class ModelShape:
 class SASRecConfig(ModelShape):
     n_items: int = field(kw_only=True)  # catalogue size; tokens are 1..n_items, 0 is padding
 
+    def __post_init__(self) -> None:
+        if self.max_len < 1:
+            raise ValueError(
+                f"a model reads at least one item (max_len {self.max_len}); train chooses it from the data"
+            )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 @dataclass
 class TrainConfig(ModelShape):
-    loss: str = "ce"  # "ce" (full softmax) or "sampled"
+    loss: str = "auto"  # "ce" (full softmax), "sampled", or "auto": ce up to CE_MAX_ITEMS items, else sampled
     mask_seen: bool = True  # ce: items already in the history are no candidates in the softmax
     n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
     lr: float = 1e-3
@@ -39,6 +45,7 @@ class TrainConfig(ModelShape):
     val_users: int = 10000  # validation users sampled for early stopping (all if fewer)
     time_budget_s: float = 0.0  # stop after this much training time (0: no limit)
     threads: int = 0  # torch CPU threads (0: torch's default)
+    device: str = "auto"  # "cpu", "cuda", or "auto" (cuda when torch sees one); bf16 autocast on cuda
     seed: int = 0
 
     def model_config(self, n_items: int) -> SASRecConfig:

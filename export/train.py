@@ -8,8 +8,9 @@ correction, which keeps the estimate of the full softmax unbiased in expectation
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,9 +29,20 @@ from .ranking_metrics import evaluate_full_ranking
 log = logging.getLogger(__name__)
 
 
+# Full softmax up to this catalogue size with loss="auto": beyond it a batch's (positions × items)
+# logits and their gradient cost more memory than sampled negatives lose in quality.
+CE_MAX_ITEMS = 100_000
+# max_len=0: the 99th percentile of training history lengths, rounded up to a multiple of 10, within these.
+MAX_LEN_RANGE = (10, 200)
+# Batches are cut from pools of this many batches' windows sorted by length: batches of similar
+# lengths pad little, and the pools (and the batch order) are shuffled every epoch.
+LENGTH_POOL_BATCHES = 50
+
+
 @dataclass
 class TrainResult:
     model: SASRec
+    config: TrainConfig  # with what was chosen from the data (max_len, loss, device) filled in
     best_epoch: int
     best_valid_ndcg10: float
     epochs_run: int
@@ -57,6 +69,64 @@ def training_windows(split: LeaveOneOut, max_len: int) -> tuple[np.ndarray, np.n
     return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
+def choose_max_len(split: LeaveOneOut) -> int:
+    """A high percentile of the training histories' lengths: long enough for nearly every user,
+    without positions that almost no sequence reaches."""
+    lengths = split.train_lengths()
+    p99 = float(np.percentile(lengths[lengths > 0], 99)) if (lengths > 0).any() else MAX_LEN_RANGE[0]
+    return int(np.clip(int(np.ceil(p99 / 10.0)) * 10, *MAX_LEN_RANGE))
+
+
+def resolve_config(cfg: TrainConfig, split: LeaveOneOut) -> TrainConfig:
+    """Fill in the settings left to the data (max_len 0, loss and device "auto") and log the choices."""
+    changes = {}
+    if cfg.max_len == 0:
+        lengths = split.train_lengths()
+        changes["max_len"] = choose_max_len(split)
+        log.info(
+            "max_len %d, from the data: training histories of %.1f items on average, 99th percentile %.0f "
+            "(rounded up to a multiple of 10, within %d..%d; --max-len sets it)",
+            changes["max_len"],
+            lengths[lengths > 0].mean(),
+            np.percentile(lengths[lengths > 0], 99),
+            *MAX_LEN_RANGE,
+        )
+    if cfg.loss == "auto":
+        n_items = split.data.n_items
+        changes["loss"] = "ce" if n_items <= CE_MAX_ITEMS else "sampled"
+        log.info(
+            "loss %s for a catalogue of %d items (full softmax up to %d; --loss sets it)",
+            changes["loss"],
+            n_items,
+            CE_MAX_ITEMS,
+        )
+    if cfg.device == "auto":
+        changes["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    elif cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    elif cfg.device != "cpu" and cfg.device != "cuda":
+        raise ValueError(f"unknown device {cfg.device!r} (cpu, cuda or auto)")
+    if cfg.loss not in ("auto", "ce", "sampled"):
+        raise ValueError(f"unknown loss {cfg.loss!r} (ce, sampled or auto)")
+    return dataclasses.replace(cfg, **changes)
+
+
+def length_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of window indices: shuffled, then sorted by length within pools of
+    LENGTH_POOL_BATCHES batches, cut into batches, and the batches shuffled again.
+
+    A batch is padded to its longest window, so similar lengths in one batch cost what the data
+    holds, not max_len for every window."""
+    order = rng.permutation(len(lengths))
+    pool = batch_size * LENGTH_POOL_BATCHES
+    batches = []
+    for s in range(0, len(order), pool):
+        chunk = order[s : s + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def _batch_tokens(items: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> torch.Tensor:
     """(B, W) left-padded token windows, W = the longest window in the batch."""
     width = int((ends - starts).max())
@@ -74,32 +144,40 @@ def _loss(model: SASRec, window: torch.Tensor, cfg: TrainConfig, neg_logq: tuple
     if cfg.loss == "ce":
         logits = h @ model.item_vectors().T  # (N, I)
         if cfg.mask_seen:
-            logits = logits.masked_fill(_seen_before(inputs, targets, keep, logits.shape[1]), float("-inf"))
-        return F.cross_entropy(logits, targets - 1)
+            rows, cols = seen_positions(inputs, targets, keep)
+            logits = logits.index_put(
+                (rows, cols), torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+            )
+        return F.cross_entropy(logits.float(), targets - 1)
     negatives, logq = neg_logq  # (S,) rows, (I,) log sampling probability per row
     # Lookups through the embedding module keep the item table's gradient sparse.
     pos = (h * model.item_emb(targets)).sum(-1) - logq[targets - 1]  # (N,)
     neg = h @ model.item_emb(negatives + 1).T - logq[negatives]  # (N, S)
     neg = neg.masked_fill(negatives.unsqueeze(0) == (targets - 1).unsqueeze(1), float("-inf"))
-    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)
-    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long))
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1).float()
+    return F.cross_entropy(logits, torch.zeros(len(pos), dtype=torch.long, device=logits.device))
 
 
-def _seen_before(inputs: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, n_items: int) -> torch.Tensor:
-    """(N, I) mask of the items each kept position has already seen in its window, target excepted.
+def seen_positions(
+    inputs: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, item rows) of the logits to mask: for each kept position n (row n of the (N, I)
+    logits), the items its window has shown up to and including that position, target excepted.
 
     Evaluation never ranks seen items, so training does not spend the softmax on them either.
+    Built from the (N, L) prefixes of real positions only, never a (B, L, I) mask: the cost follows
+    the histories' lengths, not the catalogue.
     """
-    b, t = inputs.shape
-    pos = torch.arange(t).expand(b, t)
-    # first[b, i]: first position of item row i in window b (t when absent)
-    first = torch.full((b, n_items + 1), t, dtype=torch.long)
-    first.scatter_reduce_(1, inputs, pos, reduce="amin")
-    first = first[:, 1:]  # drop padding
-    seen = first.unsqueeze(1) <= pos.unsqueeze(2)  # (B, L, I)
-    seen = seen[keep]  # (N, I)
-    seen[torch.arange(len(targets)), targets - 1] = False
-    return seen
+    b_of, p_of = keep.nonzero(as_tuple=True)  # (N,) window and position of each kept position
+    prefix = inputs[b_of]  # (N, L) tokens of that position's window
+    upto = torch.arange(inputs.shape[1], device=inputs.device).unsqueeze(0) <= p_of.unsqueeze(1)
+    seen = upto & (prefix > 0) & (prefix != targets.unsqueeze(1))
+    rows, at = seen.nonzero(as_tuple=True)
+    return rows, prefix[rows, at] - 1
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -112,7 +190,7 @@ def query_vectors(model: SASRec, histories: list[np.ndarray], batch_size: int = 
     out = []
     for s in range(0, len(histories), batch_size):
         tokens = torch.from_numpy(pad_histories(histories[s : s + batch_size], model.cfg.max_len))
-        out.append(model(tokens).numpy())
+        out.append(model(tokens.to(_device_of(model))).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), dtype=np.float32)
 
@@ -122,7 +200,7 @@ def validate(
 ) -> dict:
     es = split.valid if which == "valid" else split.test
     hist = [es.history(j) for j in users]
-    items = model.item_vectors().detach().numpy()
+    items = model.item_vectors().detach().float().cpu().numpy()
     return evaluate_full_ranking(lambda h: query_vectors(model, h), items, hist, es.targets[users], popularity)
 
 
@@ -170,13 +248,15 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def train(
     split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = None, resume: bool = False, progress: bool = True
 ) -> TrainResult:
+    cfg = resolve_config(cfg, split)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     n_items = split.data.n_items
     sparse = cfg.loss == "sampled"
-    model = SASRec(cfg.model_config(n_items), sparse_items=sparse)
+    device = torch.device(cfg.device)
+    model = SASRec(cfg.model_config(n_items), sparse_items=sparse).to(device)
     opt = _Optimizer(model, cfg, sparse)
     # The averaged copy (when on) is what is validated, checkpointed as best and exported.
     ema = (
@@ -199,16 +279,14 @@ def train(
         p = (popularity + 1.0) ** 0.75
         p /= p.sum()
         neg_cdf = np.cumsum(p)
-        logq = torch.from_numpy(np.log(p * cfg.n_negatives)).float()
-    elif cfg.loss != "ce":
-        raise ValueError(f"unknown loss {cfg.loss!r} (ce or sampled)")
+        logq = torch.from_numpy(np.log(p * cfg.n_negatives)).float().to(device)
 
     epoch, best, best_epoch, bad, history = 0, -1.0, 0, 0, []
     best_state = None
     if resume and checkpoint and checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        # Budgets may change on resume; anything that shapes the model or the data order may not.
-        budget = {"epochs", "patience", "time_budget_s", "threads"}
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
+        # Budgets (and where it runs) may change on resume; anything that shapes the model or the data order may not.
+        budget = {"epochs", "patience", "time_budget_s", "threads", "device"}
         changed = sorted(k for k, v in asdict(cfg).items() if k not in budget and state["train_config"].get(k) != v)
         if changed:
             raise ValueError(
@@ -227,7 +305,12 @@ def train(
         log.info("resumed from %s at epoch %d (best NDCG@10 %.4f at epoch %d)", checkpoint, epoch, best, best_epoch)
 
     t0 = time.perf_counter()
-    n_batches = math.ceil(len(starts) / cfg.batch_size)
+    lengths = ends - starts
+    n_batches = len(length_batches(lengths, cfg.batch_size, np.random.default_rng(0)))
+    # bf16 autocast on a GPU (the matmuls in bf16, the loss in float32); float32 on the CPU.
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -240,19 +323,19 @@ def train(
         b_task = bar.add_task("batches", total=n_batches, status="")
         while epoch < cfg.epochs and bad < cfg.patience:
             model.train()
-            order = rng.permutation(len(starts))
+            batches = length_batches(lengths, cfg.batch_size, rng)
             bar.reset(b_task, total=n_batches)
             total, last_log = 0.0, time.perf_counter()
-            for b in range(n_batches):
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                window = _batch_tokens(split.data.items, starts[idx], ends[idx])
+            for b, idx in enumerate(batches):
+                window = _batch_tokens(split.data.items, starts[idx], ends[idx]).to(device)
                 neg = None
                 if cfg.loss == "sampled":
                     # Inverse-CDF sampling: O(S log I) per batch, where multinomial would be O(I).
                     draws = np.searchsorted(neg_cdf, rng.random(cfg.n_negatives) * neg_cdf[-1])
-                    negatives = torch.from_numpy(np.minimum(draws, n_items - 1))
+                    negatives = torch.from_numpy(np.minimum(draws, n_items - 1)).to(device)
                     neg = (negatives, logq)
-                loss = _loss(model, window, cfg, neg)
+                with autocast():
+                    loss = _loss(model, window, cfg, neg)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -272,7 +355,7 @@ def train(
             )
             if ndcg > best:
                 best, best_epoch, bad = ndcg, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in evaluated.state_dict().items()}
+                best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
             else:
                 bad += 1
             bar.update(ep_task, advance=1, status=f"valid NDCG@10 {ndcg:.4f} (best {best:.4f} @ {best_epoch})")
@@ -307,6 +390,7 @@ def train(
             if cfg.time_budget_s and time.perf_counter() - t0 > cfg.time_budget_s:
                 log.info("time budget of %.0fs reached after epoch %d", cfg.time_budget_s, epoch)
                 break
+    model = model.cpu()  # what export and publishing read
     model.load_state_dict(best_state)
     model.eval()
-    return TrainResult(model, best_epoch, best, epoch, time.perf_counter() - t0, history)
+    return TrainResult(model, cfg, best_epoch, best, epoch, time.perf_counter() - t0, history)

@@ -64,19 +64,86 @@ def test_sampled_softmax_trains(small_split):
     assert res.best_valid_ndcg10 > 0
 
 
-def test_seen_mask_hides_earlier_items_of_the_window_but_never_the_target():
-    from attnrec.export.train import _seen_before
+def _dense_seen(inputs, targets, keep, n_items):
+    """(N, I) mask from the (rows, items) pairs that training masks."""
+    from attnrec.export.train import seen_positions
 
+    seen = torch.zeros(int(keep.sum()), n_items, dtype=torch.bool)
+    rows, cols = seen_positions(inputs, targets, keep)
+    seen[rows, cols] = True
+    return seen
+
+
+def _reference_seen(inputs, targets, keep, n_items):
+    """The (B, L, I) construction training used before: every item seen up to each position."""
+    b, t = inputs.shape
+    pos = torch.arange(t).expand(b, t)
+    first = torch.full((b, n_items + 1), t, dtype=torch.long)
+    first.scatter_reduce_(1, inputs, pos, reduce="amin")
+    seen = (first[:, 1:].unsqueeze(1) <= pos.unsqueeze(2))[keep]
+    seen[torch.arange(len(targets)), targets - 1] = False
+    return seen
+
+
+def test_seen_mask_hides_earlier_items_of_the_window_but_never_the_target():
     inputs = torch.tensor([[0, 2, 3, 2]])  # tokens; 0 = padding
     targets = torch.tensor([[2, 3, 2, 4]])  # next tokens; position 0 (input pad) is not trained
     keep = (inputs > 0) & (targets > 0)
-    seen = _seen_before(inputs, targets[keep].reshape(1, -1)[0], keep, n_items=4)
+    seen = _dense_seen(inputs, targets[keep], keep, n_items=4)
     # rows: positions 1..3; columns: catalogue rows (token - 1)
     assert seen.tolist() == [
         [False, True, False, False],  # saw 2; target 3 is new
         [False, False, True, False],  # saw 2, 3 → but target 2 (a repeat) stays a candidate
         [False, True, True, False],  # saw 2, 3; target 4
     ]
+
+
+def test_seen_mask_matches_the_dense_construction_on_random_windows():
+    g = torch.Generator().manual_seed(0)
+    for n_items, b, t in ((7, 5, 9), (40, 16, 30), (3, 4, 12)):
+        inputs = torch.randint(1, n_items + 1, (b, t), generator=g)
+        inputs[:, : t // 3] *= torch.rand(b, t // 3, generator=g) < 0.3  # left padding, some real items
+        inputs = torch.where(torch.cumsum(inputs > 0, dim=1) > 0, inputs, 0)  # padding only on the left
+        targets = torch.cat([inputs[:, 1:], torch.randint(1, n_items + 1, (b, 1), generator=g)], dim=1)
+        keep = (inputs > 0) & (targets > 0)
+        want = _reference_seen(inputs, targets[keep], keep, n_items)
+        assert torch.equal(_dense_seen(inputs, targets[keep], keep, n_items), want)
+        assert want.any()  # the case exercises masking at all
+
+
+def test_length_batches_cover_every_window_once_and_group_similar_lengths():
+    from attnrec.export import train as t
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 200, size=10_000)
+    batches = t.length_batches(lengths, 64, np.random.default_rng(1))
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert max(len(b) for b in batches) == 64
+    # padding to each batch's longest window: far less than random batches pay
+    padded = sum(len(b) * lengths[b].max() for b in batches)
+    order = rng.permutation(len(lengths))
+    random_padded = sum(64 * lengths[order[i : i + 64]].max() for i in range(0, len(order), 64))
+    assert padded < 0.6 * random_padded
+    # a new epoch, a new order
+    again = t.length_batches(lengths, 64, np.random.default_rng(2))
+    assert not np.array_equal(flat, np.concatenate(again))
+
+
+def test_max_len_and_loss_are_chosen_from_the_data(small_split):
+    from attnrec.export.train import CE_MAX_ITEMS, choose_max_len, resolve_config
+
+    lengths = small_split.train_lengths()
+    p99 = np.percentile(lengths[lengths > 0], 99)
+    chosen = choose_max_len(small_split)
+    assert chosen == min(200, max(10, int(np.ceil(p99 / 10)) * 10))
+    cfg = resolve_config(TrainConfig(), small_split)
+    assert cfg.max_len == chosen and cfg.loss == "ce" and cfg.device == "cpu"
+    assert small_split.data.n_items <= CE_MAX_ITEMS
+    assert resolve_config(TrainConfig(max_len=33, loss="sampled"), small_split).max_len == 33
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_config(TrainConfig(device="cuda"), small_split)
 
 
 def test_ema_weights_are_the_ones_returned(small_split):

@@ -13,13 +13,15 @@ from .export import add_publish_args, add_ranker_args, add_repo_args, publish_ve
 log = logging.getLogger(__name__)
 
 _TRAIN_HELP = {
-    "max_len": "longest history the model reads (older items are dropped)",
+    "max_len": "longest history the model reads (older items are dropped); 0: the 99th percentile of the "
+    "training histories' lengths, rounded up to a multiple of 10, within 10..200 (logged)",
     "dim": "embedding and hidden size",
     "n_blocks": "transformer blocks",
     "n_heads": "attention heads",
     "ffn_dim": "feed-forward inner size",
     "dropout": "dropout rate",
-    "loss": "ce: full softmax over the catalogue; sampled: shared sampled negatives (huge catalogues)",
+    "loss": "ce: full softmax over the catalogue; sampled: shared sampled negatives (huge catalogues); "
+    "auto: ce up to 100,000 items, else sampled",
     "mask_seen": "with --loss ce, leave items already in the history out of the softmax, as evaluation does",
     "n_negatives": "negatives per batch for --loss sampled",
     "lr": "AdamW learning rate",
@@ -31,6 +33,7 @@ _TRAIN_HELP = {
     "val_users": "validation users sampled for early stopping (all when fewer)",
     "time_budget_s": "stop training after this many seconds (0: no limit)",
     "threads": "torch CPU threads (0: torch's default)",
+    "device": "where to train: cpu, cuda (bf16 autocast), or auto (cuda when torch sees a GPU)",
     "seed": "random seed (data order, initialisation, sampling)",
 }
 
@@ -46,7 +49,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             kw = {"action": argparse.BooleanOptionalAction}
         else:
-            kw = {"type": kind, **({"choices": ["ce", "sampled"]} if f.name == "loss" else {})}
+            choices = {"loss": ["auto", "ce", "sampled"], "device": ["auto", "cpu", "cuda"]}.get(f.name)
+            kw = {"type": kind, **({"choices": choices} if choices else {})}
         g.add_argument(
             "--" + f.name.replace("_", "-"), default=default, help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw
         )
@@ -76,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result.seconds,
     )
     training = TrainingSection(
-        config=asdict(cfg),
+        config=asdict(result.config),  # with what was chosen from the data
         best_epoch=result.best_epoch,
         epochs_run=result.epochs_run,
         train_seconds=result.seconds,
