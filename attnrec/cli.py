@@ -37,7 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "query": ("attnrec.engine.cli", "ask a running server for one user's recommendations (or its model info)"),
     "demo": (
         "attnrec.export.cli.train",
-        "synthetic data → train → evaluate → export → example recommendations (~2 min)",
+        "synthetic data → train → evaluate → export → example recommendations (~80 s)",
     ),
     "synth": ("attnrec.export.cli.data", "write a synthetic interaction log (Parquet) with sequential structure"),
     "bench": (
