@@ -306,7 +306,11 @@ def train(
 
     t0 = time.perf_counter()
     lengths = ends - starts
-    n_batches = len(length_batches(lengths, cfg.batch_size, np.random.default_rng(0)))
+    n_batches = (
+        len(length_batches(lengths, cfg.batch_size, np.random.default_rng(0)))
+        if cfg.length_batches
+        else -(-len(starts) // cfg.batch_size)
+    )
     # bf16 autocast on a GPU (the matmuls in bf16, the loss in float32); float32 on the CPU.
     autocast = (
         (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
@@ -323,7 +327,11 @@ def train(
         b_task = bar.add_task("batches", total=n_batches, status="")
         while epoch < cfg.epochs and bad < cfg.patience:
             model.train()
-            batches = length_batches(lengths, cfg.batch_size, rng)
+            if cfg.length_batches:
+                batches = length_batches(lengths, cfg.batch_size, rng)
+            else:
+                order = rng.permutation(len(starts))
+                batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             bar.reset(b_task, total=n_batches)
             total, last_log = 0.0, time.perf_counter()
             for b, idx in enumerate(batches):

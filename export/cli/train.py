@@ -33,6 +33,7 @@ _TRAIN_HELP = {
     "val_users": "validation users sampled for early stopping (all when fewer)",
     "time_budget_s": "stop training after this many seconds (0: no limit)",
     "threads": "torch CPU threads (0: torch's default)",
+    "length_batches": "group windows of similar length into batches (less padding; changes the data order)",
     "device": "where to train: cpu, cuda (bf16 autocast), or auto (cuda when torch sees a GPU)",
     "seed": "random seed (data order, initialisation, sampling)",
 }
