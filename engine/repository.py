@@ -6,6 +6,7 @@ Layout::
                             encoder.onnx      history tokens -> query vector [+ hidden states]
                             ranker.onnx       (optional) history x candidates -> scores
                             item_embeddings.npy, items.faiss, item_ids.json, item_popularity.npy
+                            features/         (optional) side features of items and users
 
 Catalogue rows 0..n_items-1 index every per-item file; the encoder's input token of row r is
 r + 1 (token 0 is padding). A version is written in a hidden staging folder and renamed into
@@ -16,6 +17,7 @@ The manifest's schema is the frozen dataclasses below; this module alone turns t
 back, so everyone else reads typed attributes (`manifest.model.dim`, `manifest.ranker is None`).
 Its `schema_version` is "MAJOR.MINOR": a reader refuses another major version, ignores the keys a
 newer minor version added, and upgrades schema 1 (the untyped manifests of earlier releases).
+Schema 2.1 added the optional `features` section (a 2.0 reader ignores it, and the features with it).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from typing import Any, Iterator, Union
 
 log = logging.getLogger(__name__)
 
-SCHEMA_MAJOR, SCHEMA_MINOR = 2, 0
+SCHEMA_MAJOR, SCHEMA_MINOR = 2, 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 MANIFEST = "manifest.json"
 _STAGING_PREFIX = ".staging-"
@@ -260,6 +262,63 @@ class DataSection(_Section):
 
 
 @dataclass(frozen=True)
+class FeatureColumnSection(_Section):
+    """One encoded column of a side-feature file (attnrec.engine.features holds the arrays)."""
+
+    name: str  # as the source file names it
+    role: str  # "categorical", "multi" (several values per row), "numeric" (quantile buckets) or "text"
+    values: FileEntry  # codes: int32 .npy (rows, width), 0 = unknown/padding; text: JSON list of rows strings
+    vocab: FileEntry | None = None  # codes: JSON list, code -> value ([0] = "" is the unknown)
+    width: int = 1  # codes per row (multi: the most values one row has)
+    n_codes: int = 0  # codes run 0..n_codes-1 (an embedding table's size); 0 for text
+    min_count: int | None = None  # categorical: values on fewer rows than this became unknown
+    rare_values: int = 0  # distinct values that did
+    edges: tuple[float, ...] = ()  # numeric: a value's code is 1 + the number of edges <= it
+    missing: int = 0  # rows found in the file with no value here
+
+
+@dataclass(frozen=True)
+class FeatureTableSection(_Section):
+    """A side-feature file encoded against the version's rows: array row r + 1 is catalogue row r
+    (the encoder's token) or training user r; row 0 is the unknown/padding row."""
+
+    kind: str  # "item" or "user"
+    source: str  # the file as given
+    source_sha256: str  # of that file when it was read
+    format: str  # recbole, csv, tsv or parquet
+    id_column: str
+    rows: int  # array rows: 1 + catalogue items (or users)
+    matched: int  # ids of the interactions found in the file
+    unknown: int  # ids of the interactions not in the file (their row holds unknown values)
+    unused: int  # file rows whose id is not in the interactions
+    columns: tuple[FeatureColumnSection, ...]
+    ids: FileEntry | None = None  # user tables: JSON list of the external id (str) of rows 1..
+
+
+@dataclass(frozen=True)
+class FeaturesSection(_Section):
+    """Side features stored with the version, so serving and offline retrieval read the same values."""
+
+    item: FeatureTableSection | None = None
+    user: FeatureTableSection | None = None
+
+    def tables(self) -> tuple[FeatureTableSection, ...]:
+        return tuple(t for t in (self.item, self.user) if t is not None)
+
+    def roles(self) -> dict[str, FileEntry]:
+        """A name per file (`features.item.genre.values`, ...) → its entry, for verification and copies."""
+        out = {}
+        for table in self.tables():
+            if table.ids is not None:
+                out[f"features.{table.kind}.ids"] = table.ids
+            for col in table.columns:
+                out[f"features.{table.kind}.{col.name}.values"] = col.values
+                if col.vocab is not None:
+                    out[f"features.{table.kind}.{col.name}.vocab"] = col.vocab
+        return out
+
+
+@dataclass(frozen=True)
 class Manifest(_Section):
     """What a version holds."""
 
@@ -274,11 +333,16 @@ class Manifest(_Section):
     metrics: MetricsSection | None = None
     training: TrainingSection | None = None
     data: DataSection | None = None
+    features: FeaturesSection | None = None  # schema 2.1
     schema_version: str = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         if (self.files.ranker is None) != (self.ranker is None):
             raise ValueError("a ranker file needs a ranker section and a ranker section a ranker file")
+
+    def all_files(self) -> dict[str, FileEntry]:
+        """Every file of the version with its checksum: the roles of `files`, then the feature files."""
+        return {**self.files.roles(), **(self.features.roles() if self.features is not None else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -440,7 +504,7 @@ def open_version(path: Path | str, *, verify: bool = True) -> Manifest:
         raise ArtifactError(f"{mpath}: not valid JSON ({exc})") from exc
     manifest = Manifest.from_dict(raw, str(mpath))
     if verify:
-        for role, entry in manifest.files.roles().items():
+        for role, entry in manifest.all_files().items():
             fpath = path / entry.path
             if not fpath.is_file():
                 raise ArtifactError(f"{path}: {role} file {entry.path} is missing")
@@ -523,6 +587,7 @@ class VersionWriter:
         metrics: MetricsSection | None = None,
         training: TrainingSection | None = None,
         data: DataSection | None = None,
+        features: FeaturesSection | None = None,  # its entries written by attnrec.engine.features
     ) -> Path:
         entries = {}
         for role, rel in files.items():
@@ -530,6 +595,9 @@ class VersionWriter:
             with open(fpath, "rb") as f:
                 os.fsync(f.fileno())
             entries[role] = FileEntry(path=rel, sha256=sha256_file(fpath), bytes=fpath.stat().st_size)
+        for entry in (features.roles() if features is not None else {}).values():
+            with open(self.path / entry.path, "rb") as f:
+                os.fsync(f.fileno())
         # Try successive numbers: a concurrent writer may publish the same one first.
         for _ in range(1000):
             version = (list_versions(self.root.parent, self.name) or [0])[-1] + 1
@@ -545,6 +613,7 @@ class VersionWriter:
                 metrics=metrics,
                 training=training,
                 data=data,
+                features=features,
             )
             tmp = self.path / (MANIFEST + ".tmp")
             tmp.write_text(manifest.to_json())
@@ -573,7 +642,9 @@ def copy_version(
     manifest = open_version(src)
     with VersionWriter(repo, name) as w:
         files = {role: e.path for role, e in manifest.files.roles().items() if role != "ranker"}
-        for rel in files.values():
+        feature_files = manifest.features.roles() if manifest.features is not None else {}
+        for rel in [*files.values(), *(e.path for e in feature_files.values())]:
+            (w.path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src / rel, w.path / rel)
         if ranker_file is not None:
             shutil.copy(ranker_file, w.path / "ranker.onnx")
@@ -587,6 +658,7 @@ def copy_version(
             metrics=manifest.metrics,
             training=manifest.training,
             data=manifest.data,
+            features=manifest.features,
         )
 
 

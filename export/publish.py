@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from attnrec.engine.encoder import OnnxEncoder
+from attnrec.engine.features import FeatureTables, write_features
 from attnrec.engine.pipeline import Pipeline, encode, encode_histories
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import (
@@ -64,14 +65,20 @@ def publish(
     ranker: RankerConfig | None = None,
     seed: int = 0,
     progress: bool = True,
+    features: FeatureTables | None = None,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
     """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
-    the encoder also outputs its hidden states, which that ranker reads). `training` gets the
-    library versions added. Returns the version folder, its manifest and the evaluation report."""
+    the encoder also outputs its hidden states, which that ranker reads). `features`: side-feature
+    tables encoded against `split` (attnrec.export.data.features), stored in the version. `training`
+    gets the library versions added. Returns the version folder, its manifest and the evaluation report."""
     model = model.eval()
     cfg = model.cfg
     rng = np.random.default_rng(seed)
     with_hidden = with_hidden or (ranker is not None and ranker.keys == "hidden")
+    features = features or FeatureTables()
+    for table, rows in ((features.item, split.data.n_items), (features.user, split.data.n_users)):
+        if table is not None and table.rows != rows + 1:
+            raise ValueError(f"{table.kind} features have {table.rows} rows, this split {rows} + 1: encode them on it")
     with VersionWriter(repo, name) as w:
         enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
         sample = rng.choice(len(split.valid), min(64, len(split.valid)), replace=False)
@@ -142,6 +149,7 @@ def publish(
             seed=seed,
             progress=progress,
         )
+        features_section = write_features(w.path, features)
         version_dir = w.commit(
             files=files,
             model=ModelSection(type="sasrec", **cfg.to_dict()),
@@ -191,6 +199,7 @@ def publish(
                 python=platform.python_version(),
             ),
             data=data,
+            features=features_section,
         )
     return version_dir, open_version(version_dir), metrics
 

@@ -234,7 +234,7 @@ def test_a_malformed_section_is_refused_with_its_place(edit, where):
 
 # Manifest sections are dataclasses: read `manifest.index.params`, never by a string key, directly or
 # through a name bound to a section (`idx = manifest.index` then `idx[...]`).
-_SECTIONS = "model|index|ranker|metrics|training|data|encoder|files"
+_SECTIONS = "model|index|ranker|metrics|training|data|encoder|files|features"
 _STRING_KEY_READ = re.compile(rf"(\w+)\.({_SECTIONS})\s*(\[|\.get\()")
 _ALIAS = re.compile(rf"^\s*(\w+)\s*=\s*[\w.]*(?:\([^()]*\))?\.({_SECTIONS})\s*$", re.M)
 _NOT_A_MANIFEST = {"section", "server", "s"}  # report sections (benchmarks/report.py), test_download's fake server

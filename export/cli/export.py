@@ -82,8 +82,9 @@ def add_repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, metavar="MODEL_NAME", help="model name inside the repository")
 
 
-def publish_version(model, split, info, args, training) -> dict:
-    """Export, evaluate and publish `model` as a new version (with a ranker unless --no-ranker); print its report."""
+def publish_version(model, split, info, args, training, features=None) -> dict:
+    """Export, evaluate and publish `model` as a new version (with a ranker unless --no-ranker, with the
+    side-feature tables `features` if given); print its report."""
     from ..evaluate import print_report
     from ..publish import publish
 
@@ -102,6 +103,7 @@ def publish_version(model, split, info, args, training) -> dict:
         ranker=_ranker_config(args, args.seed, args.threads),
         seed=args.seed,
         progress=not args.quiet,
+        features=features,
     )
     print_report(metrics)
     idx = manifest.index

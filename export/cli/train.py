@@ -63,12 +63,68 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
 
 
+def _add_feature_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("side features (stored in the version with checksums, for the ranker)")
+    g.add_argument(
+        "--item-features",
+        type=Path,
+        metavar="FILE",
+        help="item side features, one row per item id: RecBole .item, CSV, TSV or Parquet; categorical "
+        "(multi-valued: space separated in RecBole token_seq, '|' in CSV/TSV/Parquet), numeric (quantile "
+        "buckets) and text columns (kept as strings); items missing from it get unknown values",
+    )
+    g.add_argument(
+        "--user-features",
+        type=Path,
+        metavar="FILE",
+        help="user side features, one row per user id (e.g. RecBole .user: age, gender, occupation, zip); "
+        "same formats and roles as --item-features; users missing from it get unknown values",
+    )
+    g.add_argument(
+        "--feature-columns",
+        type=_column_roles,
+        default={},
+        metavar="COL=ROLE,...",
+        help="set feature columns' roles instead of the detected ones, e.g. movie_title=text,"
+        "release_year=numeric,zip_code=drop; roles: id, categorical, multi, numeric, text, drop "
+        "(detection: an id name -> id; title/name/description... -> text; RecBole float -> numeric; "
+        "token_seq, lists or '|' -> multi; ..._id/code/zip -> categorical; >= 99%% numbers with > 20 distinct "
+        "values -> numeric; else categorical; see the README)",
+    )
+
+
+def _column_roles(text: str) -> dict[str, str]:
+    from ..data.features import parse_column_roles
+
+    try:
+        return parse_column_roles(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _feature_tables(args: argparse.Namespace, split):
+    """The side-feature tables of --item-features/--user-features, read before training so a bad file
+    fails fast; None without them."""
+    if args.item_features is None and args.user_features is None and not args.feature_columns:
+        return None
+    from ..data.features import feature_tables
+
+    return feature_tables(
+        split.data.item_ids[1:],
+        split.data.user_ids,
+        item_path=args.item_features,
+        user_path=args.user_features,
+        roles=args.feature_columns,
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from attnrec.engine.repository import TrainingSection
 
     from ..train import train
 
     split, info = load_split(args)
+    features = _feature_tables(args, split)
     cfg = _train_config(args)
     ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +145,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         history=tuple(result.history),
         checkpoint=str(ckpt),
     )
-    publish_version(result.model, split, info, args, training)
+    publish_version(result.model, split, info, args, training, features=features)
     return 0
 
 
@@ -112,6 +168,7 @@ def _train(p: argparse.ArgumentParser) -> None:
         "--checkpoint", type=Path, help="training checkpoint (default: REPO_DIR/MODEL_NAME/.train/checkpoint.pt)"
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    _add_feature_args(p)
     _add_train_args(p)
     add_publish_args(p)
     add_ranker_args(p)
