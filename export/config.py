@@ -33,12 +33,14 @@ class SASRecConfig(ModelShape):
 
 @dataclass
 class TrainConfig(ModelShape):
-    loss: str = "auto"  # "ce" (full softmax), "sampled", or "auto": ce up to CE_MAX_ITEMS items, else sampled
-    mask_seen: bool = True  # ce: items already in the history are no candidates in the softmax
-    n_negatives: int = 2048  # shared negatives per batch for loss="sampled"
+    # "ss": sampled softmax, uniform negatives per position; "ce": full softmax; "sampled": shared
+    # popularity negatives with logQ (huge catalogues); "auto": ss up to SS_MAX_ITEMS items, else sampled
+    loss: str = "auto"
+    mask_seen: bool = True  # ce/ss: items already in the history are no candidates in the softmax
+    n_negatives: int = 0  # per position (ss) or per batch (sampled); 0: 256 for ss, 2048 for sampled
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 64
+    batch_size: int = 128
     epochs: int = 200
     ema_decay: float = 0.0  # >0: validate and export an exponential moving average of the weights
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
@@ -68,7 +70,7 @@ class RankerConfig:
     samples_per_user: int = 10  # training prefixes per user: the most recent positions of the training part
     lr: float = 3e-4
     weight_decay: float = 0.0
-    batch_size: int = 64  # training prefixes per batch (each with its n_candidates candidates)
+    batch_size: int = 128  # training prefixes per batch (each with its n_candidates candidates)
     epochs: int = 20
     patience: int = 2  # epochs without a better two-stage validation NDCG@10 before stopping
     val_users: int = 5000  # validation users sampled for early stopping (all if fewer)

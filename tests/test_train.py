@@ -130,17 +130,21 @@ def test_length_batches_cover_every_window_once_and_group_similar_lengths():
     assert not np.array_equal(flat, np.concatenate(again))
 
 
-def test_max_len_and_loss_are_chosen_from_the_data(small_split):
-    from attnrec.export.train import CE_MAX_ITEMS, choose_max_len, resolve_config
+def test_max_len_loss_and_negatives_are_chosen_from_the_data(small_split):
+    from attnrec.export.train import SS_MAX_ITEMS, choose_max_len, resolve_config
 
     lengths = small_split.train_lengths()
     p99 = np.percentile(lengths[lengths > 0], 99)
     chosen = choose_max_len(small_split)
-    assert chosen == min(200, max(10, int(np.ceil(p99 / 10)) * 10))
+    assert chosen == min(200, max(50, int(np.ceil(p99 / 10)) * 10))
     cfg = resolve_config(TrainConfig(), small_split)
-    assert cfg.max_len == chosen and cfg.loss == "ce" and cfg.device == "cpu"
-    assert small_split.data.n_items <= CE_MAX_ITEMS
+    assert cfg.max_len == chosen and cfg.loss == "ss" and cfg.n_negatives == 256 and cfg.device == "cpu"
+    assert small_split.data.n_items <= SS_MAX_ITEMS
     assert resolve_config(TrainConfig(max_len=33, loss="sampled"), small_split).max_len == 33
+    assert resolve_config(TrainConfig(loss="sampled"), small_split).n_negatives == 2048
+    assert resolve_config(TrainConfig(loss="ss", n_negatives=7), small_split).n_negatives == 7
+    with pytest.raises(ValueError, match="unknown loss"):
+        resolve_config(TrainConfig(loss="bpr"), small_split)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_config(TrainConfig(device="cuda"), small_split)
@@ -153,3 +157,63 @@ def test_ema_weights_are_the_ones_returned(small_split):
     assert plain.history[0]["loss"] == pytest.approx(averaged.history[0]["loss"])
     w_plain, w_avg = plain.model.item_emb.weight, averaged.model.item_emb.weight
     assert not torch.allclose(w_plain, w_avg)
+
+
+def test_seen_negatives_match_a_brute_force_membership_test():
+    from attnrec.export.train import seen_negatives, seen_positions
+
+    g = torch.Generator().manual_seed(1)
+    for n_items, b, t, s in ((9, 4, 8, 6), (50, 8, 20, 32)):
+        inputs = torch.randint(1, n_items + 1, (b, t), generator=g)
+        inputs[:, :2] = 0  # left padding
+        targets = torch.cat([inputs[:, 1:], torch.randint(1, n_items + 1, (b, 1), generator=g)], dim=1)
+        keep = (inputs > 0) & (targets > 0)
+        tgt = targets[keep]
+        negatives = torch.randint(1, n_items + 1, (len(tgt), s), generator=g)
+        got = seen_negatives(inputs, tgt, keep, negatives, n_items + 1)
+        rows, cols = seen_positions(inputs, tgt, keep)
+        pairs = set(zip(rows.tolist(), (cols + 1).tolist()))
+        want = torch.tensor([[(n, int(x)) in pairs for x in negatives[n]] for n in range(len(tgt))])
+        assert torch.equal(got, want)
+        assert want.any() and not want.all()
+
+
+def test_uniform_sampled_softmax_trains_and_never_scores_seen_negatives(small_split, monkeypatch):
+    from attnrec.export import train as t
+
+    res = train(small_split, TrainConfig(epochs=3, patience=3, loss="ss", n_negatives=32, **FAST), progress=False)
+    assert res.config.loss == "ss" and res.config.n_negatives == 32
+    assert res.history[2]["loss"] < res.history[0]["loss"]
+    pop = small_split.train_popularity()[1:].astype(float)
+    es = small_split.valid
+    base = evaluate_full_ranking(
+        lambda h: np.ones((len(h), 1), np.float32),
+        pop.astype(np.float32)[:, None],
+        [es.history(j) for j in range(len(es))],
+        es.targets,
+        pop,
+    )
+    assert res.best_valid_ndcg10 > 1.5 * base["ndcg@10"]
+
+    # the logits the loss sees, with every item drawn as a negative of every position: the seen
+    # ones and the target's own column are -inf, every other one finite, the positive always finite
+    captured = {}
+    real_ce = t.F.cross_entropy
+
+    def spy(logits, labels, *a, **k):
+        captured["logits"] = logits.detach()
+        return real_ce(logits, labels, *a, **k)
+
+    n_items = small_split.data.n_items
+    monkeypatch.setattr(t.F, "cross_entropy", spy)
+    monkeypatch.setattr(
+        t.torch, "randint", lambda lo, hi, size, device=None: torch.arange(lo, hi).expand(size[0], hi - lo)
+    )
+    window = torch.tensor([[0, 1, 2, 3, 1, 2, 4]])  # inputs 0 1 2 3 1 2, targets 1 2 3 1 2 4
+    t._loss(res.model.train(), window, res.config, None)
+    logits = captured["logits"]  # (5 positions, 1 + n_items): column 1 + r is token r + 1
+    assert logits.shape == (5, 1 + n_items) and torch.isfinite(logits[:, 0]).all()
+    blocked = [{1, 2}, {1, 2, 3}, {1, 2, 3}, {1, 2, 3}, {1, 2, 3, 4}]  # seen so far, and the target
+    for row, tokens in enumerate(blocked):
+        inf = set((torch.nonzero(logits[row, 1:] == float("-inf")).flatten() + 1).tolist())
+        assert inf == tokens, row

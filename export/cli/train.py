@@ -14,16 +14,17 @@ log = logging.getLogger(__name__)
 
 _TRAIN_HELP = {
     "max_len": "longest history the model reads (older items are dropped); 0: the 99th percentile of the "
-    "training histories' lengths, rounded up to a multiple of 10, within 10..200 (logged)",
+    "training histories' lengths, rounded up to a multiple of 10, within 50..200 (logged)",
     "dim": "embedding and hidden size",
     "n_blocks": "transformer blocks",
     "n_heads": "attention heads",
     "ffn_dim": "feed-forward inner size",
     "dropout": "dropout rate",
-    "loss": "ce: full softmax over the catalogue; sampled: shared sampled negatives (huge catalogues); "
-    "auto: ce up to 100,000 items, else sampled",
-    "mask_seen": "with --loss ce, leave items already in the history out of the softmax, as evaluation does",
-    "n_negatives": "negatives per batch for --loss sampled",
+    "loss": "ss: sampled softmax, --n-negatives uniform negatives per position; ce: full softmax over the "
+    "catalogue; sampled: shared popularity-sampled negatives with logQ correction (huge catalogues); "
+    "auto: ss up to 100,000 items, else sampled (logged)",
+    "mask_seen": "with --loss ce or ss, leave items already in the history out of the softmax, as evaluation does",
+    "n_negatives": "negatives per position (--loss ss) or per batch (--loss sampled); 0: 256 for ss, 2048 for sampled",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "batch_size": "training windows per batch",
@@ -50,7 +51,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             kw = {"action": argparse.BooleanOptionalAction}
         else:
-            choices = {"loss": ["auto", "ce", "sampled"], "device": ["auto", "cpu", "cuda"]}.get(f.name)
+            choices = {"loss": ["auto", "ss", "ce", "sampled"], "device": ["auto", "cpu", "cuda"]}.get(f.name)
             kw = {"type": kind, **({"choices": choices} if choices else {})}
         g.add_argument(
             "--" + f.name.replace("_", "-"), default=default, help=f"{_TRAIN_HELP[f.name]} (default: {default})", **kw
