@@ -34,13 +34,14 @@ class SASRecConfig(ModelShape):
 @dataclass
 class TrainConfig(ModelShape):
     # "ss": sampled softmax, uniform negatives per position; "ce": full softmax; "sampled": shared
-    # popularity negatives with logQ (huge catalogues); "auto": ss up to SS_MAX_ITEMS items, else sampled
+    # popularity negatives with logQ (huge catalogues); "auto": ce up to CE_MAX_ITEMS items, ss up to
+    # SS_MAX_ITEMS, else sampled (export/train.py)
     loss: str = "auto"
     mask_seen: bool = True  # ce/ss: items already in the history are no candidates in the softmax
     n_negatives: int = 0  # per position (ss) or per batch (sampled); 0: 256 for ss, 2048 for sampled
     lr: float = 1e-3
     weight_decay: float = 0.0
-    batch_size: int = 128
+    batch_size: int = 0  # training windows per batch; 0: 128 for ss, 64 for ce and sampled
     epochs: int = 200
     ema_decay: float = 0.0  # >0: validate and export an exponential moving average of the weights
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping

@@ -57,7 +57,7 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
         seed=seed,
     )
     console.print(
-        "[bold]2/4 training[/] SASRec, sampled softmax (256 uniform negatives per position), "
+        "[bold]2/4 training[/] SASRec, softmax cross-entropy (the loss chosen for the catalogue's size, logged), "
         "the best validation NDCG@10 epoch kept"
     )
     result = train(split, cfg, checkpoint=out / "checkpoint.pt", progress=not quiet)

@@ -32,9 +32,15 @@ from .ranking_metrics import evaluate_full_ranking
 log = logging.getLogger(__name__)
 
 
-# loss="auto": uniform per-position negatives (ss) up to this catalogue size; beyond it uniform
-# draws are too easy to teach much, and shared popularity negatives with logQ take over.
+# loss="auto": the full softmax (ce) up to CE_MAX_ITEMS items, uniform per-position negatives (ss)
+# up to SS_MAX_ITEMS; beyond that uniform draws are too easy to teach much, and shared popularity
+# negatives with logQ take over. On MovieLens-100K (1,682 items) ce beat ss on validation NDCG@10
+# (0.1289 vs 0.1192, seed 0); on Amazon Toys (11,924 items) ss beat ce (0.0716 vs 0.0679). Where
+# between the two catalogue sizes the crossing lies was not measured: 4,096 is a guess.
+CE_MAX_ITEMS = 4096
 SS_MAX_ITEMS = 100_000
+# batch_size=0: the batch each loss was tuned with.
+DEFAULT_BATCH = {"ss": 128, "ce": 64, "sampled": 64}
 # n_negatives=0: per position for ss (the eSASRec benchmark's 256; 128 cost Toys validation
 # NDCG@10 0.0680 vs 0.0716), shared per batch for sampled.
 DEFAULT_NEGATIVES = {"ss": 256, "sampled": 2048, "ce": 0}
@@ -104,14 +110,19 @@ def resolve_config(cfg: TrainConfig, split: LeaveOneOut) -> TrainConfig:
     loss = cfg.loss
     if loss == "auto":
         n_items = split.data.n_items
-        loss = changes["loss"] = "ss" if n_items <= SS_MAX_ITEMS else "sampled"
+        loss = changes["loss"] = "ce" if n_items <= CE_MAX_ITEMS else "ss" if n_items <= SS_MAX_ITEMS else "sampled"
         log.info(
-            "loss %s for a catalogue of %d items (uniform sampled softmax up to %d, else shared popularity "
-            "negatives; --loss sets it)",
+            "loss %s for a catalogue of %d items (full softmax up to %d, uniform sampled softmax up to %d, "
+            "else shared popularity negatives; --loss sets it)",
             loss,
             n_items,
+            CE_MAX_ITEMS,
             SS_MAX_ITEMS,
         )
+    if cfg.batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0, got {cfg.batch_size}")
+    if cfg.batch_size == 0:
+        changes["batch_size"] = DEFAULT_BATCH[loss]
     if cfg.n_negatives < 0:
         raise ValueError(f"n_negatives must be >= 0, got {cfg.n_negatives}")
     if cfg.n_negatives == 0:

@@ -131,15 +131,19 @@ def test_length_batches_cover_every_window_once_and_group_similar_lengths():
 
 
 def test_max_len_loss_and_negatives_are_chosen_from_the_data(small_split):
-    from attnrec.export.train import SS_MAX_ITEMS, choose_max_len, resolve_config
+    from attnrec.export.train import CE_MAX_ITEMS, choose_max_len, resolve_config
 
     lengths = small_split.train_lengths()
     p99 = np.percentile(lengths[lengths > 0], 99)
     chosen = choose_max_len(small_split)
     assert chosen == min(200, max(50, int(np.ceil(p99 / 10)) * 10))
     cfg = resolve_config(TrainConfig(), small_split)
-    assert cfg.max_len == chosen and cfg.loss == "ss" and cfg.n_negatives == 256 and cfg.device == "cpu"
-    assert small_split.data.n_items <= SS_MAX_ITEMS
+    # a small catalogue: the full softmax, at the batch size it was tuned with
+    assert cfg.max_len == chosen and cfg.loss == "ce" and cfg.batch_size == 64 and cfg.device == "cpu"
+    assert small_split.data.n_items <= CE_MAX_ITEMS
+    ss = resolve_config(TrainConfig(loss="ss"), small_split)
+    assert ss.n_negatives == 256 and ss.batch_size == 128
+    assert resolve_config(TrainConfig(loss="ss", batch_size=32), small_split).batch_size == 32
     assert resolve_config(TrainConfig(max_len=33, loss="sampled"), small_split).max_len == 33
     assert resolve_config(TrainConfig(loss="sampled"), small_split).n_negatives == 2048
     assert resolve_config(TrainConfig(loss="ss", n_negatives=7), small_split).n_negatives == 7

@@ -22,12 +22,12 @@ _TRAIN_HELP = {
     "dropout": "dropout rate",
     "loss": "ss: sampled softmax, --n-negatives uniform negatives per position; ce: full softmax over the "
     "catalogue; sampled: shared popularity-sampled negatives with logQ correction (huge catalogues); "
-    "auto: ss up to 100,000 items, else sampled (logged)",
+    "auto: ce up to 4,096 items, ss up to 100,000, else sampled (logged)",
     "mask_seen": "with --loss ce or ss, leave items already in the history out of the softmax, as evaluation does",
     "n_negatives": "negatives per position (--loss ss) or per batch (--loss sampled); 0: 256 for ss, 2048 for sampled",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
-    "batch_size": "training windows per batch",
+    "batch_size": "training windows per batch; 0: 128 for --loss ss, 64 for ce and sampled",
     "epochs": "maximum epochs",
     "ema_decay": "if > 0, validate and export an exponential moving average of the weights (e.g. 0.99)",
     "patience": "stop after this many epochs without a better validation NDCG@10",
