@@ -92,6 +92,7 @@ def attnrec_serve(
     cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(repo), "--model", model]
     cmd += ["--address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics)]
     cmd += ["--max-batch-size", str(max_batch_size), "--intra-op-threads", str(threads)]
+    cmd += ["--history-store", f"file://{Path(log_dir).resolve() / f'history-{port}.sqlite'}"]
     proc, log = _spawn("attnrec-serve", cmd, log_dir)
     server = ServerProcess("attnrec serve", proc, f"127.0.0.1:{port}", log, f"http://127.0.0.1:{metrics}/metrics")
     return wait_ready(server)

@@ -67,8 +67,24 @@ def cmd_query(args: argparse.Namespace) -> int:
             if args.info:
                 print(json.dumps(client.model_info(), indent=2))
                 return 0
+            if args.record:
+                if not args.user_id:
+                    raise ValueError("--record needs --user-id")
+                print(json.dumps({"stored_events": client.record_events(args.user_id, split(args.record))}))
+                return 0
+            if args.set_unavailable or args.set_available:
+                items, available = split(args.set_unavailable or args.set_available), bool(args.set_available)
+                print(json.dumps(client.set_item_availability(items, available)))
+                return 0
             r = client.recommend(
-                split(args.history), args.k, exclude=split(args.exclude), n_candidates=args.n_candidates, timings=True
+                split(args.history),
+                args.k,
+                exclude=split(args.exclude),
+                n_candidates=args.n_candidates,
+                timings=True,
+                user_id=args.user_id,
+                include_attributes=args.include_attributes,
+                exclude_attributes=args.exclude_attributes,
             )
     except grpc.RpcError as exc:
         log.error("%s: %s", exc.code().name, exc.details())
@@ -84,7 +100,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         table.add_row(str(i), item, f"{score:.4f}")
     console = Console()
     console.print(table)
-    notes = [f"{r.unknown_items} unknown history items skipped"] if r.unknown_items else []
+    notes = [f"{r.stored_events} stored events of user {args.user_id} used"] if args.user_id else []
+    notes += [f"{r.unknown_items} unknown history items skipped"] if r.unknown_items else []
     notes += ["popularity fallback (no known history item)"] if r.popularity_fallback else []
     notes += [f"{r.truncated_items} oldest items not encoded (max length)"] if r.truncated_items else []
     t = r.timings
@@ -116,6 +133,42 @@ def _query(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", type=int, default=10, help="how many items (default: 10)")
     p.add_argument("--exclude", default="", help="item ids never to return, comma-separated")
     p.add_argument("--n-candidates", type=int, default=0, help="index candidates for the ranker (0: the model's)")
+    p.add_argument("--user-id", default="", help="use this user's stored history (before --history)")
+    p.add_argument(
+        "--include-attributes",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="only items whose attribute NAME is one of the VALUEs given for it (the version's item attributes)",
+    )
+    p.add_argument(
+        "--exclude-attributes",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="never items whose attribute NAME is VALUE",
+    )
+    p.add_argument(
+        "--record",
+        default="",
+        metavar="ITEMS",
+        help="RecordEvents: append these item ids (comma-"
+        "separated, oldest first) to --user-id's stored history, instead of recommending",
+    )
+    p.add_argument(
+        "--set-unavailable",
+        default="",
+        metavar="ITEMS",
+        help="SetItemAvailability: never return these item ids (comma-separated), on every replica",
+    )
+    p.add_argument(
+        "--set-available",
+        default="",
+        metavar="ITEMS",
+        help="SetItemAvailability: make these item ids (comma-separated) available again",
+    )
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--info", action="store_true", help="print the serving model's info instead")
     p.add_argument("--reload", action="store_true", help="ask the server to load the newest valid version now")

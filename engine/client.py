@@ -32,6 +32,7 @@ class Recommendation:
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds; batch_size as a count
     request_id: str = ""
     error: tuple[int, str] | None = None  # (grpc status code value, message), on streams only
+    stored_events: int = 0  # events of the user's stored history used (with user_id)
 
     @classmethod
     def from_reply(cls, r: pb.RecommendReply) -> "Recommendation":
@@ -60,6 +61,7 @@ class Recommendation:
             timings,
             r.request_id,
             error,
+            r.stored_events,
         )
 
 
@@ -71,6 +73,9 @@ def request(
     n_candidates: int = 0,
     timings: bool = False,
     request_id: str = "",
+    user_id: str = "",
+    include_attributes: Sequence[str] = (),
+    exclude_attributes: Sequence[str] = (),
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         history=[str(x) for x in history],
@@ -79,7 +84,14 @@ def request(
         n_candidates=n_candidates,
         include_timings=timings,
         request_id=request_id,
+        user_id=user_id,
+        include_attributes=include_attributes,
+        exclude_attributes=exclude_attributes,
     )
+
+
+def events(user_id: str, items: Sequence[str | int], timestamps: Sequence[int] = ()) -> pb.RecordEventsRequest:
+    return pb.RecordEventsRequest(user_id=user_id, items=[str(x) for x in items], timestamps=list(timestamps))
 
 
 def channel(
@@ -133,9 +145,37 @@ class RecommenderClient:
         exclude: Sequence[str | int] = (),
         n_candidates: int = 0,
         timings: bool = False,
+        user_id: str = "",
+        include_attributes: Sequence[str] = (),
+        exclude_attributes: Sequence[str] = (),
     ) -> Recommendation:
-        req = request(history, k, exclude=exclude, n_candidates=n_candidates, timings=timings)
+        req = request(
+            history,
+            k,
+            exclude=exclude,
+            n_candidates=n_candidates,
+            timings=timings,
+            user_id=user_id,
+            include_attributes=include_attributes,
+            exclude_attributes=exclude_attributes,
+        )
         return Recommendation.from_reply(self.stub.Recommend(req, timeout=self.timeout, metadata=self.metadata))
+
+    def record_events(self, user_id: str, items: Sequence[str | int], timestamps: Sequence[int] = ()) -> int:
+        """Append to the user's stored history; its length after."""
+        req = events(user_id, items, timestamps)
+        return self.stub.RecordEvents(req, timeout=self.timeout, metadata=self.metadata).stored_events
+
+    def record_events_stream(self, requests: Iterable[pb.RecordEventsRequest]) -> tuple[int, int]:
+        """Bulk backfill on one stream (no timeout); (requests, events) stored."""
+        reply = self.stub.RecordEventsStream(iter(requests), metadata=self.metadata)
+        return reply.requests, reply.events
+
+    def set_item_availability(self, items: Sequence[str | int], available: bool) -> dict:
+        """Mark items (un)available on every replica sharing the store: {changed, unavailable_items, unknown_items}."""
+        req = pb.SetItemAvailabilityRequest(items=[str(x) for x in items], available=available)
+        r = self.stub.SetItemAvailability(req, timeout=self.timeout, metadata=self.metadata)
+        return {"changed": r.changed, "unavailable_items": r.unavailable_items, "unknown_items": r.unknown_items}
 
     def recommend_stream(self, requests: Iterable[pb.RecommendRequest]) -> Iterator[Recommendation]:
         """Replies in request order; a failed request yields a Recommendation with `error` set.

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .features import load_features
+from .item_filter import ItemAttributes, ItemFilters
 from .models import LoadedVersion, ModelRegistry
 from .pipeline import Pipeline, RuntimeOptions
 from .repository import ArtifactError, list_versions, newest_valid_version
@@ -24,12 +26,23 @@ log = logging.getLogger(__name__)
 
 
 def load_version(path: Path, options: RuntimeOptions, *, warm_batch: int = 32) -> LoadedVersion:
-    """Load a verified version folder, map its external ids, and warm it up."""
+    """Load a verified version folder, map its external ids, read its item attributes (for request
+    filters), and warm it up."""
     pipeline = Pipeline.load(path, options, verify=False)  # the caller verified the checksums
     keys = np.array([str(x) for x in pipeline.item_ids.tolist()], dtype=object)
     id_type = "int64" if pipeline.item_ids.dtype.kind in "iu" else "string"
     rows_by_key = {k: i for i, k in enumerate(keys.tolist())}
-    loaded = LoadedVersion(pipeline, pipeline.version, pipeline.n_items, pipeline.max_len, keys, rows_by_key, id_type)
+    attributes = ItemAttributes(load_features(path, pipeline.manifest).item, pipeline.n_items)
+    loaded = LoadedVersion(
+        pipeline,
+        pipeline.version,
+        pipeline.n_items,
+        pipeline.max_len,
+        keys,
+        rows_by_key,
+        id_type,
+        ItemFilters(attributes, rows_by_key),
+    )
     warm_up(pipeline, warm_batch)
     return loaded
 

@@ -15,10 +15,14 @@ KServe names (a wire contract):
               k INT64 (B, 1) optional (default 10)
               exclude BYTES (B, E) optional, "" = padding
               n_candidates INT64 (B, 1) optional (0: the model's default)
+              user_id BYTES (B, 1) optional: the stored history goes before `history` ("" = none)
+              include_attributes BYTES (B, A) optional, "name=value", "" = padding
+              exclude_attributes BYTES (B, A) optional, "name=value", "" = padding
               → items BYTES (B, K) best first, "" where the catalogue ran out (K = the largest k)
                 scores FP32 (B, K), -inf where no item
                 unknown_items INT64 (B, 1): history ids not in the catalogue (skipped)
                 popularity_fallback BOOL (B, 1): no known history item, popular items answered
+                stored_events INT64 (B, 1): events of the stored history used
 
 Each row of a request is one batch row; rows of different requests are padded to the longest
 in the batch (histories on the left, candidates on the right) and cut back for the reply, by
@@ -36,7 +40,10 @@ import numpy as np
 
 from .batcher import Batcher, BatchSettings
 from .errors import InvalidRequest, NotFound, Unavailable
+from .index import RowMask
+from .item_filter import ItemAttributes, ItemFilters
 from .model_interface import ModelStats, ServedModel, TensorSpec
+from .online_state import OnlineState
 from .pipeline import Pipeline, run_encoder, run_ranker, run_recommend
 from .telemetry import Telemetry
 
@@ -54,6 +61,11 @@ class LoadedVersion:
     item_keys: np.ndarray  # (n_items,) object: the external id of each row, as str
     rows_by_key: dict[str, int]
     id_type: str  # "int64" or "string"
+    filters: ItemFilters | None = None  # the version's item attributes (None: it has none)
+
+    def __post_init__(self) -> None:
+        if self.filters is None:
+            self.filters = ItemFilters(ItemAttributes(None, self.n_items), self.rows_by_key)
 
 
 class VersionSlot:
@@ -225,6 +237,7 @@ class _Query:
     rows: np.ndarray  # known history rows, oldest first
     exclude: np.ndarray
     k: int
+    mask: RowMask | None = None  # the rows filters and availability allow (None: all)
 
 
 @dataclass
@@ -238,6 +251,7 @@ class Answer:
     popularity_fallback: bool
     truncated_items: int
     timings: dict[str, float] = field(default_factory=dict)  # seconds; batch_size as a count
+    stored_events: int = 0  # events of the user's stored history put before the request's
 
 
 class RecommendModel(_Model):
@@ -247,9 +261,9 @@ class RecommendModel(_Model):
     platform = "attnrec_pipeline"
     run = staticmethod(run_recommend)
 
-    def __init__(self, *args: Any, max_k: int) -> None:
+    def __init__(self, *args: Any, max_k: int, state: OnlineState | None = None) -> None:
         super().__init__(*args)
-        self.max_k = max_k
+        self.max_k, self.state = max_k, state
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -258,6 +272,9 @@ class RecommendModel(_Model):
             TensorSpec("k", "INT64", (-1, 1), optional=True),
             TensorSpec("exclude", "BYTES", (-1, -1), optional=True),
             TensorSpec("n_candidates", "INT64", (-1, 1), optional=True),
+            TensorSpec("user_id", "BYTES", (-1, 1), optional=True),
+            TensorSpec("include_attributes", "BYTES", (-1, -1), optional=True),
+            TensorSpec("exclude_attributes", "BYTES", (-1, -1), optional=True),
         ]
 
     @property
@@ -267,6 +284,7 @@ class RecommendModel(_Model):
             TensorSpec("scores", "FP32", (-1, -1)),
             TensorSpec("unknown_items", "INT64", (-1, 1)),
             TensorSpec("popularity_fallback", "BOOL", (-1, 1)),
+            TensorSpec("stored_events", "INT64", (-1, 1)),
         ]
 
     async def recommend(
@@ -277,13 +295,27 @@ class RecommendModel(_Model):
         exclude: Sequence[str] = (),
         n_candidates: int = 0,
         deadline: float | None = None,
+        user_id: str = "",
+        include_attributes: Sequence[str] = (),
+        exclude_attributes: Sequence[str] = (),
     ) -> Answer:
-        """One user's top-k external ids. Unknown history ids are skipped and counted."""
+        """One user's top-k external ids. Unknown history ids are skipped and counted. With `user_id`,
+        the user's stored history goes before `history`; filters and availability shape the answer."""
         if not 1 <= k <= self.max_k:
             raise InvalidRequest(f"k must be in 1..{self.max_k}, got {k}")
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
         v = self._pinned()
+        stored: list[str] = []
+        mask = None
+        if self.state is not None:
+            stored, avail = await self.state.read(user_id)
+            history = [*stored, *history] if stored else history
+            mask = v.filters.mask(include_attributes, exclude_attributes, avail.generation, avail.unavailable)
+        elif user_id:
+            raise Unavailable("this server has no history store: send the history with the request")
+        else:
+            mask = v.filters.mask(include_attributes, exclude_attributes)
         lookup = v.rows_by_key
         found = [lookup.get(x) for x in history]
         rows = np.array([r for r in found if r is not None], dtype=np.int64)
@@ -291,7 +323,7 @@ class RecommendModel(_Model):
         p = v.compute
         # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
         n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(_Query(rows, excl, k), group=(p, n), deadline=deadline)
+        done = await self.batcher.submit(_Query(rows, excl, k, mask), group=(p, n), deadline=deadline)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
         return Answer(
@@ -302,6 +334,7 @@ class RecommendModel(_Model):
             popularity_fallback=len(rows) == 0,
             truncated_items=max(0, len(rows) - v.max_len),
             timings={**timings, "queue": done.queue_s, "batch_size": done.batch_size},
+            stored_events=len(stored),
         )
 
     async def infer(
@@ -316,11 +349,23 @@ class RecommendModel(_Model):
         exclude = _id_matrix(inputs["exclude"], "exclude") if "exclude" in inputs else [[] for _ in range(b)]
         ks = _per_row(inputs, "k", b, DEFAULT_K)
         ncs = _per_row(inputs, "n_candidates", b, 0)
+        users = [row[0] if row else "" for row in _optional_ids(inputs, "user_id", b)]
+        include = _optional_ids(inputs, "include_attributes", b)
+        exclude_attrs = _optional_ids(inputs, "exclude_attributes", b)
         if len(exclude) != b:
             raise InvalidRequest(f"pipeline: exclude has {len(exclude)} rows, history {b}")
         answers = await asyncio.gather(
             *(
-                self.recommend(history[i], int(ks[i]), exclude=exclude[i], n_candidates=int(ncs[i]), deadline=deadline)
+                self.recommend(
+                    history[i],
+                    int(ks[i]),
+                    exclude=exclude[i],
+                    n_candidates=int(ncs[i]),
+                    deadline=deadline,
+                    user_id=users[i],
+                    include_attributes=include[i],
+                    exclude_attributes=exclude_attrs[i],
+                )
                 for i in range(b)
             )
         )
@@ -335,6 +380,7 @@ class RecommendModel(_Model):
             "scores": scores,
             "unknown_items": np.array([[a.unknown_items] for a in answers], dtype=np.int64).reshape(b, 1),
             "popularity_fallback": np.array([[a.popularity_fallback] for a in answers], dtype=bool).reshape(b, 1),
+            "stored_events": np.array([[a.stored_events] for a in answers], dtype=np.int64).reshape(b, 1),
         }
         return self._filter(out, outputs, self.name)
 
@@ -346,6 +392,16 @@ def _id_matrix(x: np.ndarray, name: str) -> list[list[str]]:
         raise InvalidRequest(f"pipeline: input {name!r} must be a BYTES tensor (B, H), got shape {x.shape}")
     decode = lambda s: s.decode() if isinstance(s, bytes) else str(s)  # noqa: E731
     return [[s for s in map(decode, row) if s] for row in x]
+
+
+def _optional_ids(inputs: dict[str, np.ndarray], name: str, b: int) -> list[list[str]]:
+    """An optional BYTES (B, N) input as one list of strings per row ([] per row when absent)."""
+    if name not in inputs:
+        return [[] for _ in range(b)]
+    rows = _id_matrix(inputs[name], name)
+    if len(rows) != b:
+        raise InvalidRequest(f"pipeline: {name} has {len(rows)} rows, history {b}")
+    return rows
 
 
 def _per_row(inputs: dict[str, np.ndarray], name: str, b: int, default: int) -> np.ndarray:
@@ -362,7 +418,13 @@ class ModelRegistry:
     KServe servicer's `get`/`models`/`ready`. Loading is engine/loader.py's (it writes `slot`)."""
 
     def __init__(
-        self, name: str, *, batching: BatchSettings = BatchSettings(), max_k: int = 1000, telemetry: Telemetry
+        self,
+        name: str,
+        *,
+        batching: BatchSettings = BatchSettings(),
+        max_k: int = 1000,
+        telemetry: Telemetry,
+        state: OnlineState | None = None,
     ) -> None:
         self.name, self.batching, self.telemetry = name, batching, telemetry
         self.slot = VersionSlot()
@@ -371,7 +433,8 @@ class ModelRegistry:
         args = (self.slot, batching, self.executor, telemetry)
         self.encoder = EncoderModel(*args)
         self.ranker = RankerModel(*args)
-        self.recommend = RecommendModel(*args, max_k=max_k)
+        self.state = state  # users' stored histories and item availability (engine/online_state.py)
+        self.recommend = RecommendModel(*args, max_k=max_k, state=state)
         self._models: dict[str, _Model] = {m.name: m for m in (self.encoder, self.ranker, self.recommend)}
 
     @property

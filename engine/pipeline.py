@@ -16,14 +16,17 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from .encoder import OnnxEncoder
-from .index import ItemIndex, load_index
+from .index import ItemIndex, RowMask, load_index
 from .ranker import OnnxRanker
 from .repository import ArtifactError, Manifest, open_version
+
+if TYPE_CHECKING:
+    import faiss
 
 
 @dataclass(frozen=True)
@@ -80,48 +83,99 @@ def score(ranker: OnnxRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ranker.session.run(["scores"], {n: feeds[n] for n in ranker.input_names})[0]
 
 
-def search_index(index: ItemIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, D) queries → (scores, rows), each (B, k), best first, in inner-product scores; missing slots are -1."""
+def search_index(
+    index: ItemIndex, queries: np.ndarray, k: int, params: "faiss.SearchParameters | None" = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B, D) queries → (scores, rows), each (B, k), best first, in inner-product scores; missing slots are -1.
+    `params`: FAISS search parameters (a RowMask's, to search only its rows)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
     if index.mips_max_norm2 is None:
-        return index.index.search(q, k)
-    dist, rows = index.index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), k)
+        return index.index.search(q, k, params=params)
+    dist, rows = index.index.search(np.hstack([q, np.zeros((len(q), 1), np.float32)]), k, params=params)
     scores = (np.einsum("ij,ij->i", q, q)[:, None] + index.mips_max_norm2 - dist) / 2
     return scores.astype(np.float32), rows
 
 
 def search(
-    index: ItemIndex, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None
+    index: ItemIndex,
+    queries: np.ndarray,
+    k: int,
+    exclude: Sequence[np.ndarray] | None = None,
+    masks: Sequence[RowMask | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows per query, never a row in that query's `exclude` (e.g. the history).
+    """Top-k rows per query, never a row in that query's `exclude` (e.g. the history) and, with
+    `masks`, only rows its mask allows (None: any row).
 
     FAISS is asked for k plus the longest exclusion list, then excluded rows are dropped, so
-    every query still gets k results when the catalogue allows. Missing slots are -1 / -inf.
+    every query still gets k results when the catalogue allows. Masks are applied inside the
+    search (a FAISS ID selector): queries sharing a mask are searched together. Missing slots are -1 / -inf.
     """
+    if masks is None or all(m is None for m in masks):
+        return _search(index, queries, k, exclude, None)
+    scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(queries), k), -1, dtype=np.int64)
+    groups: dict[int, list[int]] = {}
+    for i, m in enumerate(masks):
+        groups.setdefault(id(m), []).append(i)
+    for at in groups.values():
+        sub = np.array(at)
+        part = None if exclude is None else [exclude[i] for i in at]
+        scores[sub], rows[sub] = _search(index, queries[sub], k, part, masks[at[0]])
+    return scores, rows
+
+
+def _search(
+    index: ItemIndex, queries: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None, mask: RowMask | None
+) -> tuple[np.ndarray, np.ndarray]:
     ntotal = index.index.ntotal
     extra = max((len(e) for e in exclude), default=0) if exclude is not None else 0
-    fetch = min(k + extra, ntotal)
-    scores, rows = search_index(index, queries, fetch)
-    if not extra:
-        return scores[:, :k], rows[:, :k]
-    # Vectorised over the batch: key = query * (ntotal + 1) + row, one sorted lookup for all
-    # queries (searchsorted: np.isin's set machinery costs more than the search at batch 1).
-    width = ntotal + 1
-    q_of = np.repeat(np.arange(len(rows), dtype=np.int64), [len(e) for e in exclude])
-    excluded = np.sort(q_of * width + np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude]))
-    found_keys = np.arange(len(rows), dtype=np.int64)[:, None] * width + rows
-    at = np.minimum(np.searchsorted(excluded, found_keys), len(excluded) - 1)
-    keep = (rows >= 0) & (excluded[at] != found_keys)
+    drop_disallowed = False
+    if mask is None:
+        fetch = min(k + extra, ntotal)
+        scores, rows = search_index(index, queries, fetch)
+    elif (params := mask.params(index)) is not None:
+        fetch = min(k + extra, mask.count)
+        if fetch == 0:
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        scores, rows = search_index(index, queries, fetch, params)
+        # An approximate index finds fewer allowed rows than asked when the filter leaves few in the
+        # lists it probes: search those queries again over every list.
+        short = (rows >= 0).sum(axis=1) < fetch
+        if short.any():
+            scores[short], rows[short] = search_index(index, queries[short], fetch, mask.params(index, exhaustive=True))
+    else:  # the index cannot filter inside the search (GPU): fetch past every disallowed row, drop them
+        fetch = min(k + extra + ntotal - mask.count, index.max_k)
+        scores, rows = search_index(index, queries, fetch)
+        drop_disallowed = True
+    if not extra and not drop_disallowed:
+        return _pad(scores[:, :k], rows[:, :k], k)
+    keep = rows >= 0
+    if drop_disallowed:
+        keep &= mask.allowed[np.maximum(rows, 0)]
+    if extra:
+        # Vectorised over the batch: key = query * (ntotal + 1) + row, one sorted lookup for all
+        # queries (searchsorted: np.isin's set machinery costs more than the search at batch 1).
+        width = ntotal + 1
+        q_of = np.repeat(np.arange(len(rows), dtype=np.int64), [len(e) for e in exclude])
+        excluded = np.sort(q_of * width + np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude]))
+        found_keys = np.arange(len(rows), dtype=np.int64)[:, None] * width + rows
+        at = np.minimum(np.searchsorted(excluded, found_keys), len(excluded) - 1)
+        keep &= excluded[at] != found_keys
     # Kept entries first, in their score order (a stable sort of the "dropped" flag).
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     kept = np.take_along_axis(keep, order, axis=1)
     out_r = np.where(kept, np.take_along_axis(rows, order, axis=1), -1)
     out_s = np.where(kept, np.take_along_axis(scores, order, axis=1), -np.inf).astype(np.float32)
-    if out_r.shape[1] < k:  # the catalogue is smaller than k
-        pad = k - out_r.shape[1]
-        out_r = np.pad(out_r, ((0, 0), (0, pad)), constant_values=-1)
-        out_s = np.pad(out_s, ((0, 0), (0, pad)), constant_values=-np.inf)
-    return out_s, out_r
+    return _pad(out_s, out_r, k)
+
+
+def _pad(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Widen to k columns with empty slots (-inf, -1) when fewer were fetched (a small catalogue or filter)."""
+    if rows.shape[1] < k:
+        pad = k - rows.shape[1]
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+    return scores, rows
 
 
 @dataclass
@@ -210,8 +264,10 @@ class Pipeline:
         exclude: Sequence[np.ndarray] | None = None,
         n_candidates: int | None = None,
         rank: bool = True,
+        masks: Sequence[RowMask | None] | None = None,
     ) -> Recommendations:
-        """Top-k rows per history (rows, most recent last), never a row of the history or of `exclude`.
+        """Top-k rows per history (rows, most recent last), never a row of the history or of `exclude`,
+        and, with `masks`, only rows the history's mask allows (business filters, availability).
 
         With a ranker (and `rank`), FAISS fetches `n_candidates` (default: the manifest's) and the
         ranker re-orders them; without, FAISS's top-k is the answer. Empty histories get the most
@@ -229,7 +285,7 @@ class Pipeline:
         scores = np.full((len(histories), k), -np.inf, dtype=np.float32)
         active = np.array([i for i, h in enumerate(histories) if len(h)], dtype=np.int64)
         for i in np.setdiff1d(np.arange(len(histories)), active):
-            rows[i], scores[i] = self.popular(k, seen[i])
+            rows[i], scores[i] = self.popular(k, seen[i], None if masks is None else masks[i])
         if not len(active):
             return Recommendations(rows, scores, t)
 
@@ -239,7 +295,13 @@ class Pipeline:
         t1 = time.perf_counter()
         use_ranker = rank and self.ranker is not None
         n = max(k, n_candidates or self.n_candidates) if use_ranker else k
-        cand_scores, cand_rows = search(self.index, outs["query"], n, exclude=[seen[i] for i in active])
+        cand_scores, cand_rows = search(
+            self.index,
+            outs["query"],
+            n,
+            exclude=[seen[i] for i in active],
+            masks=None if masks is None else [masks[i] for i in active],
+        )
         t2 = time.perf_counter()
         t["encoder"], t["search"] = t1 - t0, t2 - t1
         if use_ranker:
@@ -259,9 +321,14 @@ class Pipeline:
         scores[active, :width] = cand_scores[:, :width]
         return Recommendations(rows, scores, t)
 
-    def popular(self, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The k most popular rows (training interaction counts as scores), `exclude` left out."""
+    def popular(
+        self, k: int, exclude: np.ndarray | None = None, mask: RowMask | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k most popular rows (training interaction counts as scores), `exclude` and rows `mask`
+        does not allow left out."""
         top = self.popular_rows
+        if mask is not None:
+            top = top[mask.allowed[top]]
         if exclude is not None and len(exclude):
             top = top[~np.isin(top, exclude)]
         top = top[:k]
@@ -328,13 +395,14 @@ def run_ranker(p: Pipeline, items: Sequence[dict[str, np.ndarray]]) -> BatchOutp
 
 
 def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
-    """Queries (rows, exclude, k) of several users → per user (rows, scores, timings), top k first.
+    """Queries (rows, exclude, k, mask) of several users → per user (rows, scores, timings), top k first.
     `group` is the version's pipeline and the candidate count its batch shares."""
     p, n = group
     t0 = time.perf_counter()
     histories, exclude, k = [q.rows for q in items], [q.exclude for q in items], max(q.k for q in items)
+    masks = [q.mask for q in items] if any(q.mask is not None for q in items) else None
     t1 = time.perf_counter()
-    recs = p.recommend(histories, k, exclude=exclude, n_candidates=n or None)
+    recs = p.recommend(histories, k, exclude=exclude, n_candidates=n or None, masks=masks)
     t2 = time.perf_counter()
     values = [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]
     stages = {stage: recs.timings[stage] for stage in ("encoder", "search", "ranker") if recs.timings.get(stage)}

@@ -1,5 +1,6 @@
 """`attnrec.v1.Recommender`: the domain API. Thin: convert, call the whole-path model
-(engine/models.py `RecommendModel`), convert back. ReloadModel asks the loader."""
+(engine/models.py `RecommendModel`), convert back. ReloadModel asks the loader; RecordEvents and
+SetItemAvailability ask the server's online state (engine/online_state.py)."""
 
 from __future__ import annotations
 
@@ -65,13 +66,51 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         await self.loader.reload(force=True)
         return self._info()
 
+    async def RecordEvents(self, request: pb.RecordEventsRequest, context) -> pb.RecordEventsReply:
+        return pb.RecordEventsReply(stored_events=await self._record(request))
+
+    async def RecordEventsStream(self, requests, context) -> pb.RecordEventsStreamReply:
+        n = events = 0
+        async for request in requests:
+            await self._record(request)
+            n, events = n + 1, events + len(request.items)
+        return pb.RecordEventsStreamReply(requests=n, events=events)
+
+    async def SetItemAvailability(self, request: pb.SetItemAvailabilityRequest, context) -> pb.SetItemAvailabilityReply:
+        v = self._state_and_version()[1]
+        changed, now = await self.models.state.set_availability(request.items, request.available)
+        unknown = sum(x not in v.rows_by_key for x in set(request.items))
+        return pb.SetItemAvailabilityReply(
+            changed=changed, unavailable_items=len(now.unavailable), unknown_items=unknown
+        )
+
     # ── conversions ───────────────────────────────────────────────────────────────────────
     async def _recommend(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
         start = time.perf_counter()
         answer = await self.recommender.recommend(
-            request.history, request.k, exclude=request.exclude, n_candidates=request.n_candidates, deadline=deadline
+            request.history,
+            request.k,
+            exclude=request.exclude,
+            n_candidates=request.n_candidates,
+            deadline=deadline,
+            user_id=request.user_id,
+            include_attributes=request.include_attributes,
+            exclude_attributes=request.exclude_attributes,
         )
         return self._reply(request, answer, start)
+
+    async def _record(self, request: pb.RecordEventsRequest) -> int:
+        state, v = self._state_and_version()
+        # The stored history is bounded to what the serving model encodes.
+        return await state.record(request.user_id, request.items, request.timestamps, limit=v.max_len)
+
+    def _state_and_version(self):
+        if self.models.state is None:
+            raise Unavailable("this server has no history store")
+        v = self.models.slot.current
+        if v is None:
+            raise Unavailable(f"model {self.models.name!r} is not loaded yet")
+        return self.models.state, v
 
     async def _answer_or_error(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
         try:
@@ -90,6 +129,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             popularity_fallback=a.popularity_fallback,
             truncated_items=a.truncated_items,
             request_id=request.request_id,
+            stored_events=a.stored_events,
         )
         if request.include_timings:
             t = a.timings

@@ -23,9 +23,11 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import kserve, recommender_servicer
+from .history_store import StoreUnavailable, open_history_store
 from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
 from .loader import ModelLoader
 from .models import ModelRegistry
+from .online_state import OnlineState
 from .repository import iter_models
 from .rpc.pool import POOL
 from .settings import ServerSettings
@@ -87,11 +89,18 @@ class Server:
     def __init__(self, settings: ServerSettings, extra_services: Sequence[ServiceFactory] = ()) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
+        name = choose_model(settings.repo, settings.model)
+        # Namespaced by model name: models sharing one Redis keep their histories and availability apart.
+        store = open_history_store(
+            settings.history_store, namespace=name, ttl_s=settings.history_ttl, telemetry=self.telemetry
+        )
+        self.state = OnlineState(store)
         self.models = ModelRegistry(
-            choose_model(settings.repo, settings.model),
+            name,
             batching=settings.batching,
             max_k=settings.max_k,
             telemetry=self.telemetry,
+            state=self.state,
         )
         self.loader = ModelLoader(settings.repo, self.models, settings.runtime)
         self.services = [make(self.models, self.loader, settings) for make in [*services(), *extra_services]]
@@ -133,6 +142,11 @@ class Server:
             self._metrics_http = self.telemetry.serve_http(s.metrics_port)
             log.info("metrics on http://0.0.0.0:%d/metrics", s.metrics_port)
         await self.loader.start()  # load and warm up; raises when nothing loadable is there
+        try:  # the first requests then find the availability cached
+            await self.state.refresh()
+            log.info("history store %s", self.state.store.name)
+        except StoreUnavailable as exc:  # it may come up later; requests with their own history work meanwhile
+            log.error("%s: requests with a user_id get UNAVAILABLE until it answers", exc)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if s.poll_interval > 0:
             self._poller = asyncio.ensure_future(self.loader.poll(s.poll_interval))
@@ -168,6 +182,7 @@ class Server:
         if self._grpc is not None:
             await self._grpc.stop(s.grace)
         await self.models.close()
+        await self.state.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

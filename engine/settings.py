@@ -48,6 +48,8 @@ class ServerSettings:
     tls_client_ca: Path | None = None
     auth_token: str = ""
     auth_token_file: Path | None = None
+    history_store: str = "file://attnrec-history.sqlite"
+    history_ttl: int = 30 * 24 * 3600
 
     @property
     def batching(self) -> "BatchSettings":
@@ -108,6 +110,10 @@ HELP = {
     "auth_token": "bearer token every RPC but health checks must send as `authorization: Bearer TOKEN` "
     "(prefer ATTNREC_AUTH_TOKEN or --auth-token-file: flags show in `ps`)",
     "auth_token_file": "file holding the bearer token",
+    "history_store": "where users' histories (RecordEvents) and item availability (SetItemAvailability) live: "
+    "file://PATH (embedded SQLite, relative to the working directory) or redis://HOST:PORT/DB (shared by "
+    "replicas; needs attnrec[redis])",
+    "history_ttl": "seconds a user's stored history lives after their last recorded event (0: forever)",
 }
 CHOICES = {
     "graph_optimization": ["disable", "basic", "extended", "all"],

@@ -8,6 +8,9 @@ attnrec_batch_size{model}                     rows per executed batch (histogram
 attnrec_in_flight_requests                    RPCs being handled now
 attnrec_model_version{model}                  the repository version serving
 attnrec_model_loads_total{model, outcome}     hot swaps: loaded / refused
+attnrec_store_operations_total{store, operation, outcome}  history store calls: ok / error
+attnrec_store_seconds{store, operation}       history store call latency (histogram)
+attnrec_store_up{store}                       1 while the last store call succeeded, 0 after a failure
 """
 
 from __future__ import annotations
@@ -41,6 +44,22 @@ class Telemetry:
         self.model_version = Gauge("attnrec_model_version", "repository version serving", ["model"], registry=r)
         self.model_loads = Counter(
             "attnrec_model_loads", "version loads by outcome (loaded, refused)", ["model", "outcome"], registry=r
+        )
+        self.store_operations = Counter(
+            "attnrec_store_operations",
+            "history store calls by operation and outcome (ok, error)",
+            ["store", "operation", "outcome"],
+            registry=r,
+        )
+        self.store_seconds = Histogram(
+            "attnrec_store_seconds",
+            "history store call latency",
+            ["store", "operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.store_up = Gauge(
+            "attnrec_store_up", "1 while the history store answers, 0 after a failed call", ["store"], registry=r
         )
 
     def serve_http(self, port: int, address: str = "0.0.0.0"):

@@ -9,18 +9,24 @@ when complete: a crash never leaves a file that looks finished.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from attnrec.engine.errors import InvalidRequest
+from attnrec.engine.features import load_features
+from attnrec.engine.index import RowMask
+from attnrec.engine.item_filter import ItemAttributes
 from attnrec.engine.pipeline import Pipeline, RuntimeOptions
 from attnrec.engine.repository import ArtifactError, Manifest
 
@@ -72,7 +78,31 @@ def _id_type(ids: np.ndarray) -> pa.DataType:
     return pa.int64() if ids.dtype.kind in "iu" else pa.string()
 
 
-def output_schema(data: SequenceData, model: str, version: int, top_n: int, rank: bool = False) -> pa.Schema:
+def item_mask(
+    version_dir: Path, manifest: Manifest, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> RowMask | None:
+    """The catalogue rows `--include-attributes` / `--exclude-attributes` keep (None: no filter), over the
+    item attributes stored in the version, with the server's semantics (engine/item_filter.py)."""
+    if not include and not exclude:
+        return None
+    attributes = ItemAttributes(load_features(version_dir, manifest).item, manifest.model.n_items)
+    try:
+        allowed = attributes.allowed(include, exclude)
+    except InvalidRequest as exc:
+        raise ValueError(f"{version_dir}: {exc}") from None
+    return None if allowed is None else RowMask(allowed)
+
+
+def output_schema(
+    data: SequenceData,
+    model: str,
+    version: int,
+    top_n: int,
+    rank: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> pa.Schema:
+    filters = {"include_attributes": json.dumps(list(include)), "exclude_attributes": json.dumps(list(exclude))}
     return pa.schema(
         [
             ("user_id", _id_type(data.user_ids)),
@@ -87,6 +117,7 @@ def output_schema(data: SequenceData, model: str, version: int, top_n: int, rank
             "top_n": str(top_n),
             "exclude_seen": "true",
             "ranked": "true" if rank else "false",  # scores are the ranker's, not inner products
+            **(filters if include or exclude else {}),
         },
     )
 
@@ -95,7 +126,8 @@ class BatchRetriever:
     """The version's pipeline, loaded once; one call = one batch of users → rows.
 
     Shared by the single-process job and the Ray actors, so both compute the same thing.
-    With `rank`, FAISS fetches the ranker's N candidates and the ranker picks the top-n.
+    With `rank`, FAISS fetches the ranker's N candidates and the ranker picks the top-n. `include` /
+    `exclude`: business filters ("name=value" over the version's item attributes), applied in the search.
     """
 
     def __init__(
@@ -107,6 +139,8 @@ class BatchRetriever:
         top_n: int,
         threads: int = 0,
         rank: bool = False,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
     ) -> None:
         # The caller opened (and verified) the version: no second pass over the checksums.
         self.pipeline = Pipeline.load(version_dir, RuntimeOptions(intra_op_threads=threads), verify=False)
@@ -114,12 +148,14 @@ class BatchRetriever:
             raise ArtifactError(f"{version_dir}: --rank needs a version with a ranker; this one has none")
         self.item_ids, self.schema, self.top_n, self.version = item_ids, schema, top_n, manifest.version
         self.rank = rank
+        self.mask = item_mask(version_dir, manifest, include, exclude)
 
     def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
         """histories: token arrays (catalogue row + 1), one per user. Every item of the whole
         history is excluded (Pipeline.recommend does that), not only the most recent max_len
         that the encoder reads."""
-        rec = self.pipeline.recommend([h - 1 for h in histories], self.top_n, rank=self.rank)
+        masks = None if self.mask is None else [self.mask] * len(histories)
+        rec = self.pipeline.recommend([h - 1 for h in histories], self.top_n, rank=self.rank, masks=masks)
         found, scores = rec.rows, rec.scores
         ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
         ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
@@ -136,7 +172,13 @@ class BatchRetriever:
 
 
 def plan(
-    data: SequenceData, manifest: Manifest, users: np.ndarray | None, top_n: int, rank: bool = False
+    data: SequenceData,
+    manifest: Manifest,
+    users: np.ndarray | None,
+    top_n: int,
+    rank: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> tuple[np.ndarray, list, pa.Schema]:
     """What both job runners start from: the users to serve (unknown requested ids warned
     about) and the output schema."""
@@ -148,7 +190,7 @@ def plan(
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
     if rank and manifest.files.ranker is None:
         raise ArtifactError(f"{manifest.name} version {manifest.version} has no ranker: retrieve without --rank")
-    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank)
+    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank, include, exclude)
 
 
 def retrieve(
@@ -163,15 +205,19 @@ def retrieve(
     threads: int = 0,
     rank: bool = False,
     progress: bool = True,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> RetrieveReport:
     """Top-`top_n` items for each user in `data` (or the external ids in `users`), seen items
     excluded, written to `out` as Parquet: user_id, rank (1-based), item_id, score, model_version.
     With `rank`, stage one's candidates re-ordered by the version's ranker (scores are the ranker's).
+    `include` / `exclude`: "name=value" business filters over the version's item attributes.
 
     `data` must be built with the version's id map (build_sequences(log, item_vocab=...)).
     """
-    chosen, unknown, schema = plan(data, manifest, users, top_n, rank)
-    step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads, rank)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude)
+    item_ids = np.asarray(data.item_ids[1:])
+    step = BatchRetriever(version_dir, manifest, item_ids, schema, top_n, threads, rank, include, exclude)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")

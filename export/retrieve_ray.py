@@ -13,6 +13,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 from attnrec.engine.repository import Manifest, open_version
 
 from .data.sequences import SequenceData
-from .retrieve import BatchRetriever, RetrieveReport, plan
+from .retrieve import BatchRetriever, RetrieveReport, item_mask, plan
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,22 @@ log = logging.getLogger(__name__)
 class _Actor:
     """A Ray Data callable class: constructed once per actor, called per batch."""
 
-    def __init__(self, version_dir: str, item_ids: np.ndarray, schema: pa.Schema, top_n: int, rank: bool) -> None:
+    def __init__(
+        self,
+        version_dir: str,
+        item_ids: np.ndarray,
+        schema: pa.Schema,
+        top_n: int,
+        rank: bool,
+        include: tuple[str, ...] = (),
+        exclude: tuple[str, ...] = (),
+    ) -> None:
         manifest = open_version(version_dir, verify=False)  # the driver verified the checksums
-        # One ORT thread per actor: Ray gives each actor one CPU.
-        self.step = BatchRetriever(Path(version_dir), manifest, item_ids, schema, top_n, threads=1, rank=rank)
+        # One ORT thread per actor: Ray gives each actor one CPU. The filters travel as strings (a FAISS
+        # selector does not pickle) and each actor builds its own mask.
+        self.step = BatchRetriever(
+            Path(version_dir), manifest, item_ids, schema, top_n, threads=1, rank=rank, include=include, exclude=exclude
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hist = batch.column("history").combine_chunks()
@@ -54,13 +67,16 @@ def retrieve_ray(
     address: str | None = None,
     workers: int = 2,
     rank: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> RetrieveReport:
     """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
-    chosen, unknown, schema = plan(data, manifest, users, top_n, rank)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude)
+    item_mask(version_dir, manifest, include, exclude)  # a bad filter stops here, before Ray starts
     lengths = data.lengths[chosen]
     offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -89,6 +105,8 @@ def retrieve_ray(
                 "schema": schema,
                 "top_n": top_n,
                 "rank": rank,
+                "include": tuple(include),
+                "exclude": tuple(exclude),
             },
             batch_size=batch_size,
             batch_format="pyarrow",

@@ -15,7 +15,7 @@ import os
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,20 +39,24 @@ def retrieve_from_server(
     users: np.ndarray | None = None,
     batch_size: int = 1024,
     progress: bool = True,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> RetrieveReport:
     """Top-`top_n` unseen items of each user of `data` (or of the external ids in `users`) from the
-    server behind `client`, to Parquet at `out`. `data` is built from the log with its own id map."""
+    server behind `client`, to Parquet at `out`. `data` is built from the log with its own id map.
+    `include` / `exclude`: the requests' business filters (the server also leaves out unavailable items)."""
     if top_n < 1:
         raise ValueError(f"top-n must be at least 1, got {top_n}")
     info = client.model_info()
     chosen, unknown = select_users(data, users)
-    schema = output_schema(data, info["model"], info["version"], top_n, rank=info["has_ranker"])
+    schema = output_schema(data, info["model"], info["version"], top_n, info["has_ranker"], include, exclude)
     item_type = schema.field("item_id").type
     parse = int if pa.types.is_integer(item_type) else str
 
     def requests() -> Iterator:
         for n, u in enumerate(chosen):
-            yield request(data.item_ids[data.sequence(u)].tolist(), top_n, request_id=str(n))
+            history = data.item_ids[data.sequence(u)].tolist()
+            yield request(history, top_n, request_id=str(n), include_attributes=include, exclude_attributes=exclude)
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

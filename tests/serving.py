@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,10 @@ async def _make(settings: ServerSettings) -> Server:
 
 
 def settings(repo: Path, **kw) -> ServerSettings:
-    kw = {"port": 0, "metrics_port": 0, "address": "localhost", "intra_op_threads": 1, **kw}
+    """Test settings: free ports, one thread, and (unless given) an embedded history store of its own
+    beside the repository, so no test writes into the working directory or sees another's state."""
+    store = f"file://{Path(repo).resolve().parent / f'history-{uuid.uuid4().hex[:12]}.sqlite'}"
+    kw = {"port": 0, "metrics_port": 0, "address": "localhost", "intra_op_threads": 1, "history_store": store, **kw}
     return ServerSettings(repo=repo, **kw)
 
 

@@ -152,6 +152,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(own_repo):
     port = free_port()
     cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(own_repo), "--port", str(port)]
     env = {**os.environ, "ATTNREC_METRICS_PORT": "0", "ATTNREC_INTRA_OP_THREADS": "1", "ATTNREC_GRACE": "20"}
+    env["ATTNREC_HISTORY_STORE"] = f"file://{own_repo.parent / 'sigterm-history.sqlite'}"  # not in the checkout
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     target = f"localhost:{port}"
     try:
@@ -301,7 +302,7 @@ from attnrec.engine.settings import from_args
 from attnrec.engine.server import Server
 import attnrec.engine.client, attnrec.engine.cli
 async def main():
-    s = Server(from_args(args, {{}}))
+    s = Server(from_args(args, {{"ATTNREC_HISTORY_STORE": {f"file://{own_repo.parent / 'no-torch.sqlite'}"!r}}}))
     await s.start()
     await s.drain()
 asyncio.run(main())

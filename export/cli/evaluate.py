@@ -64,6 +64,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
                 users=users,
                 batch_size=args.batch_size,
                 progress=not args.quiet,
+                include=args.include_attributes,
+                exclude=args.exclude_attributes,
             )
         return 3 if report.unknown_users and args.strict_users else 0
     if args.repo is None or args.name is None:
@@ -75,7 +77,14 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     version_dir, manifest = resolve_version(args.repo, args.name, args.version)
     log_, _ = load_log(args)
     data = build_sequences(log_, item_vocab=load_item_ids(version_dir, manifest))
-    job = dict(top_n=args.top_n, users=users, batch_size=args.batch_size, rank=args.rank)
+    job = dict(
+        top_n=args.top_n,
+        users=users,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        include=args.include_attributes,
+        exclude=args.exclude_attributes,
+    )
     if args.ray is not None:
         from ..retrieve_ray import retrieve_ray
 
@@ -142,6 +151,24 @@ def _retrieve(p: argparse.ArgumentParser) -> None:
         "top-n: what the server answers (default: retrieval only, FAISS order and inner-product scores)",
     )
     p.add_argument("--users", type=Path, metavar="FILE", help="only these users: one external user id per line")
+    p.add_argument(
+        "--include-attributes",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="only items whose attribute NAME (from the version's --item-features) is one of the VALUEs given "
+        "for it, for every NAME given (a multi-valued attribute: any of its values); repeatable",
+    )
+    p.add_argument(
+        "--exclude-attributes",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="NAME=VALUE",
+        help="never items whose attribute NAME is VALUE; repeatable. Both filters run inside the index "
+        "search, so every user still gets top-n items when enough pass (as the server's Recommend)",
+    )
     p.add_argument(
         "--strict-users",
         action="store_true",

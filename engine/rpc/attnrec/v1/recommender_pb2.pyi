@@ -6,20 +6,26 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id")
+    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id", "user_id", "include_attributes", "exclude_attributes")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     N_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude: _containers.RepeatedScalarFieldContainer[str]
     n_candidates: int
     include_timings: bool
     request_id: str
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    user_id: str
+    include_attributes: _containers.RepeatedScalarFieldContainer[str]
+    exclude_attributes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., include_attributes: _Optional[_Iterable[str]] = ..., exclude_attributes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "encoder_ms", "search_ms", "ranker_ms", "total_ms", "batch_size")
@@ -46,7 +52,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class RecommendReply(_message.Message):
-    __slots__ = ("items", "scores", "model", "model_version", "unknown_items", "popularity_fallback", "truncated_items", "timings", "request_id", "error")
+    __slots__ = ("items", "scores", "model", "model_version", "unknown_items", "popularity_fallback", "truncated_items", "timings", "request_id", "error", "stored_events")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +63,7 @@ class RecommendReply(_message.Message):
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STORED_EVENTS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     model: str
@@ -67,7 +74,8 @@ class RecommendReply(_message.Message):
     timings: Timings
     request_id: str
     error: Error
-    def __init__(self, items: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., unknown_items: _Optional[int] = ..., popularity_fallback: bool = ..., truncated_items: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    stored_events: int
+    def __init__(self, items: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., model: _Optional[str] = ..., model_version: _Optional[int] = ..., unknown_items: _Optional[int] = ..., popularity_fallback: bool = ..., truncated_items: _Optional[int] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., stored_events: _Optional[int] = ...) -> None: ...
 
 class ModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -104,3 +112,45 @@ class ModelInfo(_message.Message):
     created_at: str
     metrics_json: str
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., n_items: _Optional[int] = ..., max_history: _Optional[int] = ..., dim: _Optional[int] = ..., has_ranker: bool = ..., default_n_candidates: _Optional[int] = ..., item_id_type: _Optional[str] = ..., index_factory: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+
+class RecordEventsRequest(_message.Message):
+    __slots__ = ("user_id", "items", "timestamps")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    items: _containers.RepeatedScalarFieldContainer[str]
+    timestamps: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, user_id: _Optional[str] = ..., items: _Optional[_Iterable[str]] = ..., timestamps: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class RecordEventsReply(_message.Message):
+    __slots__ = ("stored_events",)
+    STORED_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    stored_events: int
+    def __init__(self, stored_events: _Optional[int] = ...) -> None: ...
+
+class RecordEventsStreamReply(_message.Message):
+    __slots__ = ("requests", "events")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    events: int
+    def __init__(self, requests: _Optional[int] = ..., events: _Optional[int] = ...) -> None: ...
+
+class SetItemAvailabilityRequest(_message.Message):
+    __slots__ = ("items", "available")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedScalarFieldContainer[str]
+    available: bool
+    def __init__(self, items: _Optional[_Iterable[str]] = ..., available: bool = ...) -> None: ...
+
+class SetItemAvailabilityReply(_message.Message):
+    __slots__ = ("changed", "unavailable_items", "unknown_items")
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    changed: int
+    unavailable_items: int
+    unknown_items: int
+    def __init__(self, changed: _Optional[int] = ..., unavailable_items: _Optional[int] = ..., unknown_items: _Optional[int] = ...) -> None: ...
