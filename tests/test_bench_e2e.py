@@ -86,7 +86,14 @@ def test_e2e_stage_reports_consistent_points(bench_run):
     assert t["excess_ms"] == pytest.approx(t["attnrec_p50_ms"] - t["echo_p50_ms"] - t["in_process_p50_ms"])
     f = checks["throughput_fraction_of_ceiling"]
     assert f["fraction"] == pytest.approx(f["attnrec_rps"] / ceil["32"]["items_per_s"])
+    sh = data["stored_history"]
+    assert (sh["users"], sh["events"], sh["history"]) == (64, 640, 10)  # tiny: 64 users, history 10
+    for kind in ("carried", "stored"):
+        _check_point(sh[kind], 0.3)
+    t = checks["stored_history_added_p50"]
+    assert t["added_ms"] == pytest.approx(sh["stored"]["p50_ms"] - sh["carried"]["p50_ms"])
     md = (bench_run / f"bench-e2e-{DATE}.md").read_text()
+    assert "user_id (stored history)" in md
     assert "| Targets" not in md and "**Targets**" in md and f"![e2e](bench-e2e-{DATE}.png)" in md
 
 

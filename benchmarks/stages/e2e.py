@@ -7,7 +7,10 @@ Measured in one run, with the same pre-built requests (history 50, k 10):
 - the floor: a bare grpc.aio echo server answering the same RPC with a reply of the same size;
 - the ceiling: the same `Pipeline.recommend` in a plain Python loop in this process (no gRPC):
   p50 at batch 1, and throughput at batch 32 (the concurrency-32 ceiling);
-- the naive baseline: torch eager + FAISS in a plain grpc.aio servicer, no batching.
+- the naive baseline: torch eager + FAISS in a plain grpc.aio servicer, no batching;
+- stored history (issue 14): on the same attnrec serve (embedded SQLite store), Recommend with a
+  `user_id` whose history was recorded (RecordEventsStream) against the same request carrying that
+  history, at c=1; the p50 difference is what the store read adds.
 The model is `--model VERSION_DIR` (copied into the cache) or a cached synthetic 10^5-item
 version (benchmarks/bench_models.py); a version without a trained ranker gets the suite's
 SYNTHETIC ranker, labelled so in the report. The load generator is benchmarks/loadgen.py.
@@ -27,6 +30,7 @@ TITLE = "End to end over gRPC: attnrec serve vs echo floor, in-process ceiling a
 K = 10
 TARGET_FRACTION = 0.60  # of the in-process ceiling's throughput at concurrency 32
 TARGET_P50_SLACK_MS = 1.0  # p50 at c=1 within this of echo p50 + in-process p50
+TARGET_STORED_HISTORY_MS = 0.3  # a stored-history Recommend adds at most this to p50 at c=1
 
 
 def grid(settings: Settings) -> dict:
@@ -53,6 +57,44 @@ def build_requests(
     rows = [rng.choice(len(item_ids), size=min(history, len(item_ids)), replace=False) for _ in range(n)]
     reqs = [pb.RecommendRequest(history=[str(item_ids[r]) for r in h], k=k).SerializeToString() for h in rows]
     return reqs, rows
+
+
+def stored_history_requests(item_ids: np.ndarray, rows: list[np.ndarray], k: int, max_len: int) -> dict:
+    """The same users two ways: RecordEvents requests (their histories, cut to the model's max length,
+    which is what a store keeps) and, pre-serialised, Recommend requests by user_id alone and carrying
+    those histories."""
+    from attnrec.engine.client import events
+    from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
+
+    histories = [[str(item_ids[r]) for r in h[-max_len:]] for h in rows]
+    users = [f"bench-user-{i}" for i in range(len(rows))]
+    return {
+        "record": [events(u, h) for u, h in zip(users, histories)],
+        "stored": [pb.RecommendRequest(user_id=u, k=k).SerializeToString() for u in users],
+        "carried": [pb.RecommendRequest(history=h, k=k).SerializeToString() for h in histories],
+        "length": len(histories[0]) if histories else 0,
+    }
+
+
+def stored_history(server, item_ids: np.ndarray, rows: list[np.ndarray], max_len: int, settings: Settings) -> dict:
+    """c=1 closed loop on the same server: requests carrying their history, then the same by user_id."""
+    from attnrec.engine.client import RecommenderClient
+
+    from ..loadgen import ClientPool, ClosedLoop, RecommendTarget, ServerProbe, run_point
+
+    reqs = stored_history_requests(item_ids, rows, K, max_len)
+    with RecommenderClient(server.address) as client:
+        recorded = client.record_events_stream(reqs["record"])
+    out: dict = {"users": recorded[0], "events": recorded[1], "history": reqs["length"]}
+    probe = ServerProbe(server.pid, server.metrics_url)
+    for kind in ("carried", "stored"):
+        settings.progress(
+            "e2e", f"attnrec c=1, history {'by user_id from the store' if kind == 'stored' else 'in the request'}"
+        )
+        with ClientPool(RecommendTarget(server.address, reqs[kind])) as clients:
+            out[kind] = run_point(clients, ClosedLoop(1), settings.method, probe)
+    out["added_p50_ms"] = out["stored"]["p50_ms"] - out["carried"]["p50_ms"]
+    return out
 
 
 def ceiling(version: Path, rows: list[np.ndarray], settings: Settings) -> dict:
@@ -134,6 +176,7 @@ def run(settings: Settings, section: Section) -> None:
     with attnrec_serve(v.repo, v.name, logs, threads=settings.threads) as server:
         probe = ServerProbe(server.pid, server.metrics_url)
         attn = closed("attnrec", server, g["closed"], probe)
+        section.data["stored_history"] = stored_history(server, item_ids, rows, manifest.model.max_len, settings)
         best = max(p["throughput_rps"] for p in attn)
         with ClientPool(RecommendTarget(server.address, requests)) as clients:
             for f in g["open_fractions"]:
@@ -150,6 +193,7 @@ def run(settings: Settings, section: Section) -> None:
     del loadgen
 
     _report(section, points, ceil, g)
+    _report_stored(section)
     fig, (ax,) = plots.new_figure(1, width=8, height=5.5)
     series = {
         name: [p for p in points if p["server"] == name and p["mode"] == "closed"]
@@ -250,3 +294,27 @@ def _report(section: Section, points: list[dict], ceil: dict, g: dict) -> None:
                      f"{t['attnrec_p50_ms']:.3f} − ({t['echo_p50_ms']:.3f} + {t['in_process_p50_ms']:.3f}) = "
                      f"{t['excess_ms']:+.3f} ms", "met" if t["met"] else "MISSED"])  # fmt: skip
     section.table("Targets", ["check", "target", "measured", "result"], rows)
+
+
+def _report_stored(section: Section) -> None:
+    sh = section.data["stored_history"]
+    c, st = sh["carried"], sh["stored"]
+    met = sh["added_p50_ms"] <= TARGET_STORED_HISTORY_MS
+    section.data["checks"]["stored_history_added_p50"] = {
+        "carried_p50_ms": c["p50_ms"], "stored_p50_ms": st["p50_ms"], "added_ms": sh["added_p50_ms"],
+        "target_ms": TARGET_STORED_HISTORY_MS, "met": met,
+    }  # fmt: skip
+    section.table(
+        f"Stored history (embedded SQLite store): {sh['users']} users recorded ({sh['events']} events, history "
+        f"{sh['history']}), then Recommend at c=1 with the history in the request, and by user_id alone",
+        ["request", "p50 ms", "p90", "p99 ms", "req/s", "errors", "server CPU ms/req", "total ms"],
+        [[name, fmt_spread(p, "p50_ms"), p["p90_ms"], fmt_spread(p, "p99_ms"), fmt_spread(p, "throughput_rps"),
+          sum(p["errors_by_code"].values()), p.get("server_cpu_ms_per_req"), p.get("server_total_ms")]
+         for name, p in (("history in the request", c), ("user_id (stored history)", st))],
+    )  # fmt: skip
+    section.table(
+        "Stored-history target",
+        ["check", "target", "measured", "result"],
+        [["p50 at c=1: user_id − history in the request", f"≤ {TARGET_STORED_HISTORY_MS} ms",
+          f"{st['p50_ms']:.3f} − {c['p50_ms']:.3f} = {sh['added_p50_ms']:+.3f} ms", "met" if met else "MISSED"]],
+    )  # fmt: skip
