@@ -183,6 +183,9 @@ def test_events_recorded_through_one_replica_are_used_by_the_other(replicas, ref
         mixed = b.recommend(extra, K, user_id="alice")
         assert mixed.stored_events == 6 and mixed.items == a.recommend(history + extra, K).items
         # a user nobody recorded, with no history: popularity, as without a store
+        with tc.InferenceServerClient(replicas[0].target) as kserve:  # the KServe pipeline model reads it too
+            assert kserve_items(kserve, [""], K, user_id="alice") == got_b.items
+            assert kserve_items(kserve, extra, K, user_id="alice") == mixed.items
         nobody = b.recommend([], K, user_id="nobody")
         assert nobody.popularity_fallback and nobody.stored_events == 0
         assert nobody.items == a.recommend([], K).items
@@ -313,7 +316,7 @@ def test_unknown_or_numeric_attribute_is_invalid_argument_on_both_services(repli
             assert exc.value.status() == "StatusCode.INVALID_ARGUMENT" and message in exc.value.message()
 
 
-def kserve_items(kserve, history, k, include=(), exclude=(), metadata=None) -> list[str]:
+def kserve_items(kserve, history, k, include=(), exclude=(), metadata=None, user_id="") -> list[str]:
     """The KServe pipeline model's answer for one user."""
 
     def bytes_input(name, values):
@@ -327,8 +330,10 @@ def kserve_items(kserve, history, k, include=(), exclude=(), metadata=None) -> l
         inputs.append(bytes_input("include_attributes", include))
     if exclude:
         inputs.append(bytes_input("exclude_attributes", exclude))
-    items = kserve.infer("pipeline", inputs, headers=metadata).as_numpy("items")[0]
-    return [x.decode() for x in items if x]
+    if user_id:
+        inputs.append(bytes_input("user_id", [user_id]))
+    result = kserve.infer("pipeline", inputs, headers=metadata)
+    return [x.decode() for x in result.as_numpy("items")[0] if x]
 
 
 # ── the embedded store ────────────────────────────────────────────────────────────────────────
@@ -434,3 +439,24 @@ def test_retrieve_applies_the_filters_in_the_search(attr_repo, trained_repo, sma
         assert [str(x) for x in table[table.user_id == u].sort_values("rank").item_id] == want
     bad = [*argv[:-3], "--include-attributes", "colour=red"]
     assert main(bad) == 2
+
+
+def test_query_command_records_filters_and_sets_availability(replicas, reference, capsys):
+    import json
+
+    from attnrec.cli import main
+
+    target = replicas[0].target
+    items = some_items(reference, 3, seed=9)
+    assert main(["query", "--server", target, "--user-id", "quinn", "--record", ",".join(items)]) == 0
+    assert json.loads(capsys.readouterr().out) == {"stored_events": 3}
+    argv = ["query", "--server", target, "--user-id", "quinn", "--json", "--include-attributes", "category=toys"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["stored_events"] == 3 and r["items"] == exact_top_k(
+        reference, items, K, lambda x: attributes_of(int(x))["category"] == "toys"
+    )
+    assert main(["query", "--server", target, "--set-unavailable", r["items"][0]]) == 0
+    assert json.loads(capsys.readouterr().out)["changed"] == 1
+    assert main(["query", "--server", target, "--set-available", r["items"][0]]) == 0
+    assert json.loads(capsys.readouterr().out) == {"changed": 1, "unavailable_items": 0, "unknown_items": 0}
