@@ -56,7 +56,8 @@ class CandidateSets:
     (the encoder is frozen, so its states are computed once, not every epoch);
     candidates/scores: (S, W) tokens / inner-product scores, 0 / 0.0 in empty slots;
     target_slot: (S,) the slot of the true item, or -1 when it is not among them;
-    user_features: (S, F) the user's side-feature codes (F = 0 without user features).
+    users: (S,) the internal user of each set;
+    user_features: (S, F) the user's side-feature codes (None without user features).
     """
 
     tokens: np.ndarray
@@ -64,18 +65,20 @@ class CandidateSets:
     candidates: np.ndarray
     scores: np.ndarray
     target_slot: np.ndarray
+    users: np.ndarray | None = None
     user_features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target_slot)
 
     def take(self, idx: np.ndarray) -> "CandidateSets":
-        parts = (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot, self.user_features)
-        return CandidateSets(*(None if a is None else a[idx] for a in parts))
+        parts = (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot)
+        rest = (self.users, self.user_features)
+        return CandidateSets(*(a[idx] for a in parts), *(None if a is None else a[idx] for a in rest))
 
-    def with_users(self, codes: np.ndarray) -> "CandidateSets":
-        """These sets with their users' feature codes (S, F)."""
-        return dataclasses.replace(self, user_features=np.ascontiguousarray(codes, dtype=np.int64))
+    def with_user_features(self, user_codes: np.ndarray) -> "CandidateSets":
+        """These sets with their users' feature codes, from `user_codes` (U + 1, F) indexed by user + 1."""
+        return dataclasses.replace(self, user_features=np.ascontiguousarray(user_codes[self.users + 1], np.int64))
 
 
 @dataclass(frozen=True)
@@ -188,18 +191,15 @@ def training_samples(
     cfg: RankerConfig,
     *,
     positions: tuple[np.ndarray, np.ndarray] | None = None,
-    user_codes: np.ndarray | None = None,
 ) -> tuple[CandidateSets, int]:
     """The prefixes whose target stage one retrieves, with their candidates; and how many prefixes there were.
-    `positions`: (user, cut) pairs (default: `training_prefixes`); `user_codes` (U + 1, F): user rows' codes."""
+    `positions`: (user, cut) pairs (default: `training_prefixes`)."""
     users, cuts = positions if positions is not None else training_prefixes(split, cfg.samples_per_user)
     starts = split.data.offsets[users]
     hist = [split.data.items[a : a + t] for a, t in zip(starts, cuts)]
     targets = split.data.items[starts + cuts]
     n, k = cfg.n_candidates, cfg.attend_last
-    sets = stage_one(encode, max_len, index, item_vectors, hist, targets, n, k)
-    if user_codes is not None:
-        sets = sets.with_users(user_codes[users + 1])
+    sets = dataclasses.replace(stage_one(encode, max_len, index, item_vectors, hist, targets, n, k), users=users)
     return sets.take(np.flatnonzero(sets.target_slot >= 0)), len(sets)
 
 
@@ -208,7 +208,7 @@ def eval_candidates(
 ) -> CandidateSets:
     hist = [es.history(j) for j in range(len(es))]
     n, k = cfg.n_candidates, cfg.attend_last
-    return stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k)
+    return dataclasses.replace(stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k), users=es.users)
 
 
 def _batch(sets: CandidateSets, idx: np.ndarray) -> tuple[torch.Tensor | None, ...]:
@@ -271,9 +271,8 @@ def train_ranker(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    codes = user_codes if shape.user_columns else None
     if holdout is None:
-        samples, n_prefixes = training_samples(split, encode, max_len, index, item_vectors, cfg, user_codes=codes)
+        samples, n_prefixes = training_samples(split, encode, max_len, index, item_vectors, cfg)
         source = "recent training prefixes, the served encoder's candidates"
     else:
         hsplit, s1 = holdout
@@ -285,7 +284,6 @@ def train_ranker(
             s1.item_vectors,
             cfg,
             positions=heldout_positions(split, hsplit),
-            user_codes=codes,
         )
         source = "held-out interactions, candidates of the encoder trained without them"
     if not len(samples):
@@ -294,8 +292,10 @@ def train_ranker(
     if len(val) > cfg.val_users:
         val = val.subset(np.sort(rng.choice(len(val), cfg.val_users, replace=False)))
     val_sets = eval_candidates(val, encode, max_len, index, item_vectors, cfg)
-    if codes is not None:
-        val_sets = val_sets.with_users(codes[val.users + 1])
+    if shape.user_columns:
+        if user_codes is None:
+            raise ValueError("a ranker with user columns needs the user feature codes")
+        samples, val_sets = samples.with_user_features(user_codes), val_sets.with_user_features(user_codes)
     retrieved = len(samples) / max(n_prefixes, 1)
     log.info(
         "ranker: %d training samples (%s; kept: target in stage one's top-%d, %.1f%%), %d validation users; %.0fs",
