@@ -21,8 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from .encoder import OnnxEncoder
+from .features import FeatureTables, load_features
 from .index import ItemIndex, load_index
-from .ranker import OnnxRanker
+from .ranker import OnnxRanker, user_feature_codes
 from .repository import ArtifactError, Manifest, open_version
 
 
@@ -76,8 +77,11 @@ def encode_histories(encoder: OnnxEncoder, histories: Sequence[np.ndarray]) -> n
 
 
 def score(ranker: OnnxRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads."""
-    return ranker.session.run(["scores"], {n: feeds[n] for n in ranker.input_names})[0]
+    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads, and may leave out
+    (or set to None) its optional ones (engine/ranker.py), which are then unknown."""
+    batch = len(feeds["candidates"])
+    x = {n: ranker.default(n, batch) if feeds.get(n) is None else feeds[n] for n in ranker.input_names}
+    return ranker.session.run(["scores"], x)[0]
 
 
 def search_index(index: ItemIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -151,9 +155,12 @@ class Pipeline:
         n_candidates: int = 0,
         path: Path | None = None,
         manifest: Manifest | None = None,
+        features: FeatureTables = FeatureTables(),
     ) -> None:
-        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker."""
+        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker;
+        `features`: the version's side features (the ranker's user features come from there)."""
         self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
+        self.features = features
         self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
         # Most popular first; the fallback for histories with no known item.
         self.popular_rows = np.argsort(-self.popularity, kind="stable")
@@ -188,6 +195,10 @@ class Pipeline:
             n_candidates=manifest.ranker.n_candidates if manifest.ranker is not None else 0,
             path=path,
             manifest=manifest,
+            # Only a ranker that reads user features needs the tables at request time.
+            features=load_features(path, manifest)
+            if ranker is not None and ranker.reads_user_features
+            else FeatureTables(),
         )
 
     @property
@@ -210,12 +221,14 @@ class Pipeline:
         exclude: Sequence[np.ndarray] | None = None,
         n_candidates: int | None = None,
         rank: bool = True,
+        user_ids: Sequence[str] | None = None,
     ) -> Recommendations:
         """Top-k rows per history (rows, most recent last), never a row of the history or of `exclude`.
 
         With a ranker (and `rank`), FAISS fetches `n_candidates` (default: the manifest's) and the
         ranker re-orders them; without, FAISS's top-k is the answer. Empty histories get the most
-        popular items.
+        popular items. `user_ids` (external, one per history) give a ranker that reads user features
+        their values; without them (or for an id the version lacks) the users are unknown.
         """
         t = {"encoder": 0.0, "search": 0.0, "ranker": 0.0}
         # Every item of the history is excluded; only the most recent max_len are encoded.
@@ -249,6 +262,8 @@ class Pipeline:
                 "candidates": np.where(cand_rows >= 0, cand_rows + 1, 0),
                 "candidate_scores": np.where(cand_rows >= 0, cand_scores, 0.0).astype(np.float32),
             }
+            if user_ids is not None and self.ranker.reads_user_features and self.features.user is not None:
+                feeds["user_features"] = user_feature_codes(self.features, [str(user_ids[i]) for i in active])
             ranked = np.where(cand_rows >= 0, score(self.ranker, feeds), -np.inf).astype(np.float32)
             order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
             cand_rows = np.take_along_axis(cand_rows, order, axis=1)

@@ -23,6 +23,16 @@ _RANKER_HELP = {
     "epochs": "maximum ranker epochs",
     "patience": "stop after this many epochs without a better two-stage validation NDCG@10",
     "val_users": "validation users sampled for the ranker's early stopping (all when fewer)",
+    "holdout": "leak-free samples: each user's last N training interactions, with the candidates of a second "
+    "encoder trained without them (same settings); 0 = recent training prefixes with the served encoder's "
+    "candidates, which it was trained on",
+    "serve_encoder": "with --ranker-holdout: publish the encoder trained on everything (full) or the hold-out one "
+    "(holdout)",
+    "features": "side-feature groups the ranker reads when the version has them: item, user, both (item,user) "
+    "or none; item features are baked into the ranker, user features are its optional input",
+    "feature_dim": "embedding size of each side-feature column in the ranker",
+    "feature_dropout": "share of ranker training samples scored without item and, separately, without user "
+    "features, so requests without them (no user id) score sensibly",
 }
 
 
@@ -145,7 +155,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         history=tuple(state["history"]),
         checkpoint=str(args.checkpoint),
     )
-    publish_version(model, split, info, args, training)
+    from .train import _feature_tables  # the flags are train's, so both commands read them the same way
+
+    publish_version(model, split, info, args, training, features=_feature_tables(args, split))
     return 0
 
 
@@ -162,8 +174,11 @@ def _export(p: argparse.ArgumentParser) -> None:
         required=True,
         help="training checkpoint of `attnrec train` (by default REPO_DIR/MODEL_NAME/.train/checkpoint.pt)",
     )
+    from .train import _add_feature_args
+
     add_repo_args(p)
     add_data_args(p)
+    _add_feature_args(p)
     add_publish_args(p)
     add_ranker_args(p)
     p.set_defaults(func=cmd_export)

@@ -7,6 +7,7 @@ gives the same ids, whatever its row order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -181,3 +182,20 @@ def leave_one_out(data: SequenceData) -> LeaveOneOut:
         test=_eval_set(data, eligible, drop_last=0),
         n_train_only=n_train_only,
     )
+
+
+def hold_out_last(split: LeaveOneOut, r: int) -> LeaveOneOut:
+    """`split` with each user's last `r` training interactions taken out of training; data,
+    validation and test are the same objects.
+
+    An encoder trained on the result has never fit those interactions, so its candidates for
+    them look like the ones it serves (export/ranker_train.py trains the ranker on them). A user
+    keeps at least one training interaction: one with r or fewer gives up all but its first.
+    """
+    if r < 1:
+        raise ValueError(f"hold out at least one interaction per user, got r = {r}")
+    lengths = split.train_lengths()
+    kept = np.where(lengths > r, lengths - r, np.minimum(lengths, 1))
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    return dataclasses.replace(split, train_offsets=offsets)
