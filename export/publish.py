@@ -1,6 +1,7 @@
 """Turning a trained model into a new model-repository version: ONNX encoder (verified),
 item vectors, tuned FAISS index, id map, popularity, optionally the second-stage ranker
-(trained on this very encoder and index, ONNX-verified), evaluation — published atomically."""
+(trained on this very encoder and index, ONNX-verified), side features, content embeddings with the
+cold items' content-mapped vectors, evaluation — published atomically."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from attnrec.engine.content import ItemContent, write_content
 from attnrec.engine.encoder import OnnxEncoder
 from attnrec.engine.features import FeatureTables, write_features
 from attnrec.engine.pipeline import Pipeline, encode, encode_histories
@@ -66,11 +68,15 @@ def publish(
     seed: int = 0,
     progress: bool = True,
     features: FeatureTables | None = None,
+    content: ItemContent | None = None,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
     """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
     the encoder also outputs its hidden states, which that ranker reads). `features`: side-feature
-    tables encoded against `split` (attnrec.export.data.features), stored in the version. `training`
-    gets the library versions added. Returns the version folder, its manifest and the evaluation report."""
+    tables encoded against `split` (attnrec.export.data.features), stored in the version. `content`:
+    item content embeddings on `split`'s catalogue (attnrec.export.content), stored in the version;
+    items with text and no training interaction get content-mapped vectors (attnrec.export.cold_start)
+    in the encoder, the item vectors and the index. `training` gets the library versions added.
+    Returns the version folder, its manifest and the evaluation report."""
     model = model.eval()
     cfg = model.cfg
     rng = np.random.default_rng(seed)
@@ -79,6 +85,11 @@ def publish(
     for table, rows in ((features.item, split.data.n_items), (features.user, split.data.n_users)):
         if table is not None and table.rows != rows + 1:
             raise ValueError(f"{table.kind} features have {table.rows} rows, this split {rows} + 1: encode them on it")
+    cold_start = None
+    if content is not None:
+        from .cold_start import apply_cold_start
+
+        model, cold_start = apply_cold_start(model, split, content, seed=seed)
     with VersionWriter(repo, name) as w:
         enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
         sample = rng.choice(len(split.valid), min(64, len(split.valid)), replace=False)
@@ -150,6 +161,7 @@ def publish(
             progress=progress,
         )
         features_section = write_features(w.path, features)
+        content_section = write_content(w.path, content, cold_start) if content is not None else None
         version_dir = w.commit(
             files=files,
             model=ModelSection(type="sasrec", **cfg.to_dict()),
@@ -200,6 +212,7 @@ def publish(
             ),
             data=data,
             features=features_section,
+            content=content_section,
         )
     return version_dir, open_version(version_dir), metrics
 
