@@ -1,6 +1,7 @@
 """Turning a trained model into a new model-repository version: ONNX encoder (verified),
 item vectors, tuned FAISS index, id map, popularity, optionally the second-stage ranker
-(trained on this very encoder and index, ONNX-verified), evaluation — published atomically."""
+(trained on this very encoder and index, ONNX-verified), side features, content embeddings with the
+cold items' content-mapped vectors, evaluation — published atomically."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from attnrec.engine.content import ItemContent, write_content
 from attnrec.engine.encoder import OnnxEncoder
 from attnrec.engine.features import FeatureTables, write_features
 from attnrec.engine.pipeline import Pipeline, encode, encode_histories
@@ -66,13 +68,17 @@ def publish(
     seed: int = 0,
     progress: bool = True,
     features: FeatureTables | None = None,
+    content: ItemContent | None = None,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
     """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
     the encoder also outputs its hidden states, which that ranker reads; with `holdout` a second
     encoder is trained with `training.config` for its samples, and with serve_encoder="holdout" it
     is the one published). `features`: side-feature tables encoded against `split`
-    (attnrec.export.data.features), stored in the version and read by the ranker. `training` gets
-    the library versions added. Returns the version folder, its manifest and the evaluation report."""
+    (attnrec.export.data.features), stored in the version and read by the ranker. `content`: item
+    content embeddings on `split`'s catalogue (attnrec.export.content), stored in the version; items
+    with text and no training interaction get content-mapped vectors (attnrec.export.cold_start) in
+    the encoder, the item vectors and the index. `training` gets the library versions added.
+    Returns the version folder, its manifest and the evaluation report."""
     model = model.eval()
     rng = np.random.default_rng(seed)
     with_hidden = with_hidden or (ranker is not None and ranker.keys == "hidden")
@@ -87,6 +93,11 @@ def publish(
             held = _holdout_encoder(split, training, ranker.holdout, progress)
             if ranker.serve_encoder == "holdout":
                 model = held[1]
+    cold_start = None
+    if content is not None:
+        from .cold_start import apply_cold_start
+
+        model, cold_start = apply_cold_start(model, split, content, seed=seed)
     cfg = model.cfg
     with VersionWriter(repo, name) as w:
         enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
@@ -162,6 +173,7 @@ def publish(
             progress=progress,
         )
         features_section = write_features(w.path, features)
+        content_section = write_content(w.path, content, cold_start) if content is not None else None
         version_dir = w.commit(
             files=files,
             model=ModelSection(type="sasrec", **cfg.to_dict()),
@@ -212,6 +224,7 @@ def publish(
             ),
             data=data,
             features=features_section,
+            content=content_section,
         )
     return version_dir, open_version(version_dir), metrics
 
