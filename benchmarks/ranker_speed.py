@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": rng.integers(1, n_items + 1, size=(batch, args.candidates)),
             "candidate_scores": rng.normal(size=(batch, args.candidates)).astype(np.float32),
         }
+        for i in ranker.get_inputs():
+            if i.name == "user_features":  # every user known (code 1): the cost with features on
+                feeds[i.name] = np.ones((batch, i.shape[1]), dtype=np.int64)
         feeds = {i.name: feeds[i.name] for i in ranker.get_inputs()}
         ms = median_ms(lambda: ranker.run(["scores"], feeds), args.repeats, warmup=10)
         enc_ms = median_ms(lambda: encoder.run(None, {"history": history}), args.repeats, warmup=10)

@@ -9,7 +9,8 @@ KServe names (a wire contract):
     encoder   history INT64 (B, L) tokens (row + 1, left-padded with 0)
               → query FP32 (B, D) [+ hidden FP32 (B, L, D) when the encoder exports it]
     ranker    the ranker's own inputs (engine/ranker.py: history, hidden, candidates,
-              candidate_scores) → scores FP32 (B, N); only when the version has a ranker
+              candidate_scores[, user_features: optional]) → scores FP32 (B, N); only when the
+              version has a ranker
     pipeline  the whole request path with external item ids:
               history BYTES (B, H) item ids, oldest first, "" = padding (skipped)
               k INT64 (B, 1) optional (default 10)
@@ -177,6 +178,7 @@ _RANKER_SPECS = {
     "hidden": TensorSpec("hidden", "FP32", (-1, -1, -1)),
     "candidates": TensorSpec("candidates", "INT64", (-1, -1)),
     "candidate_scores": TensorSpec("candidate_scores", "FP32", (-1, -1)),
+    "user_features": TensorSpec("user_features", "INT64", (-1, -1), optional=True),  # absent = unknown users
 }
 
 
@@ -205,6 +207,8 @@ class RankerModel(_Model):
         ranker = self._ranker(v)
         feeds: dict[str, np.ndarray] = {}
         for name in ranker.input_names:
+            if name == "user_features":
+                continue  # optional, filled in below once the batch size is known
             if name == "hidden":
                 x = np.asarray(inputs.get("hidden")) if "hidden" in inputs else None
                 if x is None or x.ndim != 3 or x.dtype.kind != "f":
@@ -223,6 +227,16 @@ class RankerModel(_Model):
             raise InvalidRequest(
                 f"ranker: inputs disagree on the batch size: { {k: x.shape for k, x in feeds.items()} }"
             )
+        if ranker.reads_user_features:
+            if "user_features" in inputs:
+                x = _int_tensor(inputs, "user_features", self.name, 2)
+                if x.shape != (len(feeds["candidates"]), ranker.user_width):
+                    raise InvalidRequest(
+                        f"ranker: user_features must be (B, {ranker.user_width}) like candidates' batch, got {x.shape}"
+                    )
+                feeds["user_features"] = x
+            else:
+                feeds["user_features"] = ranker.default("user_features", len(feeds["candidates"]))
         if "candidate_scores" in feeds and feeds["candidate_scores"].shape != feeds["candidates"].shape:
             raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
         if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
@@ -238,6 +252,7 @@ class _Query:
     exclude: np.ndarray
     k: int
     mask: RowMask | None = None  # the rows filters and availability allow (None: all)
+    user_id: str = ""  # the ranker's user features (an id the version lacks, or "", is an unknown user)
 
 
 @dataclass
@@ -323,7 +338,7 @@ class RecommendModel(_Model):
         p = v.compute
         # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
         n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(_Query(rows, excl, k, mask), group=(p, n), deadline=deadline)
+        done = await self.batcher.submit(_Query(rows, excl, k, mask, user_id), group=(p, n), deadline=deadline)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
         return Answer(

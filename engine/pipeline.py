@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 
 from .encoder import OnnxEncoder
+from .features import FeatureTables, load_features
 from .index import ItemIndex, RowMask, load_index
-from .ranker import OnnxRanker
+from .ranker import OnnxRanker, user_feature_codes
 from .repository import ArtifactError, Manifest, open_version
 
 if TYPE_CHECKING:
@@ -79,8 +80,11 @@ def encode_histories(encoder: OnnxEncoder, histories: Sequence[np.ndarray]) -> n
 
 
 def score(ranker: OnnxRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads."""
-    return ranker.session.run(["scores"], {n: feeds[n] for n in ranker.input_names})[0]
+    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads, and may leave out
+    (or set to None) its optional ones (engine/ranker.py), which are then unknown."""
+    batch = len(feeds["candidates"])
+    x = {n: ranker.default(n, batch) if feeds.get(n) is None else feeds[n] for n in ranker.input_names}
+    return ranker.session.run(["scores"], x)[0]
 
 
 def search_index(
@@ -205,9 +209,12 @@ class Pipeline:
         n_candidates: int = 0,
         path: Path | None = None,
         manifest: Manifest | None = None,
+        features: FeatureTables = FeatureTables(),
     ) -> None:
-        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker."""
+        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker;
+        `features`: the version's side features (the ranker's user features come from there)."""
         self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
+        self.features = features
         self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
         # Most popular first; the fallback for histories with no known item.
         self.popular_rows = np.argsort(-self.popularity, kind="stable")
@@ -242,6 +249,10 @@ class Pipeline:
             n_candidates=manifest.ranker.n_candidates if manifest.ranker is not None else 0,
             path=path,
             manifest=manifest,
+            # Only a ranker that reads user features needs the tables at request time.
+            features=load_features(path, manifest)
+            if ranker is not None and ranker.reads_user_features
+            else FeatureTables(),
         )
 
     @property
@@ -265,13 +276,15 @@ class Pipeline:
         n_candidates: int | None = None,
         rank: bool = True,
         masks: Sequence[RowMask | None] | None = None,
+        user_ids: Sequence[str] | None = None,
     ) -> Recommendations:
         """Top-k rows per history (rows, most recent last), never a row of the history or of `exclude`,
         and, with `masks`, only rows the history's mask allows (business filters, availability).
 
         With a ranker (and `rank`), FAISS fetches `n_candidates` (default: the manifest's) and the
         ranker re-orders them; without, FAISS's top-k is the answer. Empty histories get the most
-        popular items.
+        popular items. `user_ids` (external, one per history) give a ranker that reads user features
+        their values; without them (or for an id the version lacks) the users are unknown.
         """
         t = {"encoder": 0.0, "search": 0.0, "ranker": 0.0}
         # Every item of the history is excluded; only the most recent max_len are encoded.
@@ -311,6 +324,8 @@ class Pipeline:
                 "candidates": np.where(cand_rows >= 0, cand_rows + 1, 0),
                 "candidate_scores": np.where(cand_rows >= 0, cand_scores, 0.0).astype(np.float32),
             }
+            if user_ids is not None and self.ranker.reads_user_features and self.features.user is not None:
+                feeds["user_features"] = user_feature_codes(self.features, [str(user_ids[i]) for i in active])
             ranked = np.where(cand_rows >= 0, score(self.ranker, feeds), -np.inf).astype(np.float32)
             order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
             cand_rows = np.take_along_axis(cand_rows, order, axis=1)
@@ -395,14 +410,15 @@ def run_ranker(p: Pipeline, items: Sequence[dict[str, np.ndarray]]) -> BatchOutp
 
 
 def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
-    """Queries (rows, exclude, k, mask) of several users → per user (rows, scores, timings), top k first.
+    """Queries (rows, exclude, k, mask, user_id) of several users → per user (rows, scores, timings), top k first.
     `group` is the version's pipeline and the candidate count its batch shares."""
     p, n = group
     t0 = time.perf_counter()
     histories, exclude, k = [q.rows for q in items], [q.exclude for q in items], max(q.k for q in items)
     masks = [q.mask for q in items] if any(q.mask is not None for q in items) else None
+    users = [q.user_id for q in items] if any(q.user_id for q in items) else None
     t1 = time.perf_counter()
-    recs = p.recommend(histories, k, exclude=exclude, n_candidates=n or None, masks=masks)
+    recs = p.recommend(histories, k, exclude=exclude, n_candidates=n or None, masks=masks, user_ids=users)
     t2 = time.perf_counter()
     values = [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]
     stages = {stage: recs.timings[stage] for stage in ("encoder", "search", "ranker") if recs.timings.get(stage)}

@@ -6,9 +6,14 @@ The graph declares which of these inputs it reads (all batch-major, padded like 
     hidden            float32 (B, L, D)  the encoder's per-position states for those tokens
     candidates        int64   (B, N)     candidate tokens; 0 marks an empty slot
     candidate_scores  float32 (B, N)     stage one's inner-product score of each candidate
+    user_features     int64   (B, W)     optional: the user's side-feature codes, every coded column
+                                         of the version's user table side by side (`user_feature_codes`);
+                                         absent = all 0 = unknown, which is what serving sends until
+                                         requests carry a user id
 
 and answers `scores` float32 (B, N), higher is better. A ranker that reads `hidden` needs an
-encoder exported with its hidden states; `Pipeline` checks that when it loads a version.
+encoder exported with its hidden states; `Pipeline` checks that when it loads a version. Item
+side features need no input: the exporter bakes them into the graph, indexed by token.
 Scoring is request-time compute: engine/pipeline.py (`score`).
 """
 
@@ -16,9 +21,32 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .encoder import make_session
+import numpy as np
 
-RANKER_INPUTS = ("history", "hidden", "candidates", "candidate_scores")
+from .encoder import make_session
+from .features import CodedColumn, FeatureTable, FeatureTables, user_features
+
+RANKER_INPUTS = ("history", "hidden", "candidates", "candidate_scores", "user_features")
+OPTIONAL_INPUTS = ("user_features",)  # a caller may leave these out: `OnnxRanker.default` fills them
+
+
+def coded_matrix(table: FeatureTable | None, rows: np.ndarray | None = None) -> np.ndarray:
+    """The table's coded columns side by side, int64 (rows, W) (all rows, or `rows`): the layout of
+    `user_features` and of the item codes the exporter bakes. Text columns are left out."""
+    if table is None:
+        return np.zeros((0 if rows is None else len(rows), 0), dtype=np.int64)
+    cols = [c.codes if rows is None else c.codes[rows] for c in table.columns if isinstance(c, CodedColumn)]
+    n = table.rows if rows is None else len(rows)
+    return np.concatenate(cols, axis=1).astype(np.int64) if cols else np.zeros((n, 0), dtype=np.int64)
+
+
+def user_feature_codes(tables: FeatureTables, user_ids: list[str]) -> np.ndarray:
+    """`user_features` of external user ids (B, W); an id the version does not know gets the unknown row."""
+    if tables.user is None:
+        raise ValueError("the version has no user features")
+    codes = user_features(tables, user_ids)  # checks the ids and maps unknown ones to row 0
+    cols = [codes[c.name] for c in tables.user.columns if isinstance(c, CodedColumn)]
+    return np.concatenate(cols, axis=1).astype(np.int64) if cols else np.zeros((len(user_ids), 0), np.int64)
 
 
 class OnnxRanker:
@@ -31,6 +59,23 @@ class OnnxRanker:
         if "candidates" not in self.input_names:
             raise ValueError(f"{path}: a ranker must read `candidates`")
 
+        self.user_width = 0
+        for i in self.session.get_inputs():
+            if i.name == "user_features":
+                if len(i.shape) != 2 or not isinstance(i.shape[1], int):
+                    raise ValueError(f"{path}: `user_features` must be (batch, W) with a fixed W, got {i.shape}")
+                self.user_width = i.shape[1]
+
     @property
     def needs_hidden(self) -> bool:
         return "hidden" in self.input_names
+
+    @property
+    def reads_user_features(self) -> bool:
+        return "user_features" in self.input_names
+
+    def default(self, name: str, batch: int) -> np.ndarray:
+        """The value of an optional input a caller left out: unknown for every row."""
+        if name != "user_features":
+            raise ValueError(f"ranker input {name!r} is required")
+        return np.zeros((batch, self.user_width), dtype=np.int64)

@@ -7,6 +7,7 @@ Layout::
                             ranker.onnx       (optional) history x candidates -> scores
                             item_embeddings.npy, items.faiss, item_ids.json, item_popularity.npy
                             features/         (optional) side features of items and users
+                            content/          (optional) item content embeddings and the cold-start map
 
 Catalogue rows 0..n_items-1 index every per-item file; the encoder's input token of row r is
 r + 1 (token 0 is padding). A version is written in a hidden staging folder and renamed into
@@ -17,7 +18,9 @@ The manifest's schema is the frozen dataclasses below; this module alone turns t
 back, so everyone else reads typed attributes (`manifest.model.dim`, `manifest.ranker is None`).
 Its `schema_version` is "MAJOR.MINOR": a reader refuses another major version, ignores the keys a
 newer minor version added, and upgrades schema 1 (the untyped manifests of earlier releases).
-Schema 2.1 added the optional `features` section (a 2.0 reader ignores it, and the features with it).
+Schema 2.1 added the optional `features` section (a 2.0 reader ignores it, and the features with it);
+2.2 the optional `content` section (a 2.1 reader ignores it and still serves the version: the cold
+items' mapped vectors are already in item_embeddings.npy, the index and the encoder).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any, Iterator, Union
 
 log = logging.getLogger(__name__)
 
-SCHEMA_MAJOR, SCHEMA_MINOR = 2, 1
+SCHEMA_MAJOR, SCHEMA_MINOR = 2, 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 MANIFEST = "manifest.json"
 _STAGING_PREFIX = ".staging-"
@@ -319,6 +322,43 @@ class FeaturesSection(_Section):
 
 
 @dataclass(frozen=True)
+class ColdStartSection(_Section):
+    """The ridge map from content to item vectors that gave the cold items (no training interactions,
+    some text) their stage-one vectors (attnrec.engine.content reads it)."""
+
+    weights: FileEntry  # float32 .npy (content dim + 1, model dim): vector = content @ W[:-1] + W[-1]
+    cold_rows: FileEntry  # int64 .npy: the catalogue rows whose item vector is their mapped content
+    ridge_lambda: float  # chosen on warm items held out of the fit
+    norm_scale: float  # the ridge output's scale (folded into weights): learned norms over predicted ones
+    fit_items: int  # warm items the map was fitted on
+    min_interactions: int  # an item is warm with at least this many training interactions
+    valid_cosine: float  # mean cosine(mapped, learned vector) on the held-out warm items
+    valid_r2: float  # share of the learned vectors' variance the map explains there
+
+
+@dataclass(frozen=True)
+class ContentSection(_Section):
+    """Item content embeddings (schema 2.2): row r + 1 is catalogue row r, row 0 the padding/unknown
+    row; an item without text has a zero row."""
+
+    encoder: str  # the sentence encoder that embedded the text, and its package version
+    dim: int
+    columns: tuple[str, ...]  # the item-feature text columns embedded (joined per row)
+    embeddings: FileEntry  # float32 .npy (rows, dim), L2-normalised rows
+    rows: int  # 1 + catalogue items
+    with_text: int  # catalogue rows with some text
+    cold_start: ColdStartSection | None = None
+
+    def roles(self) -> dict[str, FileEntry]:
+        """A name per file → its entry, for verification and copies."""
+        out = {"content.embeddings": self.embeddings}
+        if self.cold_start is not None:
+            out["content.cold_start.weights"] = self.cold_start.weights
+            out["content.cold_start.cold_rows"] = self.cold_start.cold_rows
+        return out
+
+
+@dataclass(frozen=True)
 class Manifest(_Section):
     """What a version holds."""
 
@@ -334,6 +374,7 @@ class Manifest(_Section):
     training: TrainingSection | None = None
     data: DataSection | None = None
     features: FeaturesSection | None = None  # schema 2.1
+    content: ContentSection | None = None  # schema 2.2
     schema_version: str = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -341,8 +382,12 @@ class Manifest(_Section):
             raise ValueError("a ranker file needs a ranker section and a ranker section a ranker file")
 
     def all_files(self) -> dict[str, FileEntry]:
-        """Every file of the version with its checksum: the roles of `files`, then the feature files."""
-        return {**self.files.roles(), **(self.features.roles() if self.features is not None else {})}
+        """Every file of the version with its checksum: the roles of `files`, the feature files, the content files."""
+        return {
+            **self.files.roles(),
+            **(self.features.roles() if self.features is not None else {}),
+            **(self.content.roles() if self.content is not None else {}),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -588,6 +633,7 @@ class VersionWriter:
         training: TrainingSection | None = None,
         data: DataSection | None = None,
         features: FeaturesSection | None = None,  # its entries written by attnrec.engine.features
+        content: ContentSection | None = None,  # its entries written by attnrec.engine.content
     ) -> Path:
         entries = {}
         for role, rel in files.items():
@@ -595,7 +641,11 @@ class VersionWriter:
             with open(fpath, "rb") as f:
                 os.fsync(f.fileno())
             entries[role] = FileEntry(path=rel, sha256=sha256_file(fpath), bytes=fpath.stat().st_size)
-        for entry in (features.roles() if features is not None else {}).values():
+        extra = {
+            **(features.roles() if features is not None else {}),
+            **(content.roles() if content is not None else {}),
+        }
+        for entry in extra.values():
             with open(self.path / entry.path, "rb") as f:
                 os.fsync(f.fileno())
         # Try successive numbers: a concurrent writer may publish the same one first.
@@ -614,6 +664,7 @@ class VersionWriter:
                 training=training,
                 data=data,
                 features=features,
+                content=content,
             )
             tmp = self.path / (MANIFEST + ".tmp")
             tmp.write_text(manifest.to_json())
@@ -642,8 +693,8 @@ def copy_version(
     manifest = open_version(src)
     with VersionWriter(repo, name) as w:
         files = {role: e.path for role, e in manifest.files.roles().items() if role != "ranker"}
-        feature_files = manifest.features.roles() if manifest.features is not None else {}
-        for rel in [*files.values(), *(e.path for e in feature_files.values())]:
+        extra = {role: e for role, e in manifest.all_files().items() if role not in manifest.files.roles()}
+        for rel in [*files.values(), *(e.path for e in extra.values())]:
             (w.path / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(src / rel, w.path / rel)
         if ranker_file is not None:
@@ -659,6 +710,7 @@ def copy_version(
             training=manifest.training,
             data=manifest.data,
             features=manifest.features,
+            content=manifest.content,
         )
 
 

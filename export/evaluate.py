@@ -104,10 +104,11 @@ def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
 
 
 def _run_pipeline(
-    pipeline: Pipeline, es: EvalSet, popularity: np.ndarray, n: int, label: str, progress: bool
+    pipeline: Pipeline, es: EvalSet, popularity: np.ndarray, n: int, label: str, progress: bool, user_ids: np.ndarray
 ) -> tuple[dict[str, float], dict[str, float] | None, float]:
     """(b) ann and (c) ranked metrics (None without a ranker), and stage one's recall@n, through
-    `Pipeline.recommend` with each user's whole history excluded (the protocol's seen items)."""
+    `Pipeline.recommend` with each user's whole history excluded (the protocol's seen items) and
+    the users' external ids (`user_ids`, per internal user) for a ranker with user features."""
     k = max(*KS, 10)
     ann = RankingReport(KS, pipeline.n_items, popularity)
     ranked = RankingReport(KS, pipeline.n_items, popularity) if pipeline.ranker is not None else None
@@ -122,7 +123,8 @@ def _run_pipeline(
             top_n = pipeline.recommend(hist, n, exclude=hist, rank=False).rows
             found += int((top_n == tgt[:, None]).any(axis=1).sum())
             if ranked is not None:
-                ranked.add(pipeline.recommend(hist, k, exclude=hist, n_candidates=n).rows, tgt, repeats)
+                users = [str(x) for x in user_ids[es.users[s : s + len(hist)]]]
+                ranked.add(pipeline.recommend(hist, k, exclude=hist, n_candidates=n, user_ids=users).rows, tgt, repeats)
             bar.advance(task, len(hist))
     return ann.result(), ranked.result() if ranked else None, found / max(len(es), 1)
 
@@ -157,7 +159,9 @@ def evaluate_pipeline(
     rows: dict[str, Any] = {"exact": {w: result[w] for w in sets}, "ann": {}, "ranked": {}}
     recall: dict[str, float] = {}
     for which, es in sets.items():
-        ann, ranked, recall[which] = _run_pipeline(pipeline, es, pop, n, f"{which} pipeline", progress)
+        ann, ranked, recall[which] = _run_pipeline(
+            pipeline, es, pop, n, f"{which} pipeline", progress, split.data.user_ids
+        )
         rows["ann"][which] = ann
         if ranked is not None:
             rows["ranked"][which] = ranked

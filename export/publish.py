@@ -1,6 +1,7 @@
 """Turning a trained model into a new model-repository version: ONNX encoder (verified),
 item vectors, tuned FAISS index, id map, popularity, optionally the second-stage ranker
-(trained on this very encoder and index, ONNX-verified), evaluation — published atomically."""
+(trained on this very encoder and index, ONNX-verified), side features, content embeddings with the
+cold items' content-mapped vectors, evaluation — published atomically."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from attnrec.engine.content import ItemContent, write_content
 from attnrec.engine.encoder import OnnxEncoder
 from attnrec.engine.features import FeatureTables, write_features
 from attnrec.engine.pipeline import Pipeline, encode, encode_histories
@@ -66,19 +68,37 @@ def publish(
     seed: int = 0,
     progress: bool = True,
     features: FeatureTables | None = None,
+    content: ItemContent | None = None,
 ) -> tuple[Path, Manifest, dict[str, Any]]:
     """`ranker`: train, verify and ship a second stage with these settings (with keys="hidden"
-    the encoder also outputs its hidden states, which that ranker reads). `features`: side-feature
-    tables encoded against `split` (attnrec.export.data.features), stored in the version. `training`
-    gets the library versions added. Returns the version folder, its manifest and the evaluation report."""
+    the encoder also outputs its hidden states, which that ranker reads; with `holdout` a second
+    encoder is trained with `training.config` for its samples, and with serve_encoder="holdout" it
+    is the one published). `features`: side-feature tables encoded against `split`
+    (attnrec.export.data.features), stored in the version and read by the ranker. `content`: item
+    content embeddings on `split`'s catalogue (attnrec.export.content), stored in the version; items
+    with text and no training interaction get content-mapped vectors (attnrec.export.cold_start) in
+    the encoder, the item vectors and the index. `training` gets the library versions added.
+    Returns the version folder, its manifest and the evaluation report."""
     model = model.eval()
-    cfg = model.cfg
     rng = np.random.default_rng(seed)
     with_hidden = with_hidden or (ranker is not None and ranker.keys == "hidden")
     features = features or FeatureTables()
     for table, rows in ((features.item, split.data.n_items), (features.user, split.data.n_users)):
         if table is not None and table.rows != rows + 1:
             raise ValueError(f"{table.kind} features have {table.rows} rows, this split {rows} + 1: encode them on it")
+    held = None
+    if ranker is not None:
+        check_ranker_config(ranker)
+        if ranker.holdout > 0:
+            held = _holdout_encoder(split, training, ranker.holdout, progress)
+            if ranker.serve_encoder == "holdout":
+                model = held[1]
+    cold_start = None
+    if content is not None:
+        from .cold_start import apply_cold_start
+
+        model, cold_start = apply_cold_start(model, split, content, seed=seed)
+    cfg = model.cfg
     with VersionWriter(repo, name) as w:
         enc_path = export_encoder(model, w.path / "encoder.onnx", with_hidden=with_hidden)
         sample = rng.choice(len(split.valid), min(64, len(split.valid)), replace=False)
@@ -128,7 +148,9 @@ def publish(
         }
         ranker_section = onnx_ranker = None
         if ranker is not None:
-            ranker_section = _ship_ranker(model, encoder, split, index, vectors, ranker, w.path / "ranker.onnx")
+            ranker_section = _ship_ranker(
+                model, encoder, split, index, vectors, ranker, w.path / "ranker.onnx", held=held, features=features
+            )
             files["ranker"] = "ranker.onnx"
             onnx_ranker = OnnxRanker(w.path / "ranker.onnx")
 
@@ -140,6 +162,7 @@ def publish(
             popularity,
             onnx_ranker,
             n_candidates=ranker_section.n_candidates if ranker_section is not None else 0,
+            features=features,
         )
         metrics = evaluate_pipeline(
             staged,
@@ -150,6 +173,7 @@ def publish(
             progress=progress,
         )
         features_section = write_features(w.path, features)
+        content_section = write_content(w.path, content, cold_start) if content is not None else None
         version_dir = w.commit(
             files=files,
             model=ModelSection(type="sasrec", **cfg.to_dict()),
@@ -200,8 +224,61 @@ def publish(
             ),
             data=data,
             features=features_section,
+            content=content_section,
         )
     return version_dir, open_version(version_dir), metrics
+
+
+FEATURE_GROUPS = ("item", "user")
+
+
+def check_ranker_config(cfg: RankerConfig) -> None:
+    if cfg.holdout < 0:
+        raise ValueError(f"ranker holdout must be >= 0, got {cfg.holdout}")
+    if cfg.serve_encoder not in ("full", "holdout"):
+        raise ValueError(f"ranker serve_encoder must be full or holdout, got {cfg.serve_encoder!r}")
+    if cfg.serve_encoder == "holdout" and not cfg.holdout:
+        raise ValueError("serving the hold-out encoder needs a holdout of at least 1")
+    unknown = set(feature_groups(cfg)) - set(FEATURE_GROUPS)
+    if unknown:
+        raise ValueError(f"ranker features {sorted(unknown)} are not among {FEATURE_GROUPS}")
+
+
+def feature_groups(cfg: RankerConfig) -> list[str]:
+    return [g.strip() for g in cfg.features.split(",") if g.strip() and g.strip() != "none"]
+
+
+def _holdout_encoder(
+    split: LeaveOneOut, training: TrainingSection, r: int, progress: bool
+) -> tuple[LeaveOneOut, SASRec]:
+    """The ranker's stage one for leak-free samples: the same training settings on `split` less each
+    user's last r training interactions (validation and test untouched)."""
+    from .config import TrainConfig
+    from .data.sequences import hold_out_last
+    from .train import train
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in training.config.items() if k in names})
+    held = hold_out_last(split, r)
+    result = train(held, tcfg, progress=progress)
+    log.info(
+        "hold-out encoder (each user's last %d training interactions left out): valid NDCG@10 %.4f at epoch %d, %.0fs",
+        r,
+        result.best_valid_ndcg10,
+        result.best_epoch,
+        result.seconds,
+    )
+    return held, result.model.eval()
+
+
+def ranker_stage_one(model: SASRec, index_factory: str | None = None):
+    """A torch encoder with an index over its own items: the candidates of a stage one that is not served
+    (`index_factory` None: the default for the catalogue, untuned)."""
+    from .ranker_train import StageOne, torch_encode
+
+    vectors = np.ascontiguousarray(model.item_vectors().detach().numpy(), dtype=np.float32)
+    index = build_index(vectors, index_factory or default_factory(len(vectors)))
+    return StageOne(torch_encode(model), model.cfg.max_len, index, vectors)
 
 
 def _ship_ranker(
@@ -212,15 +289,25 @@ def _ship_ranker(
     vectors: np.ndarray,
     cfg: RankerConfig,
     path: Path,
+    *,
+    held: tuple[LeaveOneOut, SASRec] | None = None,
+    features: FeatureTables = FeatureTables(),
 ) -> RankerSection:
     """Train the ranker on the exported encoder's and the index's own candidates and hidden
-    states (what the server computes), export and verify it; the manifest's `ranker` section."""
+    states (what the server computes) — or, with `held`, on the hold-out encoder's candidates for
+    the interactions it left out — export and verify it; the manifest's `ranker` section."""
     from dataclasses import asdict
 
-    from .ranker_export import check_ranker_parity, export_ranker, time_ranker
-    from .ranker_model import RankerShape, features
-    from .ranker_train import train_ranker
+    from attnrec.engine.ranker import coded_matrix
 
+    from .ranker_export import check_ranker_parity, export_ranker, time_ranker
+    from .ranker_model import RankerShape, coded_columns
+    from .ranker_model import features as describe
+    from .ranker_train import StageOne, train_ranker
+
+    groups = feature_groups(cfg)
+    item_table = features.item if "item" in groups else None
+    user_table = features.user if "user" in groups else None
     shape = RankerShape(
         model.cfg.n_items,
         model.cfg.dim,
@@ -228,8 +315,32 @@ def _ship_ranker(
         keys=cfg.keys,
         mlp_dim=cfg.mlp_dim,
         dropout=cfg.dropout,
+        item_columns=coded_columns(item_table),
+        user_columns=coded_columns(user_table),
+        feature_dim=cfg.feature_dim,
+        feature_dropout=cfg.feature_dropout,
     )
-    result = train_ranker(split, functools.partial(encode, encoder), model.cfg.max_len, index, vectors, cfg, shape)
+    served = StageOne(functools.partial(encode, encoder), model.cfg.max_len, index, vectors)
+    holdout = None
+    if held is not None:
+        hsplit, hmodel = held
+        # Serving the hold-out encoder: its own exported stage one gives the samples too.
+        holdout = (
+            hsplit,
+            served if hmodel is model else ranker_stage_one(hmodel, "Flat" if model.cfg.n_items <= 50_000 else None),
+        )
+    result = train_ranker(
+        split,
+        served.encode,
+        served.max_len,
+        index,
+        vectors,
+        cfg,
+        shape,
+        holdout=holdout,
+        item_codes=coded_matrix(item_table) if shape.item_columns else None,
+        user_codes=coded_matrix(user_table) if shape.user_columns else None,
+    )
     log.info(
         "ranker: best valid NDCG@10 %.4f at epoch %d (stage one %.4f), %d epochs, %.0fs",
         result.best_valid_ndcg10,
@@ -253,13 +364,16 @@ def _ship_ranker(
         "hidden": TensorEntry("float32", ("batch", "length", shape.dim)),
         "candidates": TensorEntry("int64", ("batch", "candidates"), "row + 1; 0 = empty slot"),
         "candidate_scores": TensorEntry("float32", ("batch", "candidates")),
+        "user_features": TensorEntry(
+            "int64", ("batch", shape.user_width), "optional: the user's feature codes (engine/ranker.py); 0 = unknown"
+        ),
     }
     return RankerSection(
         type="target_attention",
         n_candidates=cfg.n_candidates,
         inputs={name: spec for name, spec in inputs.items() if name in names},
         outputs={"scores": TensorEntry("float32", ("batch", "candidates"))},
-        features=tuple(features(shape)),
+        features=tuple(describe(shape)),
         shape=shape.to_dict(),
         opset=OPSET,
         parity=RankerParity(max_abs_diff=parity.max_abs_diff, cases=tuple(parity.cases), tolerance=1e-4),

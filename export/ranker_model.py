@@ -14,9 +14,16 @@ scored in one pass: the cost grows as history × candidates × dim, never as N t
 
 Features the retrieval model cannot use: the item's training popularity (a buffer baked into
 the graph), the candidate's stage-one score relative to the best candidate and standardised over
-the list, and recency-aware attention. Not used: the time since the previous interaction (the
-serving contract carries no timestamps) and the recency of the candidate in the history (seen
-items are never candidates: stage one excludes them).
+the list, recency-aware attention, and side features when the version has them. Item features
+(each coded column's embeddings, a multi-valued column mean-pooled) are baked into the graph as
+a token-indexed table, like popularity, and added to the ranker's item representation through a
+projection that starts at zero: candidates and the attended history both carry them. User
+features arrive as the optional input `user_features` (engine/ranker.py; all zeros = unknown):
+projected to the item width, they enter the MLP alone and times the candidate. Training drops
+either group per sample (`feature_dropout`), so a request without them scores sensibly. Not
+used: the time since the previous interaction (the serving contract carries no timestamps) and
+the recency of the candidate in the history (seen items are never candidates: stage one
+excludes them).
 """
 
 from __future__ import annotations
@@ -35,6 +42,11 @@ _BLOCKED = -1e9  # finite, as in the encoder: a row of padding keys stays NaN-fr
 def features(shape: "RankerShape") -> list[str]:
     """What the ranker reads, for the manifest."""
     own = shape.keys == "items"
+    side = []
+    if shape.item_columns:
+        side.append(f"item side features ({', '.join(c.name for c in shape.item_columns)}), baked into the graph")
+    if shape.user_columns:
+        side.append(f"user side features ({', '.join(c.name for c in shape.user_columns)}), optional input")
     return [
         f"target attention of the candidate over the {shape.attend_last} most recent history items "
         + ("(the ranker's own item embeddings)" if own else "(the encoder's hidden states)")
@@ -43,7 +55,56 @@ def features(shape: "RankerShape") -> list[str]:
         "candidate × attended history" + ("" if own else ", candidate × query (the last hidden state)"),
         "stage-one score: raw (residual), relative to the best candidate, standardised over the list",
         "log training popularity of the candidate",
+        *side,
     ]
+
+
+@dataclass(frozen=True)
+class FeatureColumn:
+    """One coded side-feature column as the ranker embeds it: `n_codes` values (0 = unknown) in
+    `width` slots (more than one for a multi-valued column)."""
+
+    name: str
+    n_codes: int
+    width: int
+
+
+def coded_columns(table) -> tuple[FeatureColumn, ...]:
+    """The coded columns of an engine FeatureTable (text columns are a content encoder's, not ours)."""
+    from attnrec.engine.features import CodedColumn
+
+    if table is None:
+        return ()
+    return tuple(FeatureColumn(c.name, len(c.vocab), c.width) for c in table.columns if isinstance(c, CodedColumn))
+
+
+class CodedEmbedding(nn.Module):
+    """Codes (..., W) of several columns side by side → (..., n_columns * dim): each column's
+    embedding, mean-pooled over its filled slots; unknown (0) and out-of-range codes embed to 0."""
+
+    def __init__(self, columns: tuple[FeatureColumn, ...], dim: int) -> None:
+        super().__init__()
+        widths = [c.width for c in columns]
+        # One table for all columns: a column's code c > 0 lives at row offset + c; row 0 is the zero vector.
+        offsets = np.cumsum([0] + [c.n_codes - 1 for c in columns])[:-1]
+        self.register_buffer("slot_offset", torch.tensor(np.repeat(offsets, widths), dtype=torch.long))
+        self.register_buffer("slot_codes", torch.tensor(np.repeat([c.n_codes for c in columns], widths)))
+        member = np.zeros((len(columns), sum(widths)), dtype=np.float32)
+        for i, (start, w) in enumerate(zip(np.cumsum([0] + widths)[:-1], widths)):
+            member[i, start : start + w] = 1.0
+        self.register_buffer("member", torch.from_numpy(member))  # (C, W): which slots pool into a column
+        self.emb = nn.Embedding(1 + sum(c.n_codes - 1 for c in columns), dim, padding_idx=0)
+        nn.init.normal_(self.emb.weight, std=0.1)
+        with torch.no_grad():
+            self.emb.weight[0].zero_()
+        self.out_dim = len(columns) * dim
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        ok = (codes > 0) & (codes < self.slot_codes)  # a code the vocabulary lacks is unknown, not an error
+        e = self.emb(torch.where(ok, codes + self.slot_offset, torch.zeros_like(codes)))  # (..., W, dim)
+        m = ok.to(e.dtype).unsqueeze(-1)
+        pooled = (self.member @ (e * m)) / (self.member @ m).clamp(min=1.0)  # (..., C, dim)
+        return pooled.flatten(-2)
 
 
 @dataclass
@@ -54,15 +115,35 @@ class RankerShape:
     keys: str = "items"  # what candidates attend over: "items" (own embeddings) or "hidden" (encoder states)
     mlp_dim: int = 64
     dropout: float = 0.1
+    item_columns: tuple[FeatureColumn, ...] = ()  # coded item features (baked, token-indexed)
+    user_columns: tuple[FeatureColumn, ...] = ()  # coded user features (the optional input)
+    feature_dim: int = 16  # embedding size of each feature column
+    feature_dropout: float = 0.0  # training: share of samples scored without item / without user features
+
+    @property
+    def user_width(self) -> int:
+        return sum(c.width for c in self.user_columns)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat, for the manifest: each feature group as "name:codes x width,..." ("" = none)."""
+        out = asdict(self)
+        for group in ("item_columns", "user_columns"):
+            out[group] = ",".join(f"{c.name}:{c.n_codes}x{c.width}" for c in getattr(self, group))
+        return out
 
 
 class TargetAttentionRanker(nn.Module):
-    def __init__(self, shape: RankerShape, item_vectors: torch.Tensor | None = None, popularity=None) -> None:
+    def __init__(
+        self,
+        shape: RankerShape,
+        item_vectors: torch.Tensor | None = None,
+        popularity=None,
+        item_codes: np.ndarray | None = None,
+    ) -> None:
         """item_vectors (n_items, D): the encoder's item embeddings (initial candidate embeddings);
-        popularity (n_items,): training interaction counts per catalogue row."""
+        popularity (n_items,): training interaction counts per catalogue row; item_codes (n_items + 1,
+        W): the item feature table's coded columns side by side, token-indexed (row 0 unknown), as
+        `shape.item_columns` describes them."""
         super().__init__()
         self.shape = shape
         d = shape.dim
@@ -71,6 +152,20 @@ class TargetAttentionRanker(nn.Module):
         self.w_att = nn.Linear(d, d, bias=False)
         self.scale = 1.0 / math.sqrt(d)
         n_in = (4 if shape.keys == "hidden" else 3) * d + 3
+        self.item_side = self.user_side = None
+        if shape.item_columns:
+            width = sum(c.width for c in shape.item_columns)
+            if item_codes is None or item_codes.shape != (shape.n_items + 1, width):
+                got = None if item_codes is None else item_codes.shape
+                raise ValueError(f"item feature codes must be ({shape.n_items + 1}, {width}), got {got}")
+            self.register_buffer("item_codes", torch.as_tensor(np.asarray(item_codes), dtype=torch.long))
+            self.item_side = CodedEmbedding(shape.item_columns, shape.feature_dim)
+            self.item_proj = nn.Linear(self.item_side.out_dim, d, bias=False)
+            nn.init.zeros_(self.item_proj.weight)  # the item representation starts as the ids' alone
+        if shape.user_columns:
+            self.user_side = CodedEmbedding(shape.user_columns, shape.feature_dim)
+            self.user_proj = nn.Linear(self.user_side.out_dim, d)
+            n_in += 2 * d
         self.mlp = nn.Sequential(
             nn.Linear(n_in, shape.mlp_dim),
             nn.GELU(),
@@ -94,18 +189,37 @@ class TargetAttentionRanker(nn.Module):
             pop /= max(float(pop.max()), 1.0)
         self.register_buffer("log_pop", torch.from_numpy(pop))  # (I+1,), token-indexed, 0 for padding
 
+    def items(self, tokens: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The ranker's representation of tokens (B, T): id embedding plus projected item features
+        (left out for the samples where `drop` (B,) is true)."""
+        v = self.item_emb(tokens)
+        if self.item_side is None:
+            return v
+        codes = self.item_codes[tokens]
+        if drop is not None:
+            codes = codes.masked_fill(drop[:, None, None], 0)
+        return v + self.item_proj(self.item_side(codes))
+
     def forward(
-        self, history: torch.Tensor, hidden: torch.Tensor, candidates: torch.Tensor, candidate_scores: torch.Tensor
+        self,
+        history: torch.Tensor,
+        hidden: torch.Tensor,
+        candidates: torch.Tensor,
+        candidate_scores: torch.Tensor,
+        user_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """history (B, L) tokens, hidden (B, L, D), candidates (B, N) tokens (0 = empty), candidate_scores (B, N)
-        → scores (B, N)."""
+        """history (B, L) tokens, hidden (B, L, D), candidates (B, N) tokens (0 = empty), candidate_scores (B, N),
+        user_features (B, W) codes (None or zeros: unknown) → scores (B, N)."""
         k = self.shape.attend_last
+        p = self.shape.feature_dropout if self.training else 0.0
+        b = candidates.shape[0]
+        drop_item = torch.rand(b) < p if p > 0 and self.item_side is not None else None
         history = history[:, -k:]  # slicing past the start keeps everything
         t = history.shape[1]
         pos = torch.arange(k - t, k, device=history.device)
-        values = hidden[:, -k:] if self.shape.keys == "hidden" else self.item_emb(history)  # (B, L, D)
+        values = hidden[:, -k:] if self.shape.keys == "hidden" else self.items(history, drop_item)  # (B, L, D)
         keys = values + self.recency(pos)
-        v = self.item_emb(candidates)  # (B, N, D)
+        v = self.items(candidates, drop_item)  # (B, N, D)
         att = (self.w_att(v) @ keys.transpose(1, 2)) * self.scale  # (B, N, L)
         att = att.masked_fill((history == 0).unsqueeze(1), _BLOCKED)
         a = F.softmax(att, dim=-1) @ values  # (B, N, D)
@@ -120,5 +234,12 @@ class TargetAttentionRanker(nn.Module):
         parts = [v, a, v * a]
         if self.shape.keys == "hidden":
             parts.append(v * hidden[:, -1:])  # the last state is stage one's query
+        if self.user_side is not None:
+            if user_features is None:
+                user_features = torch.zeros(b, self.shape.user_width, dtype=torch.long, device=candidates.device)
+            if p > 0:
+                user_features = user_features.masked_fill((torch.rand(b) < p)[:, None], 0)
+            u = self.user_proj(self.user_side(user_features)).unsqueeze(1)  # (B, 1, D)
+            parts += [u.expand(-1, v.shape[1], -1), v * u]
         x = torch.cat([*parts, scalars], dim=-1)  # (B, N, 3D or 4D, + 3)
         return s + self.mlp(x).squeeze(-1)

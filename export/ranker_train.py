@@ -2,13 +2,22 @@
 
 Samples come from the training part only. For a user whose training sequence is s (the
 validation and test targets are not in it), a sample cuts s at a recent position t: the
-prefix s[:t] is the history, s[t] the target. Stage one (the frozen encoder and the version's
-FAISS index, seen items excluded as at serving time) gives the prefix's top-N candidates:
-hard negatives. Only prefixes whose true item retrieval found are kept, so the true item is
-always among the candidates, and a listwise softmax over them teaches the ranker to re-order
-what retrieval returns. (Adding a missed target in an extra slot would leak: it would be the
-one candidate scored below stage one's cut-off, which the ranker learns to spot and which
-never occurs when serving; it measurably hurt validation NDCG on MovieLens.) A target that
+prefix s[:t] is the history, s[t] the target. Stage one (a frozen encoder and a FAISS index over
+its items, seen items excluded as at serving time) gives the prefix's top-N candidates: hard
+negatives.
+
+Which encoder gives them matters. The served encoder was trained on every training target, so
+on those it is over-confident (on ml-100k 90% of them are in its top 200, against 80% of test
+targets) and a ranker trained there learns to trust stage one more than it should. With
+`holdout` r > 0 the targets are each user's last r training interactions instead, and their
+candidates come from a second encoder trained without them (`hold_out_last`): stage one has never
+fit those targets, as at serving time. Validation always uses the served encoder.
+
+Only prefixes whose true item retrieval found are kept, so the true item is always among the
+candidates, and a listwise softmax over them teaches the ranker to re-order what retrieval
+returns. (Adding a missed target in an extra slot would leak: it would be the one candidate
+scored below stage one's cut-off, which the ranker learns to spot and which never occurs when
+serving; it measurably hurt validation NDCG on MovieLens.) A target that
 already occurs in its prefix is skipped: serving never ranks seen items.
 
 Validation runs the pipeline that will be served: the validation users' histories through
@@ -18,6 +27,7 @@ is stage one's own order, since the ranker starts as retrieval; the best epoch i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -45,7 +55,9 @@ class CandidateSets:
     tokens/hidden: (S, K) / (S, K, D), the most recent K = attend_last positions, left-padded
     (the encoder is frozen, so its states are computed once, not every epoch);
     candidates/scores: (S, W) tokens / inner-product scores, 0 / 0.0 in empty slots;
-    target_slot: (S,) the slot of the true item, or -1 when it is not among them.
+    target_slot: (S,) the slot of the true item, or -1 when it is not among them;
+    users: (S,) the internal user of each set;
+    user_features: (S, F) the user's side-feature codes (None without user features).
     """
 
     tokens: np.ndarray
@@ -53,14 +65,44 @@ class CandidateSets:
     candidates: np.ndarray
     scores: np.ndarray
     target_slot: np.ndarray
+    users: np.ndarray | None = None
+    user_features: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target_slot)
 
     def take(self, idx: np.ndarray) -> "CandidateSets":
-        return CandidateSets(
-            *(a[idx] for a in (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot))
-        )
+        parts = (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot)
+        rest = (self.users, self.user_features)
+        return CandidateSets(*(a[idx] for a in parts), *(None if a is None else a[idx] for a in rest))
+
+    def with_user_features(self, user_codes: np.ndarray) -> "CandidateSets":
+        """These sets with their users' feature codes, from `user_codes` (U + 1, F) indexed by user + 1."""
+        return dataclasses.replace(self, user_features=np.ascontiguousarray(user_codes[self.users + 1], np.int64))
+
+
+@dataclass(frozen=True)
+class StageOne:
+    """A frozen encoder and a FAISS index over its own item vectors: what gives a history its candidates."""
+
+    encode: "Encode"
+    max_len: int
+    index: ItemIndex
+    item_vectors: np.ndarray
+
+
+def heldout_positions(split: LeaveOneOut, holdout: LeaveOneOut) -> tuple[np.ndarray, np.ndarray]:
+    """(user, cut) pairs of the interactions that `split` trains on and `holdout` (hold_out_last) does
+    not, t ≥ 1 and whose item is not in the prefix before it (so it can be ranked)."""
+    users, cuts = [], []
+    full, kept = split.train_lengths(), holdout.train_lengths()
+    for u in np.flatnonzero(full > kept):
+        s = split.train_sequence(u)
+        for t in range(max(int(kept[u]), 1), int(full[u])):
+            if s[t] not in s[:t]:
+                users.append(u)
+                cuts.append(t)
+    return np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
 
 
 def training_prefixes(split: LeaveOneOut, samples_per_user: int) -> tuple[np.ndarray, np.ndarray]:
@@ -141,15 +183,23 @@ def stage_one(
 
 
 def training_samples(
-    split: LeaveOneOut, encode: Encode, max_len: int, index: ItemIndex, item_vectors: np.ndarray, cfg: RankerConfig
+    split: LeaveOneOut,
+    encode: Encode,
+    max_len: int,
+    index: ItemIndex,
+    item_vectors: np.ndarray,
+    cfg: RankerConfig,
+    *,
+    positions: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[CandidateSets, int]:
-    """The prefixes whose target stage one retrieves, with their candidates; and how many prefixes there were."""
-    users, cuts = training_prefixes(split, cfg.samples_per_user)
+    """The prefixes whose target stage one retrieves, with their candidates; and how many prefixes there were.
+    `positions`: (user, cut) pairs (default: `training_prefixes`)."""
+    users, cuts = positions if positions is not None else training_prefixes(split, cfg.samples_per_user)
     starts = split.data.offsets[users]
     hist = [split.data.items[a : a + t] for a, t in zip(starts, cuts)]
     targets = split.data.items[starts + cuts]
     n, k = cfg.n_candidates, cfg.attend_last
-    sets = stage_one(encode, max_len, index, item_vectors, hist, targets, n, k)
+    sets = dataclasses.replace(stage_one(encode, max_len, index, item_vectors, hist, targets, n, k), users=users)
     return sets.take(np.flatnonzero(sets.target_slot >= 0)), len(sets)
 
 
@@ -158,11 +208,12 @@ def eval_candidates(
 ) -> CandidateSets:
     hist = [es.history(j) for j in range(len(es))]
     n, k = cfg.n_candidates, cfg.attend_last
-    return stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k)
+    return dataclasses.replace(stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k), users=es.users)
 
 
-def _batch(sets: CandidateSets, idx: np.ndarray) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(a[idx]) for a in (sets.tokens, sets.hidden, sets.candidates, sets.scores))
+def _batch(sets: CandidateSets, idx: np.ndarray) -> tuple[torch.Tensor | None, ...]:
+    parts = (sets.tokens, sets.hidden, sets.candidates, sets.scores, sets.user_features)
+    return tuple(None if a is None else torch.from_numpy(a[idx]) for a in parts)
 
 
 @torch.no_grad()
@@ -173,8 +224,8 @@ def ranked_ndcg(ranker: TargetAttentionRanker, sets: CandidateSets, k: int = 10)
     gains = []
     for s in range(0, len(sets), 256):
         idx = np.arange(s, min(s + 256, len(sets)))
-        tokens, hidden, cands, scores = _batch(sets, idx)
-        out = ranker(tokens, hidden, cands, scores).masked_fill(cands == 0, float("-inf"))
+        tokens, hidden, cands, scores, users = _batch(sets, idx)
+        out = ranker(tokens, hidden, cands, scores, users).masked_fill(cands == 0, float("-inf"))
         order = torch.argsort(out, dim=1, descending=True, stable=True)[:, :k].numpy()
         slot = sets.target_slot[idx]
         pos = np.where((order == slot[:, None]) & (slot[:, None] >= 0))
@@ -206,23 +257,50 @@ def train_ranker(
     item_vectors: np.ndarray,
     cfg: RankerConfig,
     shape: RankerShape,
+    *,
+    holdout: tuple[LeaveOneOut, StageOne] | None = None,
+    item_codes: np.ndarray | None = None,
+    user_codes: np.ndarray | None = None,
 ) -> RankerResult:
+    """`holdout`: the hold_out_last split and the stage one trained on it, whose candidates for the
+    held-out interactions are the samples (None: recent training prefixes, the served stage one's);
+    `item_codes` (I + 1, F) / `user_codes` (U + 1, F): the coded feature matrices (engine/ranker.py
+    `coded_matrix`) that `shape`'s item and user columns describe."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    samples, n_prefixes = training_samples(split, encode, max_len, index, item_vectors, cfg)
+    if holdout is None:
+        samples, n_prefixes = training_samples(split, encode, max_len, index, item_vectors, cfg)
+        source = "recent training prefixes, the served encoder's candidates"
+    else:
+        hsplit, s1 = holdout
+        samples, n_prefixes = training_samples(
+            split,
+            s1.encode,
+            s1.max_len,
+            s1.index,
+            s1.item_vectors,
+            cfg,
+            positions=heldout_positions(split, hsplit),
+        )
+        source = "held-out interactions, candidates of the encoder trained without them"
     if not len(samples):
         raise ValueError("no training prefixes for the ranker: every user's training part is too short")
     val = split.valid
     if len(val) > cfg.val_users:
         val = val.subset(np.sort(rng.choice(len(val), cfg.val_users, replace=False)))
     val_sets = eval_candidates(val, encode, max_len, index, item_vectors, cfg)
+    if shape.user_columns:
+        if user_codes is None:
+            raise ValueError("a ranker with user columns needs the user feature codes")
+        samples, val_sets = samples.with_user_features(user_codes), val_sets.with_user_features(user_codes)
     retrieved = len(samples) / max(n_prefixes, 1)
     log.info(
-        "ranker: %d training prefixes (kept: target in stage one's top-%d, %.1f%%), %d validation users; %.0fs",
+        "ranker: %d training samples (%s; kept: target in stage one's top-%d, %.1f%%), %d validation users; %.0fs",
         len(samples),
+        source,
         cfg.n_candidates,
         100 * retrieved,
         len(val),
@@ -230,7 +308,7 @@ def train_ranker(
     )
 
     pop = split.train_popularity()[1:]
-    ranker = TargetAttentionRanker(shape, torch.from_numpy(item_vectors), pop)
+    ranker = TargetAttentionRanker(shape, torch.from_numpy(item_vectors), pop, item_codes)
     opt = torch.optim.AdamW(ranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stage1 = best = ranked_ndcg(ranker, val_sets)
     best_epoch, bad, history = 0, 0, [{"epoch": 0, "valid_ndcg@10": best}]
@@ -244,8 +322,8 @@ def train_ranker(
         total = 0.0
         for b in range(n_batches):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            tokens, hidden, cands, scores = _batch(samples, idx)
-            logits = ranker(tokens, hidden, cands, scores).masked_fill(cands == 0, float("-inf"))
+            tokens, hidden, cands, scores, users = _batch(samples, idx)
+            logits = ranker(tokens, hidden, cands, scores, users).masked_fill(cands == 0, float("-inf"))
             loss = F.cross_entropy(logits, torch.from_numpy(samples.target_slot[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()

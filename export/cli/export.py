@@ -23,6 +23,16 @@ _RANKER_HELP = {
     "epochs": "maximum ranker epochs",
     "patience": "stop after this many epochs without a better two-stage validation NDCG@10",
     "val_users": "validation users sampled for the ranker's early stopping (all when fewer)",
+    "holdout": "leak-free samples: each user's last N training interactions, with the candidates of a second "
+    "encoder trained without them (same settings); 0 = recent training prefixes with the served encoder's "
+    "candidates, which it was trained on",
+    "serve_encoder": "with --ranker-holdout: publish the encoder trained on everything (full) or the hold-out one "
+    "(holdout)",
+    "features": "side-feature groups the ranker reads when the version has them: item, user, both (item,user) "
+    "or none; item features are baked into the ranker, user features are its optional input",
+    "feature_dim": "embedding size of each side-feature column in the ranker",
+    "feature_dropout": "share of ranker training samples scored without item and, separately, without user "
+    "features, so requests without them (no user id) score sensibly",
 }
 
 
@@ -82,9 +92,22 @@ def add_repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, metavar="MODEL_NAME", help="model name inside the repository")
 
 
-def publish_version(model, split, info, args, training, features=None) -> dict:
+def publish_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of export.publish.publish that the index, evaluation and ranker flags set."""
+    return dict(
+        index_factory=args.index_factory,
+        recall_n=args.recall_n,
+        target_recall=args.target_recall,
+        eval_users=args.eval_users,
+        with_hidden=args.export_hidden,
+        ranker=_ranker_config(args, args.seed, args.threads),
+        progress=not args.quiet,
+    )
+
+
+def publish_version(model, split, info, args, training, features=None, content=None) -> dict:
     """Export, evaluate and publish `model` as a new version (with a ranker unless --no-ranker, with the
-    side-feature tables `features` if given); print its report."""
+    side-feature tables `features` and the content embeddings `content` if given); print its report."""
     from ..evaluate import print_report
     from ..publish import publish
 
@@ -95,15 +118,10 @@ def publish_version(model, split, info, args, training, features=None) -> dict:
         args.name,
         training=training,
         data=info,
-        index_factory=args.index_factory,
-        recall_n=args.recall_n,
-        target_recall=args.target_recall,
-        eval_users=args.eval_users,
-        with_hidden=args.export_hidden,
-        ranker=_ranker_config(args, args.seed, args.threads),
         seed=args.seed,
-        progress=not args.quiet,
         features=features,
+        content=content,
+        **publish_options(args),
     )
     print_report(metrics)
     idx = manifest.index
@@ -123,10 +141,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..config import TrainConfig
     from ..model import SASRec
     from ..train import item_ids_digest
+    from .content import content_of, with_cold_items
+    from .train import _feature_tables
 
     state = torch.load(args.checkpoint, weights_only=False)
     cfg = TrainConfig(**state["train_config"])
-    split, info = load_split(args)
+    split, info = with_cold_items(args, *load_split(args))  # the catalogue the checkpoint was trained on
     if split.data.n_items != state["n_items"] or state.get(
         "item_ids_sha256", item_ids_digest(split.data.item_ids)
     ) != item_ids_digest(split.data.item_ids):
@@ -145,16 +165,22 @@ def cmd_export(args: argparse.Namespace) -> int:
         history=tuple(state["history"]),
         checkpoint=str(args.checkpoint),
     )
-    publish_version(model, split, info, args, training)
+
+    features = _feature_tables(args, split)
+    publish_version(model, split, info, args, training, features, content_of(args, features, threads=cfg.threads))
     return 0
 
 
 def _export(p: argparse.ArgumentParser) -> None:
+    from .content import add_content_args
+    from .train import _add_feature_args
+
     p.description = (
         "Export the best weights of a training checkpoint as a new repository version, "
         "training a new ranker on them unless --no-ranker: the way to add (or retrain) the ranker of an "
         "existing encoder. The data must be the data the checkpoint was trained on (for the id map, the "
-        "index tuning queries, the ranker's samples and the evaluation)."
+        "index tuning queries, the ranker's samples and the evaluation), with the same --item-features and "
+        "content flags when it was trained with them (they add the cold items to its catalogue)."
     )
     p.add_argument(
         "--checkpoint",
@@ -164,6 +190,8 @@ def _export(p: argparse.ArgumentParser) -> None:
     )
     add_repo_args(p)
     add_data_args(p)
+    _add_feature_args(p)
+    add_content_args(p)
     add_publish_args(p)
     add_ranker_args(p)
     p.set_defaults(func=cmd_export)

@@ -7,6 +7,7 @@ import logging
 from dataclasses import asdict, fields
 from pathlib import Path
 
+from .content import add_content_args, content_of, with_cold_items
 from .data import add_data_args, load_split
 from .export import add_publish_args, add_ranker_args, add_repo_args, publish_version
 
@@ -124,9 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ..train import train
 
-    split, info = load_split(args)
+    split, info = with_cold_items(args, *load_split(args))
     features = _feature_tables(args, split)
     cfg = _train_config(args)
+    content = content_of(args, features, threads=cfg.threads)
     ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     result = train(split, cfg, checkpoint=ckpt, resume=args.resume, progress=not args.quiet)
@@ -146,7 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         history=tuple(result.history),
         checkpoint=str(ckpt),
     )
-    publish_version(result.model, split, info, args, training, features=features)
+    publish_version(result.model, split, info, args, training, features=features, content=content)
     return 0
 
 
@@ -170,6 +172,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
     _add_feature_args(p)
+    add_content_args(p)
     _add_train_args(p)
     add_publish_args(p)
     add_ranker_args(p)

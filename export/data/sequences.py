@@ -7,6 +7,7 @@ gives the same ids, whatever its row order.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -181,3 +182,64 @@ def leave_one_out(data: SequenceData) -> LeaveOneOut:
         test=_eval_set(data, eligible, drop_last=0),
         n_train_only=n_train_only,
     )
+
+
+def hold_out_last(split: LeaveOneOut, r: int) -> LeaveOneOut:
+    """`split` with each user's last `r` training interactions taken out of training; data,
+    validation and test are the same objects.
+
+    An encoder trained on the result has never fit those interactions, so its candidates for
+    them look like the ones it serves (export/ranker_train.py trains the ranker on them). A user
+    keeps at least one training interaction: one with r or fewer gives up all but its first.
+    """
+    if r < 1:
+        raise ValueError(f"hold out at least one interaction per user, got r = {r}")
+    lengths = split.train_lengths()
+    kept = np.where(lengths > r, lengths - r, np.minimum(lengths, 1))
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    return dataclasses.replace(split, train_offsets=offsets)
+
+
+def extend_catalogue(data: SequenceData, extra_ids: np.ndarray) -> SequenceData:
+    """The same sequences over a catalogue that also holds `extra_ids` (items without interactions,
+    such as new items of an item-feature file). The id map stays a pure function of the set of ids
+    (sorted as build_sequences sorts), so known items may move to other rows; `extra_ids` must have
+    the catalogue's kind of id (integers or strings)."""
+    current = data.item_ids[1:]
+    extra = np.asarray(extra_ids)
+    if len(extra) and (extra.dtype.kind in "iu") != (current.dtype.kind in "iu"):
+        raise ValueError(f"catalogue ids are {current.dtype}, the extra ids {extra.dtype}: convert them first")
+    new = np.setdiff1d(extra, current)
+    if not len(new):
+        return data
+    merged = np.union1d(current, new)
+    lookup = np.concatenate([[0], np.searchsorted(merged, current) + 1]).astype(np.int64)  # old id -> new id
+    return SequenceData(
+        user_ids=data.user_ids,
+        item_ids=np.concatenate([data.item_ids[:1].astype(merged.dtype), merged]),
+        offsets=data.offsets,
+        items=lookup[data.items],
+        timestamps=data.timestamps,
+    )
+
+
+def hold_out_items(split: LeaveOneOut, rows: np.ndarray) -> LeaveOneOut:
+    """`split` with catalogue rows `rows` (0-based) taken out of the training part: those items get no
+    training interaction (cold), while every validation and test target and history stays as it was
+    (a user may still have met a held-out item before the target). For measuring cold start."""
+    data = split.data
+    held = np.zeros(data.n_items + 1, dtype=bool)
+    held[np.asarray(rows, dtype=np.int64) + 1] = True
+    lengths, train_len = data.lengths, split.train_lengths()
+    user = np.repeat(np.arange(data.n_users), lengths)
+    in_train = np.arange(len(data.items)) - data.offsets[user] < train_len[user]
+    keep = ~(in_train & held[data.items])
+    kept = np.bincount(user[keep], minlength=data.n_users)
+    offsets = np.zeros(data.n_users + 1, dtype=np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    dropped = np.bincount(user[~keep], minlength=data.n_users)
+    train_offsets = np.zeros(data.n_users + 1, dtype=np.int64)
+    np.cumsum(train_len - dropped, out=train_offsets[1:])
+    held_data = SequenceData(data.user_ids, data.item_ids, offsets, data.items[keep], data.timestamps[keep])
+    return LeaveOneOut(held_data, train_offsets, split.valid, split.test, split.n_train_only)
