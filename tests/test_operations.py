@@ -259,3 +259,31 @@ def test_the_newest_valid_loadable_version_serves_and_refusals_are_counted_and_r
             reply = rec.ReloadModel(rpb.ReloadModelRequest(), timeout=60)
             assert reply.version == 1 and not reply.refused_versions
             assert len(rec.Recommend(request(["1"], 3), timeout=10).items) == 3
+
+
+def test_the_new_settings_parse_from_flags_environment_and_file(tmp_path):
+    import argparse
+
+    from attnrec.engine.settings import add_arguments, from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    s = from_args(parser.parse_args(["--repo", "r", "--model-control", "--metrics-address", "127.0.0.2"]), {})
+    assert s.model_control and s.metrics_host == "127.0.0.2"
+    s = from_args(parser.parse_args(["--repo", "r", "--address", "[::1]"]), {"ATTNREC_MODEL_CONTROL": "yes"})
+    assert s.model_control and s.metrics_host == "::1"  # /metrics follows --address by default
+    assert not from_args(
+        parser.parse_args(["--repo", "r", "--no-model-control"]), {"ATTNREC_MODEL_CONTROL": "1"}
+    ).model_control
+    with pytest.raises(ValueError, match="ATTNREC_MODEL_CONTROL"):
+        from_args(parser.parse_args(["--repo", "r"]), {"ATTNREC_MODEL_CONTROL": "maybe"})
+    (tmp_path / "a.toml").write_text('repo = "r"\nmodel-control = true\nadmin-token-file = "adm.txt"\n')
+    (tmp_path / "adm.txt").write_text("sesame\n")
+    s = from_args(parser.parse_args(["--config", str(tmp_path / "a.toml")]), {})
+    assert s.model_control and s.admin_token_file.name == "adm.txt"
+    assert from_args(
+        parser.parse_args(["--repo", "r", "--admin-token-file", str(tmp_path / "adm.txt")]), {}
+    ).admin() == ("sesame")
+    help_text = parser.format_help()
+    for flag in ("--metrics-address", "--model-control", "--admin-token", "--admin-token-file"):
+        assert flag in help_text
