@@ -124,9 +124,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("attnrec %s needs %s: pip install 'attnrec[%s]'", args.command, what, extra)
         return 2
     except Exception as exc:  # one clear line for expected failures (DataError is a ValueError); a traceback with -v
+        from attnrec.engine.errors import StartupError
         from attnrec.engine.repository import ArtifactError
 
-        if isinstance(exc, (ArtifactError, FileNotFoundError, ValueError)) and not args.verbose:
+        if isinstance(exc, StartupError) or (
+            isinstance(exc, (ArtifactError, FileNotFoundError, ValueError)) and not args.verbose
+        ):
             log.error("%s", exc)
             return 2
         raise

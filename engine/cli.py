@@ -171,7 +171,12 @@ def _query(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--info", action="store_true", help="print the serving model's info instead")
-    p.add_argument("--reload", action="store_true", help="ask the server to load the newest valid version now")
+    p.add_argument(
+        "--reload",
+        action="store_true",
+        help="ask the server to load the newest valid version now, and print which versions it refused "
+        "(model control: the server needs --model-control, or --admin-token and this --token set to it)",
+    )
     p.set_defaults(func=cmd_query)
 
 

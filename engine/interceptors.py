@@ -1,26 +1,34 @@
-"""Server interceptors: the one place where exceptions become gRPC status codes."""
+"""Server interceptors: the one place where exceptions become gRPC status codes, and where RPCs are
+counted, authenticated, kept off model control and refused while draining."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 import time
-from typing import Any, AsyncContextManager, Awaitable, Callable
+from typing import Any, AsyncContextManager, Awaitable, Callable, Sequence
 
 import grpc
 
-from .errors import ServingError
+from .decoding import Undecodable
+from .errors import ServingError, capped, client_errors
 
 log = logging.getLogger(__name__)
 
+HEALTH = "/grpc.health.v1.Health/"
 
-async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, behaviour: Callable) -> None:
-    """ServingError → its code and message; anything else is a bug, not the client's fault: log it
-    and say INTERNAL without leaking internals."""
+
+async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, method: str) -> None:
+    """ServingError → its code and message (and one rate-limited log line: the client's error, no
+    traceback); anything else is a bug, not the client's fault: log its traceback and say INTERNAL
+    without leaking internals."""
     if isinstance(exc, ServingError):
-        await context.abort(exc.code, str(exc))
-    log.exception("unhandled error in %s", getattr(behaviour, "__qualname__", behaviour))
+        message = capped(str(exc))
+        client_errors("%s %s: %s", method, exc.code.name, message)
+        await context.abort(exc.code, message)
+    log.exception("unhandled error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
 
 
@@ -29,21 +37,38 @@ async def _abort_for(exc: Exception, context: grpc.aio.ServicerContext, behaviou
 Scope = Callable[[grpc.aio.ServicerContext, Callable], AsyncContextManager]
 
 
-def _with(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour run inside `scope` (the one wrapper of every interceptor)."""
+def _with(handler: grpc.RpcMethodHandler, scope: Scope, *, parse_check: bool = False) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour run inside `scope` (the one wrapper of every interceptor).
+    With `parse_check`, a unary request that did not parse (engine/decoding.py) is refused
+    INVALID_ARGUMENT inside the scope, before the behaviour runs.
 
-    def unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    Every handler style is run: coroutines and plain functions for unary responses; async generators,
+    coroutines that write with `context.write` (grpc_health's Watch) and plain generators for streams."""
+
+    def unary(behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with scope(context, behaviour):
-                return await behaviour(request, context)
+                if parse_check and isinstance(request, Undecodable):
+                    raise request.error()
+                reply = behaviour(request, context)
+                return await reply if inspect.isawaitable(reply) else reply
 
         return run
 
     def stream(behaviour: Callable[..., Any]) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with scope(context, behaviour):
-                async for reply in behaviour(request, context):
-                    yield reply
+                if parse_check and isinstance(request, Undecodable):
+                    raise request.error()
+                replies = behaviour(request, context)
+                if hasattr(replies, "__aiter__"):
+                    async for reply in replies:
+                        yield reply
+                elif inspect.isawaitable(replies):  # writes its replies itself (context.write), returns None
+                    await replies
+                elif replies is not None:
+                    for reply in replies:
+                        yield reply
 
         return run
 
@@ -61,17 +86,17 @@ def _with(handler: grpc.RpcMethodHandler, scope: Scope) -> grpc.RpcMethodHandler
 # The scopes are small classes, not contextlib.asynccontextmanager generators: they run on every
 # RPC, and a generator-based one costs about 1.5 µs more per enter/exit.
 class _ErrorsToStatus:
-    __slots__ = ("context", "behaviour")
+    __slots__ = ("context", "method")
 
-    def __init__(self, context: grpc.aio.ServicerContext, behaviour: Callable) -> None:
-        self.context, self.behaviour = context, behaviour
+    def __init__(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        self.context, self.method = context, method
 
     async def __aenter__(self) -> None:
         return None
 
     async def __aexit__(self, kind, exc, tb) -> bool:
         if isinstance(exc, Exception) and not isinstance(exc, (grpc.aio.AbortError, grpc.aio.UsageError)):
-            await _abort_for(exc, self.context, self.behaviour)  # raises the abort in exc's place
+            await _abort_for(exc, self.context, self.method)  # raises the abort in exc's place
         return False
 
 
@@ -93,18 +118,33 @@ class _Measured:
 
 
 class _Denied:
-    """Aborts UNAUTHENTICATED on entry: the behaviour never runs."""
+    """Aborts with `code` on entry (UNAUTHENTICATED, PERMISSION_DENIED, UNAVAILABLE): the behaviour never runs."""
 
-    __slots__ = ("context", "why")
+    __slots__ = ("context", "code", "why", "method")
 
-    def __init__(self, context: grpc.aio.ServicerContext, why: str) -> None:
-        self.context, self.why = context, why
+    def __init__(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str, method: str) -> None:
+        self.context, self.code, self.why, self.method = context, code, why, method
 
     async def __aenter__(self) -> None:
-        await self.context.abort(grpc.StatusCode.UNAUTHENTICATED, self.why)
+        client_errors("%s %s: %s", self.method, self.code.name, self.why)
+        await self.context.abort(self.code, self.why)
 
     async def __aexit__(self, kind, exc, tb) -> bool:
         return False
+
+
+def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, why: str, method: str) -> grpc.RpcMethodHandler:
+    return _with(handler, lambda context, _behaviour: _Denied(context, code, why, method))
+
+
+def _bearer(details: grpc.HandlerCallDetails) -> bytes:
+    sent = dict(details.invocation_metadata or ()).get("authorization", "")
+    return sent.encode() if isinstance(sent, str) else sent
+
+
+def _matches(sent: bytes, expected: Sequence[bytes]) -> bool:
+    # every candidate compared (no early exit): the time taken says nothing about which matched
+    return sum(hmac.compare_digest(sent, e) for e in expected) > 0
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -114,7 +154,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        return None if handler is None else _with(handler, _ErrorsToStatus)
+        if handler is None:
+            return None
+        method = details.method
+        return _with(handler, lambda context, _behaviour: _ErrorsToStatus(context, method), parse_check=True)
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -143,20 +186,96 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer-token check: every RPC must carry `authorization: Bearer TOKEN`, except the methods
-    under `exempt` (health checks: orchestrators probe without credentials)."""
+    """Bearer-token check: every RPC must carry `authorization: Bearer TOKEN` with `token` (or one of
+    `also`, e.g. the admin token), except the methods under `exempt` (health checks: orchestrators
+    probe without credentials)."""
 
-    def __init__(self, token: str, exempt: tuple[str, ...] = ("/grpc.health.v1.Health/",)) -> None:
-        self.expected = f"Bearer {token}".encode()
+    def __init__(self, token: str, exempt: tuple[str, ...] = (HEALTH,), also: Sequence[str] = ()) -> None:
+        self.expected = [f"Bearer {t}".encode() for t in (token, *also) if t]
         self.exempt = exempt
 
     async def intercept_service(self, continuation, details) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or details.method.startswith(self.exempt):
             return handler
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        sent = sent.encode() if isinstance(sent, str) else sent
-        if hmac.compare_digest(sent, self.expected):
+        sent = _bearer(details)
+        if _matches(sent, self.expected):
             return handler
         why = "missing `authorization: Bearer …` metadata" if not sent else "invalid bearer token"
-        return _with(handler, lambda context, _behaviour: _Denied(context, why))
+        return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, why, details.method)
+
+
+class ModelControlInterceptor(grpc.aio.ServerInterceptor):
+    """Model control (loading, unloading, reloading: `methods`) is off unless the server was started
+    with it (`--model-control`) or with an admin token (as Triton's --model-control-mode). With an
+    admin token, those RPCs need it: none or an unknown one is UNAUTHENTICATED, the plain (non-admin)
+    token PERMISSION_DENIED."""
+
+    def __init__(self, methods: Sequence[str], *, enabled: bool, admin_token: str = "", user_token: str = "") -> None:
+        self.methods = frozenset(methods)
+        self.enabled = enabled or bool(admin_token)
+        self.admin = [f"Bearer {admin_token}".encode()] if admin_token else []
+        self.user = [f"Bearer {user_token}".encode()] if user_token else []
+
+    async def intercept_service(self, continuation, details) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method not in self.methods:
+            return handler
+        name = details.method.rsplit("/", 1)[-1]
+        if not self.enabled:
+            why = f"model control is off: {name} needs a server started with --model-control or an --admin-token"
+            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, why, details.method)
+        if not self.admin:
+            return handler
+        sent = _bearer(details)
+        if _matches(sent, self.admin):
+            return handler
+        if self.user and _matches(sent, self.user):
+            why = f"{name} needs the admin token; this token may only call the serving RPCs"
+            return _denied(handler, grpc.StatusCode.PERMISSION_DENIED, why, details.method)
+        why = f"{name} needs `authorization: Bearer ADMIN_TOKEN` metadata" + (" (invalid token)" if sent else "")
+        return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, why, details.method)
+
+
+class _Running:
+    """One RPC that DrainInterceptor let through, counted until it ends."""
+
+    __slots__ = ("drain",)
+
+    def __init__(self, drain: "DrainInterceptor") -> None:
+        self.drain = drain
+
+    async def __aenter__(self) -> None:
+        self.drain.running += 1
+        self.drain.idle.clear()
+
+    async def __aexit__(self, kind, exc, tb) -> bool:
+        self.drain.running -= 1
+        if not self.drain.running:
+            self.drain.idle.set()
+        return False
+
+
+class DrainInterceptor(grpc.aio.ServerInterceptor):
+    """From `refuse()` on, every new RPC but health checks answers UNAVAILABLE at once (the client
+    retries elsewhere), rather than the CANCELLED that a stopping grpc.aio server gives calls that
+    arrive as it stops; `idle` is set while none of the RPCs let through before is still running."""
+
+    def __init__(self, exempt: tuple[str, ...] = (HEALTH,)) -> None:
+        self.exempt = exempt
+        self.refusing = False
+        self.running = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def refuse(self) -> None:
+        self.refusing = True
+
+    async def intercept_service(self, continuation, details) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.exempt):
+            return handler
+        if self.refusing:
+            why = "the server is draining (shutting down): retry on another instance"
+            return _denied(handler, grpc.StatusCode.UNAVAILABLE, why, details.method)
+        return _with(handler, lambda _context, _behaviour: _Running(self))

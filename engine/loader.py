@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Awaitable, Callable
 
 import numpy as np
 
@@ -20,7 +22,7 @@ from .features import load_features
 from .item_filter import ItemAttributes, ItemFilters
 from .models import LoadedVersion, ModelRegistry
 from .pipeline import Pipeline, RuntimeOptions
-from .repository import ArtifactError, list_versions, newest_valid_version
+from .repository import ArtifactError, list_versions, model_dir, open_version
 
 log = logging.getLogger(__name__)
 
@@ -55,76 +57,130 @@ def warm_up(p: Pipeline, max_batch: int) -> None:
         p.recommend(histories, min(10, p.n_items))
 
 
-class ModelLoader:
-    """Loads repository model `models.name` from `repo` into `models` and keeps it current."""
+@dataclass(frozen=True)
+class Refusal:
+    """A version a reload would not serve, and why (verification or load failure)."""
 
-    def __init__(self, repo: Path | str, models: ModelRegistry, options: RuntimeOptions = RuntimeOptions()) -> None:
+    version: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reload:
+    """What one (re)load did: whether it swapped versions, and the versions it refused."""
+
+    swapped: bool
+    refused: tuple[Refusal, ...] = ()
+
+
+class ModelLoader:
+    """Loads repository model `models.name` from `repo` into `models` and keeps it current.
+
+    The policy: the newest version on disk that verifies (checksums, sizes, manifest) and loads
+    serves. Newer versions that do not are refused (logged, counted in
+    attnrec_model_loads_total{outcome="refused"}, and listed in ReloadModel's reply) and older
+    ones tried in turn, so a deleted or corrupted serving version gives way to the newest one that
+    loads. Only when no version on disk loads does the one in memory keep serving.
+
+    `on_change` (if given) is awaited after every change of what is served: a swap, a load, an unload.
+    """
+
+    def __init__(
+        self,
+        repo: Path | str,
+        models: ModelRegistry,
+        options: RuntimeOptions = RuntimeOptions(),
+        *,
+        on_change: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.repo, self.name, self.models, self.options = Path(repo), models.name, models, options
         self.slot = models.slot
         self.telemetry = models.telemetry
+        self.on_change = on_change
         self._listing: tuple[int, ...] | None = None  # versions present at the last (re)load attempt
         self._lock = asyncio.Lock()
 
+    async def _changed(self) -> None:
+        if self.on_change is not None:
+            await self.on_change()
+
     # ── KServe's repository API ───────────────────────────────────────────────────────────
-    async def load(self, name: str) -> None:
+    async def load(self, name: str) -> Reload:
         """Load (or reload) the newest valid version of the repository model behind `name`."""
         self.models.get(name)  # NotFound for a model this server does not serve
         self.slot.unloaded.discard(name)
-        await self.reload(force=True)
+        result = await self.reload(force=True)
+        await self._changed()
+        return result
 
     async def unload(self, name: str) -> None:
-        """Mark `name` unloaded: listed UNAVAILABLE, its requests refused; the others keep serving."""
+        """Mark `name` unloaded: listed UNAVAILABLE, its requests refused; the others keep serving
+        (a model the server needs, `pipeline`, takes readiness and health down with it)."""
         self.models.get(name)
         self.slot.unloaded.add(name)
+        await self._changed()
 
     # ── loading and hot swap ──────────────────────────────────────────────────────────────
     async def start(self) -> None:
         """Load and warm up the newest valid version; raises ArtifactError when there is none."""
-        if not await self.reload(force=True):
-            if self.slot.current is None:
-                raise ArtifactError(f"no loadable version of model {self.name!r} in {self.repo}")
+        result = await self.reload(force=True)
+        if self.slot.current is None:
+            why = "; ".join(f"version {r.version}: {r.reason}" for r in result.refused) or "no versions"
+            raise ArtifactError(f"no loadable version of model {self.name!r} in {self.repo} ({why})")
 
-    async def reload(self, *, force: bool = False) -> bool:
-        """Swap to the newest valid version if it differs from the serving one. Returns whether it
-        swapped. Without `force`, does nothing while the repository's version folders are unchanged."""
+    async def reload(self, *, force: bool = False) -> Reload:
+        """Serve the newest version on disk that verifies and loads, if it is not the one serving.
+        Without `force`, does nothing while the repository's version folders are unchanged."""
         loop, executor = asyncio.get_running_loop(), self.models.executor
         async with self._lock:
             listing = tuple(list_versions(self.repo, self.name))
             if not force and listing == self._listing:
-                return False
+                return Reload(False)
             self._listing = listing
             cur = self.slot.current
-            try:
-                path, manifest = await loop.run_in_executor(executor, newest_valid_version, self.repo, self.name)
-            except ArtifactError as exc:
-                self._refused(f"{exc}" + (f"; version {cur.version} keeps serving" if cur else ""))
-                return False
-            if cur is not None and manifest.version == cur.version:
-                return False
-            if cur is not None and manifest.version < cur.version and cur.compute.path.is_dir():
-                self._refused(f"version {cur.version} is still present but failed verification; it keeps serving")
-                return False
-            try:
-                loaded = await loop.run_in_executor(
-                    executor,
-                    lambda: load_version(path, self.options, warm_batch=self.models.batching.max_batch_size),
+            refused: list[Refusal] = []
+            swapped, settled = False, False
+            for version in reversed(listing):
+                path = model_dir(self.repo, self.name) / str(version)
+                try:
+                    await loop.run_in_executor(executor, open_version, path)
+                except ArtifactError as exc:
+                    refused.append(self._refused(version, str(exc)))
+                    continue
+                if cur is not None and version == cur.version:
+                    settled = True  # the serving version is still the newest valid one
+                    break
+                try:
+                    loaded = await loop.run_in_executor(
+                        executor,
+                        lambda: load_version(path, self.options, warm_batch=self.models.batching.max_batch_size),
+                    )
+                except Exception as exc:  # a broken graph or index: refuse it, try the next older one
+                    refused.append(self._refused(version, f"{path}: failed to load: {exc}"))
+                    continue
+                self.slot.current = loaded  # the swap: one reference assignment, read by engine/models.py
+                self.telemetry.model_version.labels(self.name).set(loaded.version)
+                self.telemetry.model_loads.labels(self.name, "loaded").inc()
+                providers = ",".join(loaded.compute.encoder.providers)
+                was = f" (was version {cur.version})" if cur else ""
+                log.info("serving %s version %d from %s on %s%s", self.name, loaded.version, path, providers, was)
+                swapped = settled = True
+                break
+            if not settled and cur is not None:
+                log.error(
+                    "model %s: no version in %s verifies and loads; version %d keeps serving from memory",
+                    self.name,
+                    self.repo,
+                    cur.version,
                 )
-            except Exception as exc:  # a broken graph or index: refuse it, keep serving
-                self._refused(
-                    f"{path}: failed to load: {exc}" + (f"; version {cur.version} keeps serving" if cur else "")
-                )
-                return False
-            self.slot.current = loaded  # the swap: one reference assignment, read by engine/models.py
-            self.telemetry.model_version.labels(self.name).set(loaded.version)
-            self.telemetry.model_loads.labels(self.name, "loaded").inc()
-            providers = ",".join(loaded.compute.encoder.providers)
-            was = f" (was version {cur.version})" if cur else ""
-            log.info("serving %s version %d from %s on %s%s", self.name, loaded.version, path, providers, was)
-            return True
+        if swapped:
+            await self._changed()
+        return Reload(swapped, tuple(refused))
 
-    def _refused(self, why: str) -> None:
+    def _refused(self, version: int, why: str) -> Refusal:
         self.telemetry.model_loads.labels(self.name, "refused").inc()
-        log.error("model %s: %s", self.name, why)
+        log.error("model %s: version %d refused: %s", self.name, version, why)
+        return Refusal(version, why)
 
     async def poll(self, interval: float) -> None:
         """Check the repository every `interval` seconds and swap in new versions (run as a task)."""

@@ -40,7 +40,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .batcher import Batcher, BatchSettings
-from .errors import InvalidRequest, NotFound, Unavailable
+from .errors import InvalidRequest, NotFound, Unavailable, shown
 from .index import RowMask
 from .item_filter import ItemAttributes, ItemFilters
 from .model_interface import ModelStats, ServedModel, TensorSpec
@@ -405,8 +405,14 @@ def _id_matrix(x: np.ndarray, name: str) -> list[list[str]]:
     x = np.asarray(x, dtype=object)
     if x.ndim != 2:
         raise InvalidRequest(f"pipeline: input {name!r} must be a BYTES tensor (B, H), got shape {x.shape}")
-    decode = lambda s: s.decode() if isinstance(s, bytes) else str(s)  # noqa: E731
-    return [[s for s in map(decode, row) if s] for row in x]
+    try:
+        return [[s for s in map(_text, row) if s] for row in x]
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"pipeline: input {name!r} holds an id that is not valid UTF-8 ({exc.reason})") from None
+
+
+def _text(s: object) -> str:
+    return s.decode() if isinstance(s, bytes) else str(s)
 
 
 def _optional_ids(inputs: dict[str, np.ndarray], name: str, b: int) -> list[list[str]]:
@@ -440,8 +446,12 @@ class ModelRegistry:
         max_k: int = 1000,
         telemetry: Telemetry,
         state: OnlineState | None = None,
+        needed: Sequence[str] = (),
     ) -> None:
+        """`needed`: the served models the server's services cannot do without (the domain API's
+        `pipeline`); unloading one makes the server not ready."""
         self.name, self.batching, self.telemetry = name, batching, telemetry
+        self.needed = tuple(needed)
         self.slot = VersionSlot()
         # Batches of the three models may run at once; one more thread loads new versions.
         self.executor = ThreadPoolExecutor(max_workers=3 * batching.instances + 1, thread_name_prefix="attnrec")
@@ -454,8 +464,14 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Loaded and warmed up, and not draining."""
-        return self.slot.current is not None and not self.slot.draining
+        """Loaded and warmed up, not draining, and no needed model unloaded (KServe's ServerReady)."""
+        slot = self.slot
+        return slot.current is not None and not slot.draining and not any(n in slot.unloaded for n in self.needed)
+
+    def serving(self, needs: Sequence[str]) -> bool:
+        """Whether a service that needs the models `needs` can answer now (its health status)."""
+        slot = self.slot
+        return slot.current is not None and not slot.draining and not any(n in slot.unloaded for n in needs)
 
     def models(self) -> list[ServedModel]:
         v = self.slot.current
@@ -467,9 +483,9 @@ class ModelRegistry:
         v = self.slot.current
         if model is None or (model is self.ranker and v is not None and v.compute.ranker is None):
             known = ", ".join(m.name for m in self.models())
-            raise NotFound(f"no model {name!r} on this server (it serves: {known})")
+            raise NotFound(f"no model {shown(name)} on this server (it serves: {known})")
         if version and v is not None and version != str(v.version):
-            raise NotFound(f"model {name!r} version {version} is not serving (version {v.version} is)")
+            raise NotFound(f"model {name!r} version {shown(version)} is not serving (version {v.version} is)")
         return model
 
     async def close(self) -> None:

@@ -10,13 +10,17 @@ import time
 
 import grpc
 
-from .errors import ServingError, Unavailable
-from .loader import ModelLoader
-from .models import Answer, ModelRegistry
+from .decoding import Undecodable, add_service
+from .errors import ServingError, Unavailable, capped, client_errors
+from .loader import ModelLoader, Reload
+from .models import DEFAULT_K, Answer, ModelRegistry
 from .rpc.attnrec.v1 import recommender_pb2 as pb
 from .rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+# Model control: refused unless the server runs with --model-control or an admin token.
+ADMIN_METHODS = (f"/{SERVICE_NAME}/ReloadModel",)
+NEEDS = ("pipeline",)  # the served models (engine/models.py) behind this service
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -63,8 +67,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return self._info()
 
     async def ReloadModel(self, request: pb.ReloadModelRequest, context) -> pb.ModelInfo:
-        await self.loader.reload(force=True)
-        return self._info()
+        reload = await self.loader.reload(force=True)
+        return self._info(reload)
 
     async def RecordEvents(self, request: pb.RecordEventsRequest, context) -> pb.RecordEventsReply:
         return pb.RecordEventsReply(stored_events=await self._record(request))
@@ -72,6 +76,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def RecordEventsStream(self, requests, context) -> pb.RecordEventsStreamReply:
         n = events = 0
         async for request in requests:
+            if isinstance(request, Undecodable):  # ends the call like any failing request (those before are stored)
+                raise request.error()
             await self._record(request)
             n, events = n + 1, events + len(request.items)
         return pb.RecordEventsStreamReply(requests=n, events=events)
@@ -89,7 +95,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         start = time.perf_counter()
         answer = await self.recommender.recommend(
             request.history,
-            request.k,
+            request.k or DEFAULT_K,  # proto3 cannot tell 0 from unset: both mean the default
             exclude=request.exclude,
             n_candidates=request.n_candidates,
             deadline=deadline,
@@ -113,11 +119,18 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         return self.models.state, v
 
     async def _answer_or_error(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
+        """The reply, or (the stream's contract) a reply carrying the error, for a frame that did not
+        parse (engine/decoding.py) as for a request that failed."""
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await self._recommend(request, deadline)
         except ServingError as exc:
-            error = pb.Error(code=exc.code.value[0], message=str(exc))
-            return pb.RecommendReply(request_id=request.request_id, error=error)
+            message = capped(str(exc))
+            client_errors("%s %s (in-band): %s", f"/{SERVICE_NAME}/RecommendStream", exc.code.name, message)
+            error = pb.Error(code=exc.code.value[0], message=message)
+            request_id = "" if isinstance(request, Undecodable) else request.request_id
+            return pb.RecommendReply(request_id=request_id, error=error)
 
     def _reply(self, request: pb.RecommendRequest, a: Answer, start: float) -> pb.RecommendReply:
         reply = pb.RecommendReply(
@@ -146,7 +159,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         self.total_seconds.observe(time.perf_counter() - start)
         return reply
 
-    def _info(self) -> pb.ModelInfo:
+    def _info(self, reload: Reload | None = None) -> pb.ModelInfo:
         v = self.models.slot.current
         if v is None:
             raise Unavailable(f"model {self.models.name!r} is not loaded yet")
@@ -164,9 +177,12 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             providers=p.encoder.providers,
             created_at=m.created_at,
             metrics_json=json.dumps(m.metrics.to_dict() if m.metrics else {}),
+            refused_versions=[
+                pb.RefusedVersion(version=r.version, reason=r.reason) for r in (reload.refused if reload else ())
+            ],
         )
 
 
 def add_to(server: grpc.aio.Server, models: ModelRegistry, loader: ModelLoader, stream_window: int = 64) -> None:
     servicer = RecommenderServicer(models, loader, stream_window=stream_window)
-    pb_grpc.add_RecommenderServicer_to_server(servicer, server)
+    add_service(server, servicer, pb.DESCRIPTOR.services_by_name["Recommender"])

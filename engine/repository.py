@@ -26,12 +26,14 @@ items' mapped vectors are already in item_embeddings.npy, the index and the enco
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 import types
 import typing
 import uuid
@@ -548,6 +550,11 @@ def open_version(path: Path | str, *, verify: bool = True) -> Manifest:
     except json.JSONDecodeError as exc:
         raise ArtifactError(f"{mpath}: not valid JSON ({exc})") from exc
     manifest = Manifest.from_dict(raw, str(mpath))
+    inside = path.resolve()
+    for role, entry in manifest.all_files().items():
+        # checked with or without `verify`: a manifest must never make a reader open a file elsewhere
+        if not (path / entry.path).resolve().is_relative_to(inside):
+            raise ArtifactError(f"{mpath}: {role} file {entry.path!r} resolves outside the version folder {path}")
     if verify:
         for role, entry in manifest.all_files().items():
             fpath = path / entry.path
@@ -595,6 +602,41 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _lock_folder(path: Path) -> int | None:
+    """An open descriptor of `path` holding an exclusive flock, or None when another process holds
+    one. The kernel drops the lock when its holder dies, kill -9 included."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def clean_stale_staging(root: Path, started: float) -> list[Path]:
+    """Remove the `.staging-*` folders under a model folder that a crashed publish left behind:
+    those older than `started` (this run's start, time.time()) whose writer holds no lock on them
+    (a live writer always does). Returns what was removed."""
+    removed = []
+    for p in sorted(root.glob(_STAGING_PREFIX + "*")) if root.is_dir() else []:
+        try:
+            if not p.is_dir() or p.stat().st_mtime >= started:
+                continue
+            fd = _lock_folder(p)
+        except FileNotFoundError:  # another run cleaned it first
+            continue
+        if fd is None:  # a writer is still at work in it
+            continue
+        try:
+            shutil.rmtree(p, ignore_errors=True)
+        finally:
+            os.close(fd)
+        log.warning("removed %s, left behind by an interrupted publish", p)
+        removed.append(p)
+    return removed
+
+
 class VersionWriter:
     """Stage a new version's files, then publish them atomically under the next version number.
 
@@ -603,15 +645,21 @@ class VersionWriter:
             ...
             version_dir = w.commit(files={"encoder": "encoder.onnx", ...}, model=ModelSection(...), ...)
 
-    Leaving the block without `commit` (an exception included) removes the staging folder.
+    Leaving the block without `commit` (an exception included) removes the staging folder. The
+    staging folder is flock-ed while it is written, so that the next writer can tell a folder a
+    crashed run left (removed when older than that writer's run: `clean_stale_staging`) from one
+    that a concurrent run is still writing.
     """
 
-    def __init__(self, repo: Path | str, name: str) -> None:
+    def __init__(self, repo: Path | str, name: str, *, started: float | None = None) -> None:
+        """`started`: when this run began (time.time(); default: now): older unlocked staging folders are removed."""
         self.root = model_dir(repo, name)
         self.name = name
         self.root.mkdir(parents=True, exist_ok=True)
+        clean_stale_staging(self.root, time.time() if started is None else started)
         self.path = self.root / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
         self.path.mkdir()
+        self._lock = _lock_folder(self.path)
         self.published: Path | None = None
 
     def __enter__(self) -> "VersionWriter":
@@ -620,6 +668,9 @@ class VersionWriter:
     def __exit__(self, *exc: object) -> None:
         if self.published is None:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def commit(
         self,

@@ -11,8 +11,11 @@ Adding a service (e.g. the KServe V2 one) is one `Service` in `Server(extra_serv
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,12 +26,19 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from . import kserve, recommender_servicer
+from .errors import StartupError
 from .history_store import StoreUnavailable, open_history_store
-from .interceptors import AuthInterceptor, ErrorInterceptor, MetricsInterceptor
+from .interceptors import (
+    AuthInterceptor,
+    DrainInterceptor,
+    ErrorInterceptor,
+    MetricsInterceptor,
+    ModelControlInterceptor,
+)
 from .loader import ModelLoader
 from .models import ModelRegistry
 from .online_state import OnlineState
-from .repository import iter_models
+from .repository import iter_models, list_versions
 from .rpc.pool import POOL
 from .settings import ServerSettings
 from .telemetry import Telemetry
@@ -38,10 +48,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Service:
-    """A gRPC service to serve: its full name (for health and reflection) and how to add it."""
+    """A gRPC service to serve: its full name (for health and reflection), how to add it, the served
+    models it cannot answer without (its health follows them) and its model-control methods."""
 
     name: str
     add: Callable[[grpc.aio.Server], None]
+    needs: tuple[str, ...] = ()
+    admin_methods: tuple[str, ...] = ()
 
 
 # A service factory gets the models, their loader (and the settings) once they exist.
@@ -52,12 +65,19 @@ def recommender(models: ModelRegistry, loader: ModelLoader, settings: ServerSett
     return Service(
         recommender_servicer.SERVICE_NAME,
         lambda server: recommender_servicer.add_to(server, models, loader, settings.stream_window),
+        needs=recommender_servicer.NEEDS,
+        admin_methods=recommender_servicer.ADMIN_METHODS,
     )
 
 
 def inference(models: ModelRegistry, loader: ModelLoader, settings: ServerSettings) -> Service:
-    """KServe V2 / Triton's `inference.GRPCInferenceService` over the same models and batchers."""
-    return Service(kserve.SERVICE_NAME, lambda server: kserve.add_to_server(server, models, loader))
+    """KServe V2 / Triton's `inference.GRPCInferenceService` over the same models and batchers (its
+    health stays SERVING while one model is unloaded: ModelReady says which)."""
+    return Service(
+        kserve.SERVICE_NAME,
+        lambda server: kserve.add_to_server(server, models, loader),
+        admin_methods=kserve.ADMIN_METHODS,
+    )
 
 
 def services() -> list[ServiceFactory]:
@@ -65,14 +85,55 @@ def services() -> list[ServiceFactory]:
     return [recommender, inference]
 
 
+# The served models whose unloading takes the server's readiness down: what the services need.
+NEEDED = recommender_servicer.NEEDS
+
+
 def choose_model(repo: Path, name: str) -> str:
-    if name:
-        return name
+    """The repository model to serve; StartupError (before anything binds) when there is none."""
+    if not Path(repo).is_dir():
+        raise StartupError(f"--repo {repo}: the folder does not exist")
     names = list(iter_models(repo))
+    found = ", ".join(names) or "none"
+    if name:
+        try:
+            versions = list_versions(repo, name)
+        except ValueError as exc:  # an invalid name
+            raise StartupError(f"--model: {exc}") from None
+        if not versions:
+            raise StartupError(f"--repo {repo} has no versions of model {name!r} (models there: {found})")
+        return name
     if len(names) != 1:
-        found = ", ".join(names) or "none"
-        raise ValueError(f"{repo}: pass --model NAME (models in the repository: {found})")
+        raise StartupError(f"{repo}: pass --model NAME (models in the repository: {found})")
     return names[0]
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port already (what a bind there would fail with)."""
+    try:
+        infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # the bind itself will say what is wrong with the address
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC and http.server bind
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
+def check_ports(settings: ServerSettings) -> None:
+    """StartupError naming the flag when the gRPC or the metrics port is taken (before anything binds)."""
+    s = settings
+    if s.port and s.metrics_port == s.port:
+        raise StartupError(f"--metrics-port {s.metrics_port} is the gRPC --port too: give them different ports")
+    if s.port and port_in_use(s.address, s.port):
+        raise StartupError(f"--port {s.port} is in use (on {s.address})")
+    if s.metrics_port and port_in_use(s.metrics_host, s.metrics_port):
+        raise StartupError(f"--metrics-port {s.metrics_port} is in use (on {s.metrics_host})")
 
 
 def credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
@@ -101,25 +162,33 @@ class Server:
             max_k=settings.max_k,
             telemetry=self.telemetry,
             state=self.state,
+            needed=NEEDED,
         )
-        self.loader = ModelLoader(settings.repo, self.models, settings.runtime)
+        self.loader = ModelLoader(settings.repo, self.models, settings.runtime, on_change=self._refresh_health)
         self.services = [make(self.models, self.loader, settings) for make in [*services(), *extra_services]]
         self.health = HealthServicer()
+        self.drainer = DrainInterceptor()
         self.port = 0
         self._stop = asyncio.Event()
         self._grpc: grpc.aio.Server | None = None
         self._metrics_http = None
         self._poller: asyncio.Task | None = None
+        self._draining = False
 
     def _names(self) -> list[str]:
         return [s.name for s in self.services]
 
     async def start(self) -> None:
         s = self.settings
-        interceptors = [MetricsInterceptor(self.telemetry)]
-        token = s.token()
+        check_ports(s)  # before anything binds or is announced
+        token, admin = s.token(), s.admin()
+        interceptors = [MetricsInterceptor(self.telemetry), self.drainer]
         if token:
-            interceptors.append(AuthInterceptor(token))
+            interceptors.append(AuthInterceptor(token, also=[admin] if admin else []))
+        admin_methods = [m for service in self.services for m in service.admin_methods]
+        interceptors.append(
+            ModelControlInterceptor(admin_methods, enabled=s.model_control, admin_token=admin, user_token=token)
+        )
         interceptors.append(ErrorInterceptor())
         server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         for service in self.services:
@@ -132,22 +201,31 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.address}:{s.port}"
         creds = credentials(s)
-        self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        try:
+            self.port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind": the port was taken after check_ports, or a bad address
+            self.port = 0
         if not self.port:
-            raise OSError(f"could not listen on {address}")
-        await server.start()
+            raise StartupError(f"--port {s.port}: could not listen on {address} (in use, or not an address here)")
         self._grpc = server
-        log.info("listening on %s:%d (%s)", s.address, self.port, "TLS" if creds else "plaintext")
         if s.metrics_port:
-            self._metrics_http = self.telemetry.serve_http(s.metrics_port)
-            log.info("metrics on http://0.0.0.0:%d/metrics", s.metrics_port)
+            try:
+                self._metrics_http = self.telemetry.serve_http(s.metrics_port, s.metrics_host)
+            except OSError as exc:
+                raise StartupError(f"--metrics-port {s.metrics_port}: could not listen on {s.metrics_host}: {exc}")
+        await server.start()
+        log.info("listening on %s:%d (%s)", s.address, self.port, "TLS" if creds else "plaintext")
+        if self._metrics_http is not None:
+            log.info("metrics on http://%s:%d/metrics", s.metrics_host, s.metrics_port)
+        if not (s.model_control or admin):
+            log.info("model control off (ReloadModel, RepositoryModelLoad/Unload): --model-control or --admin-token")
         await self.loader.start()  # load and warm up; raises when nothing loadable is there
         try:  # the first requests then find the availability cached
             await self.state.refresh()
             log.info("history store %s", self.state.store.name)
         except StoreUnavailable as exc:  # it may come up later; requests with their own history work meanwhile
             log.error("%s: requests with a user_id get UNAVAILABLE until it answers", exc)
-        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._refresh_health()
         if s.poll_interval > 0:
             self._poller = asyncio.ensure_future(self.loader.poll(s.poll_interval))
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.models.models()))
@@ -155,6 +233,17 @@ class Server:
     async def _set_health(self, status) -> None:
         for name in ["", *self._names()]:
             await self.health.set(name, status)
+
+    async def _refresh_health(self) -> None:
+        """Each service SERVING while the models it needs are loaded; "" (the server) while all are."""
+        if self._draining:
+            return
+        up = health_pb2.HealthCheckResponse.SERVING
+        down = health_pb2.HealthCheckResponse.NOT_SERVING
+        statuses = {service.name: self.models.serving(service.needs) for service in self.services}
+        for name, serving in statuses.items():
+            await self.health.set(name, up if serving else down)
+        await self.health.set("", up if all(statuses.values()) else down)
 
     def stop(self) -> None:
         """Ask `wait` to drain and return (also what SIGTERM and SIGINT do)."""
@@ -170,23 +259,40 @@ class Server:
         return 0
 
     async def drain(self) -> None:
-        """NOT_SERVING, (shutdown delay), refuse new RPCs, let in-flight ones finish within the grace period."""
+        """NOT_SERVING, (shutdown delay), refuse new RPCs with UNAVAILABLE, let in-flight ones finish
+        within the grace period, stop."""
         s = self.settings
         log.info("draining: NOT_SERVING, up to %.1fs for in-flight requests", s.grace)
+        self._draining = True
         self.models.slot.draining = True
         await self.health.enter_graceful_shutdown()
         if s.shutdown_delay > 0:
             await asyncio.sleep(s.shutdown_delay)
+        self.drainer.refuse()  # from here every new RPC (but health) answers UNAVAILABLE
+        deadline = time.monotonic() + s.grace
+        if self._poller is not None:
+            self._poller.cancel()
+        await asyncio.sleep(0)  # let RPCs admitted just before the refusal enter their scope
+        try:
+            await asyncio.wait_for(self.drainer.idle.wait(), timeout=s.grace)
+        except asyncio.TimeoutError:
+            log.warning("grace period over: %d requests still in flight are cancelled", self.drainer.running)
+        # What is left is health Watch streams (they never end by themselves) and refusals on their way out.
+        await self.close(min(0.25, max(0.0, deadline - time.monotonic())))
+        log.info("stopped")
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop gRPC (cancelling what runs after `grace` seconds), the batchers and /metrics."""
         if self._poller is not None:
             self._poller.cancel()
         if self._grpc is not None:
-            await self._grpc.stop(s.grace)
+            await self._grpc.stop(grace)
         await self.models.close()
         await self.state.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
-        log.info("stopped")
+            self._metrics_http = None
 
 
 async def serve(settings: ServerSettings, extra_services: Sequence[ServiceFactory] = ()) -> int:
@@ -195,6 +301,6 @@ async def serve(settings: ServerSettings, extra_services: Sequence[ServiceFactor
     try:
         await server.start()
     except BaseException:
-        await server.drain()
+        await server.close()
         raise
     return await server.wait()

@@ -27,6 +27,7 @@ class ServerSettings:
     address: str = "[::]"
     port: int = 8001
     metrics_port: int = 8002
+    metrics_address: str = ""
     max_batch_size: int = 32
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
@@ -50,6 +51,9 @@ class ServerSettings:
     auth_token_file: Path | None = None
     history_store: str = "file://attnrec-history.sqlite"
     history_ttl: int = 30 * 24 * 3600
+    model_control: bool = False
+    admin_token: str = ""
+    admin_token_file: Path | None = None
 
     @property
     def batching(self) -> "BatchSettings":
@@ -79,6 +83,17 @@ class ServerSettings:
             return Path(self.auth_token_file).read_text().strip()
         return self.auth_token
 
+    def admin(self) -> str:
+        """The bearer token of model control ("" = none; then only --model-control turns it on)."""
+        if self.admin_token_file is not None:
+            return Path(self.admin_token_file).read_text().strip()
+        return self.admin_token
+
+    @property
+    def metrics_host(self) -> str:
+        """Where /metrics listens: --metrics-address, else the gRPC --address (brackets dropped)."""
+        return (self.metrics_address or self.address).strip("[]")
+
 
 HELP = {
     "repo": "model repository folder",
@@ -86,6 +101,7 @@ HELP = {
     "address": "address to listen on",
     "port": "gRPC port (0: any free port, logged)",
     "metrics_port": "Prometheus /metrics HTTP port (0: off)",
+    "metrics_address": "address /metrics listens on (default: --address)",
     "max_batch_size": "rows per batch of the dynamic batcher",
     "max_queue_delay_us": "microseconds the first queued request waits for others (0: batch whatever is queued)",
     "max_queue_size": "queued requests per model beyond which RESOURCE_EXHAUSTED is answered (0: no limit)",
@@ -114,6 +130,11 @@ HELP = {
     "file://PATH (embedded SQLite, relative to the working directory) or redis://HOST:PORT/DB (shared by "
     "replicas; needs attnrec[redis])",
     "history_ttl": "seconds a user's stored history lives after their last recorded event (0: forever)",
+    "model_control": "allow the model-control RPCs (ReloadModel, RepositoryModelLoad/Unload) to any client that "
+    "passes --auth-token; off, they answer PERMISSION_DENIED (as Triton's --model-control-mode none)",
+    "admin_token": "bearer token the model-control RPCs need (turns them on; other RPCs accept it too); prefer "
+    "ATTNREC_ADMIN_TOKEN or --admin-token-file",
+    "admin_token_file": "file holding the admin token",
 }
 CHOICES = {
     "graph_optimization": ["disable", "basic", "extended", "all"],
@@ -124,7 +145,16 @@ CHOICES = {
 
 def _kind(f) -> type:
     t = f.type if isinstance(f.type, str) else f.type.__name__
-    return Path if "Path" in t else int if t == "int" else float if t == "float" else str
+    return Path if "Path" in t else int if t == "int" else float if t == "float" else bool if t == "bool" else str
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in _TRUE + _FALSE:
+        return text.lower() in _TRUE
+    raise ValueError(f"{text!r} is not one of {', '.join(_TRUE + _FALSE)}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -133,9 +163,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(ServerSettings):
         default = None if f.default is MISSING else f.default
         env = ENV_PREFIX + f.name.upper()
-        shown = "" if f.name == "auth_token" else f" (default: {default if default not in (None, '') else 'unset'})"
+        secret = f.name in ("auth_token", "admin_token")
+        shown = "" if secret else f" (default: {default if default not in (None, '') else 'unset'})"
+        flag = "--" + f.name.replace("_", "-")
+        if _kind(f) is bool:  # --model-control / --no-model-control
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=f"{HELP[f.name]}; env {env}{shown}"
+            )
+            continue
         parser.add_argument(
-            "--" + f.name.replace("_", "-"),
+            flag,
             type=_kind(f),
             default=None,
             choices=CHOICES.get(f.name),
@@ -162,12 +199,14 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str] = os.environ)
             values[f.name] = flag
         elif env is not None:
             try:
-                values[f.name] = kind(env)
+                values[f.name] = _boolean(env) if kind is bool else kind(env)
             except ValueError as exc:
                 raise ValueError(f"{ENV_PREFIX + f.name.upper()}={env!r}: not a valid {kind.__name__}") from exc
             if f.name in CHOICES and env not in CHOICES[f.name]:
                 raise ValueError(f"{ENV_PREFIX + f.name.upper()}={env!r}: choose from {CHOICES[f.name]}")
         elif f.name in file:
+            if kind is bool and not isinstance(file[f.name], bool):
+                raise ValueError(f"{args.config}: {f.name} must be true or false")
             values[f.name] = kind(file[f.name])
     if "repo" not in values:
         raise ValueError("no model repository: pass --repo DIR (or set ATTNREC_REPO)")

@@ -60,7 +60,8 @@ def run_demo(out: Path, *, n_users: int = 3000, n_items: int = 2000, seed: int =
         "[bold]2/4 training[/] SASRec, softmax cross-entropy (the loss chosen for the catalogue's size, logged), "
         "the best validation NDCG@10 epoch kept"
     )
-    result = train(split, cfg, checkpoint=out / "checkpoint.pt", progress=not quiet)
+    # the demo always starts over: a checkpoint of an earlier demo in the same folder is overwritten
+    result = train(split, cfg, checkpoint=out / "checkpoint.pt", fresh=True, progress=not quiet)
 
     console.print(
         "[bold]3/4 export[/] ONNX encoder (verified against torch) + FAISS index + target-attention ranker "

@@ -306,8 +306,23 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 
 
 def train(
-    split: LeaveOneOut, cfg: TrainConfig, *, checkpoint: Path | None = None, resume: bool = False, progress: bool = True
+    split: LeaveOneOut,
+    cfg: TrainConfig,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    fresh: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
+    """Train, checkpointing every epoch to `checkpoint`. An existing checkpoint is another run's:
+    `resume` continues it, `fresh` starts over and overwrites it, and without either it is refused."""
+    if resume and fresh:
+        raise ValueError("--resume and --fresh exclude each other")
+    if checkpoint and checkpoint.exists() and not (resume or fresh):
+        raise ValueError(
+            f"{checkpoint} holds the checkpoint of an earlier run: pass --resume to continue it, "
+            "or --fresh to start over and overwrite it"
+        )
     cfg = resolve_config(cfg, split)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -29,7 +29,9 @@ from attnrec.engine.rpc.inference import model_config_pb2 as mc
 def served(trained_repo):
     """(url, models): the real server over the `trained_repo` version, with its model registry."""
     _, repo = trained_repo
-    config = settings(repo, address="127.0.0.1", max_batch_size=64, max_queue_delay_us=500, max_queue_size=256)
+    config = settings(
+        repo, address="127.0.0.1", max_batch_size=64, max_queue_delay_us=500, max_queue_size=256, model_control=True
+    )
     with RunningServer(config) as s:
         yield f"127.0.0.1:{s.port}", s.server.models
 

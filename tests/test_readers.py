@@ -375,3 +375,19 @@ def test_kcore_property(pairs, k_user, k_item):
     out_str, report_str = kcore(as_str, k_user, k_item)
     assert report_str == report
     np.testing.assert_array_equal(out_str.timestamp, out.timestamp)
+
+
+def test_a_column_named_twice_is_refused_naming_it(tmp_path):
+    path = write(tmp_path, "log.csv", "user_id,item_id,item_id,timestamp\n1,2,3,4\n")
+    with pytest.raises(DataError, match=r"log\.csv: line 1: column 'item_id' appears twice in the header"):
+        read_interactions(path)
+    path = write(tmp_path, "log.tsv", "user_id\titem_id\ttimestamp\ttimestamp\n1\t2\t3\t4\n")
+    with pytest.raises(DataError, match="column 'timestamp' appears twice"):
+        read_interactions(path)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_arrays([pa.array([1]), pa.array([2]), pa.array([3])], names=["user_id", "item_id", "user_id"])
+    pq.write_table(table, tmp_path / "log.parquet")
+    with pytest.raises(DataError, match="column 'user_id' appears twice"):
+        read_interactions(tmp_path / "log.parquet")

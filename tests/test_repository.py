@@ -346,3 +346,49 @@ def test_version_number_taken_concurrently_moves_to_the_next(tmp_path):
         os.makedirs(tmp_path / "m" / "1" / "occupied")  # another writer got there first
         v = w.commit(files=ROLES, **SECTIONS)
     assert v.name == "2" and open_version(v).version == 2
+
+
+def test_a_manifest_path_outside_the_version_folder_is_refused(tmp_path):
+    """`"../../../outside_ids.json"` with a matching checksum and size: refused, verified or not."""
+    v = publish(tmp_path)
+    outside = tmp_path / "outside_ids.json"
+    outside.write_text(json.dumps([7, 8, 9]))
+    for rel in (os.path.relpath(outside, v), str(outside)):  # relative and absolute
+        raw = json.loads((v / "manifest.json").read_text())
+        raw["files"]["item_ids"] = {"path": rel, "sha256": sha256_file(outside), "bytes": outside.stat().st_size}
+        (v / "manifest.json").write_text(json.dumps(raw))
+        for verify in (True, False):
+            with pytest.raises(ArtifactError, match="resolves outside the version folder"):
+                open_version(v, verify=verify)
+    os.symlink(outside, v / "linked_ids.json")  # a link inside that points outside
+    raw["files"]["item_ids"]["path"] = "linked_ids.json"
+    (v / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match="item_ids file 'linked_ids.json' resolves outside"):
+        open_version(v)
+
+
+def test_staging_folders_of_crashed_runs_are_cleaned_but_not_those_being_written(tmp_path):
+    import fcntl
+    import time
+
+    root = tmp_path / "m"
+    crashed, busy, newer = root / ".staging-crashed", root / ".staging-busy", root / ".staging-newer"
+    for p in (crashed, busy, newer):
+        p.mkdir(parents=True)
+        (p / "encoder.onnx").write_bytes(b"half")
+    past = time.time() - 3600
+    for p in (crashed, busy):
+        os.utime(p, (past, past))
+    started = time.time() - 60  # this run began a minute ago; `newer` is younger than the run (another run's)
+    os.utime(newer, (time.time(), time.time()))
+    fd = os.open(busy, os.O_RDONLY)  # a live writer holds its folder's lock (as VersionWriter does)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with VersionWriter(tmp_path, "m", started=started) as w:
+            _stage(w, b"a")
+            w.commit(files=ROLES, **SECTIONS)
+    finally:
+        os.close(fd)
+    assert sorted(p.name for p in root.iterdir()) == [".staging-busy", ".staging-newer", "1"]
+    with VersionWriter(tmp_path, "m") as w:  # the lock released: the next run cleans it (newer too, now older)
+        assert sorted(p.name for p in root.iterdir() if p != w.path) == ["1"]

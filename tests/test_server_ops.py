@@ -257,24 +257,41 @@ def test_mutual_tls_and_bearer_token(own_repo, tmp_path):
         assert status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _scrape_until(url: str, done, timeout: float = 10.0) -> str:
+    """/metrics, read again (bounded) until `done(text)`: the server counts an RPC as it finishes,
+    which may be just after the client has its reply."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.05)
+
+
+def _metric(text: str, prefix: str) -> float | None:
+    return next((float(x.split()[-1]) for x in text.splitlines() if x.startswith(prefix)), None)
+
+
 def test_prometheus_metrics(own_repo):
     port = free_port()
+    ok = 'attnrec_requests_total{code="OK",method="/attnrec.v1.Recommender/Recommend"}'
+    bad = 'attnrec_requests_total{code="INVALID_ARGUMENT",method="/attnrec.v1.Recommender/Recommend"}'
     with RunningServer(settings(own_repo, metrics_port=port)) as s:
         client = RecommenderClient(s.target)
         for i in range(5):
             client.recommend([str(i + 1)], 3)
         with pytest.raises(grpc.RpcError):
-            client.recommend(["1"], 0)
-        text = urllib.request.urlopen(f"http://localhost:{port}/metrics", timeout=5).read().decode()
-    line = lambda prefix: next(x for x in text.splitlines() if x.startswith(prefix))  # noqa: E731
-    ok = 'attnrec_requests_total{code="OK",method="/attnrec.v1.Recommender/Recommend"}'
-    bad = 'attnrec_requests_total{code="INVALID_ARGUMENT",method="/attnrec.v1.Recommender/Recommend"}'
-    assert float(line(ok).split()[-1]) == 5 and float(line(bad).split()[-1]) == 1
+            client.recommend(["1"], 1001)  # over --max-k
+        text = _scrape_until(
+            f"http://localhost:{port}/metrics",
+            lambda t: _metric(t, ok) == 5 and _metric(t, bad) == 1 and _metric(t, "attnrec_in_flight_requests") == 0,
+        )
+    assert _metric(text, ok) == 5 and _metric(text, bad) == 1
     for stage in ("queue", "encoder", "search", "total"):
-        assert float(line(f'attnrec_stage_seconds_count{{model="pipeline",stage="{stage}"}}').split()[-1]) >= 5
-    assert float(line('attnrec_batch_size_count{model="pipeline"}').split()[-1]) >= 5
-    assert float(line('attnrec_model_version{model="seq"}').split()[-1]) == 1
-    assert float(line("attnrec_in_flight_requests").split()[-1]) == 0
+        assert _metric(text, f'attnrec_stage_seconds_count{{model="pipeline",stage="{stage}"}}') >= 5
+    assert _metric(text, 'attnrec_batch_size_count{model="pipeline"}') >= 5
+    assert _metric(text, 'attnrec_model_version{model="seq"}') == 1
+    assert _metric(text, "attnrec_in_flight_requests") == 0
 
 
 def test_settings_precedence_flag_env_file_default(tmp_path):
@@ -323,5 +340,5 @@ def test_query_command(own_repo, capsys):
         out = capsys.readouterr().out  # (the in-process server's log lines come first)
         reply = json.loads(out[out.index("{\n") :])
         assert len(reply["items"]) == 4 and reply["version"] == 1
-        assert main(["query", "--server", s.target, "--history", "1", "--k", "0"]) == 1
+        assert main(["query", "--server", s.target, "--history", "1", "--k", "1001"]) == 1  # over --max-k
     assert np.isfinite(reply["scores"]).all()

@@ -13,6 +13,7 @@ from attnrec.engine.encoder import OnnxEncoder
 from attnrec.engine.errors import InvalidRequest
 from attnrec.engine.pipeline import Pipeline, encode, encode_histories, score
 from attnrec.engine.repository import newest_valid_version
+from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 from attnrec.engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
 from attnrec.export.evaluate import load_item_ids, load_item_vectors
 from attnrec.export.ranking_metrics import topk_excluding
@@ -69,12 +70,23 @@ def test_empty_or_unknown_history_gets_the_popularity_fallback(served, plain_rep
 
 def test_invalid_requests_get_invalid_argument(served):
     with RecommenderClient(served.target) as client:
-        for k in (0, 100_000):
+        for k in (1001, 100_000):
             with pytest.raises(grpc.RpcError) as err:
                 client.recommend(["1"], k)
             assert (
                 err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "k must be in 1..1000" in err.value.details()
             )
+
+
+def test_k_left_out_means_10_as_everywhere(served):
+    """proto3 sends no k as 0: Recommend, RecommendStream, the KServe pipeline and `attnrec query` all take 10."""
+    with grpc.insecure_channel(served.target) as ch:
+        stub = pb_grpc.RecommenderStub(ch)
+        default = stub.Recommend(pb.RecommendRequest(history=["1", "2"]), timeout=10)
+        ten = stub.Recommend(pb.RecommendRequest(history=["1", "2"], k=10), timeout=10)
+        streamed = list(stub.RecommendStream(iter([pb.RecommendRequest(history=["1", "2"])]), timeout=10))
+    assert len(default.items) == 10 and list(default.items) == list(ten.items) == list(streamed[0].items)
+    assert not streamed[0].HasField("error")
 
 
 def test_1000_concurrent_requests_with_distinct_histories_each_get_their_own_answer(served, plain_repo):
@@ -100,7 +112,7 @@ def test_stream_answers_in_order_with_per_request_errors(served, reference):
     _, _, ids, _ = reference
     with RecommenderClient(served.target) as client:
         reqs = [request([ids[i]], 3, request_id=f"r{i}") for i in range(50)]
-        reqs[10] = request([ids[1]], 0, request_id="bad")
+        reqs[10] = request([ids[1]], 1001, request_id="bad")  # over --max-k
         replies = list(client.recommend_stream(reqs))
     assert [r.request_id for r in replies] == [r.request_id for r in reqs]
     assert replies[10].error[0] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and not replies[10].items

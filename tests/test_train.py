@@ -221,3 +221,23 @@ def test_uniform_sampled_softmax_trains_and_never_scores_seen_negatives(small_sp
     for row, tokens in enumerate(blocked):
         inf = set((torch.nonzero(logits[row, 1:] == float("-inf")).flatten() + 1).tolist())
         assert inf == tokens, row
+
+
+def test_a_checkpoint_of_an_earlier_run_is_not_overwritten_without_resume_or_fresh(tmp_path, small_split):
+    ckpt = tmp_path / "ckpt.pt"
+    cfg = TrainConfig(epochs=1, patience=9, **FAST)
+    train(small_split, cfg, checkpoint=ckpt, progress=False)
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match="checkpoint of an earlier run: pass --resume to continue it, or --fresh"):
+        train(small_split, cfg, checkpoint=ckpt, progress=False)
+    assert ckpt.read_bytes() == before
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(small_split, cfg, checkpoint=ckpt, resume=True, fresh=True, progress=False)
+    again = train(
+        small_split,
+        TrainConfig(epochs=1, patience=9, **{**FAST, "seed": 6}),
+        checkpoint=ckpt,
+        fresh=True,
+        progress=False,
+    )
+    assert again.epochs_run == 1 and ckpt.read_bytes() != before

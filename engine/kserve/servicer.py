@@ -18,7 +18,8 @@ from typing import AsyncIterator
 import grpc
 import numpy as np
 
-from ..errors import InvalidRequest, NotFound, ServingError, Unavailable
+from ..decoding import Undecodable, add_service
+from ..errors import InvalidRequest, NotFound, ServingError, Unavailable, capped, client_errors, shown
 from ..loader import ModelLoader
 from ..model_interface import ServedModel
 from ..models import ModelRegistry
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name  # for reflection
 EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
+# Model control: refused unless the server runs with --model-control or an admin token.
+ADMIN_METHODS = tuple(f"/{SERVICE_NAME}/{m}" for m in ("RepositoryModelLoad", "RepositoryModelUnload"))
 STREAM_IN_FLIGHT = 64  # requests of one ModelStreamInfer stream computed at once (they may batch together)
 
 
@@ -62,16 +65,18 @@ def decode_inputs(model: ServedModel, request: pb.ModelInferRequest) -> dict[str
         name = tensor.name
         spec = specs.get(name)
         if spec is None:
-            raise InvalidRequest(f"model '{model.name}' has no input '{name}' (inputs: {', '.join(specs)})")
+            raise InvalidRequest(f"model '{model.name}' has no input {shown(name)} (inputs: {', '.join(specs)})")
         if name in arrays:
             raise InvalidRequest(f"input '{name}' is given twice")
         if tensor.datatype != spec.datatype:
             raise InvalidRequest(
-                f"input '{name}' of model '{model.name}' is {spec.datatype}, got datatype '{tensor.datatype}'"
+                f"input '{name}' of model '{model.name}' is {spec.datatype}, got datatype {shown(tensor.datatype)}"
             )
         shape = list(tensor.shape)
         if len(shape) != len(spec.shape) or any(s != -1 and s != d for s, d in zip(spec.shape, shape)):
-            raise InvalidRequest(f"input '{name}' of model '{model.name}' has shape {list(spec.shape)}, got {shape}")
+            raise InvalidRequest(
+                f"input '{name}' of model '{model.name}' has shape {list(spec.shape)}, got {shown(shape)}"
+            )
         if model.max_batch_size > 0 and shape and shape[0] > model.max_batch_size:
             raise InvalidRequest(
                 f"input '{name}': batch of {shape[0]} is over model '{model.name}''s max_batch_size "
@@ -97,10 +102,10 @@ def requested_outputs(model: ServedModel, request: pb.ModelInferRequest) -> list
     names = []
     for out in request.outputs:
         if out.name not in known:
-            raise InvalidRequest(f"model '{model.name}' has no output '{out.name}' (outputs: {', '.join(known)})")
+            raise InvalidRequest(f"model '{model.name}' has no output {shown(out.name)} (outputs: {', '.join(known)})")
         for key in out.parameters:
             if key == "classification" or key.startswith("shared_memory"):
-                raise InvalidRequest(f"output '{out.name}': parameter '{key}' is not supported")
+                raise InvalidRequest(f"output '{out.name}': parameter {shown(key)} is not supported")
         names.append(out.name)
     return names
 
@@ -187,14 +192,16 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
         answers: asyncio.Queue = asyncio.Queue()
         slots = asyncio.Semaphore(STREAM_IN_FLIGHT)
 
-        async def answer(request: pb.ModelInferRequest) -> None:
+        async def answer(request: pb.ModelInferRequest | Undecodable) -> None:
             try:
+                if isinstance(request, Undecodable):  # a frame that did not parse: answered in-band too
+                    raise request.error()
                 reply = pb.ModelStreamInferResponse(infer_response=await self.infer(request, context))
             except ServingError as exc:
-                reply = pb.ModelStreamInferResponse(
-                    error_message=f"{exc.code.name}: {exc}",
-                    infer_response=pb.ModelInferResponse(model_name=request.model_name, id=request.id),
-                )
+                message = capped(f"{exc.code.name}: {exc}")
+                client_errors("%s (in-band): %s", f"/{SERVICE_NAME}/ModelStreamInfer", message)
+                echo = {} if isinstance(request, Undecodable) else {"model_name": request.model_name, "id": request.id}
+                reply = pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(**echo))
             except Exception as exc:  # a bug: say so in-band, keep the stream (and the other requests) going
                 log.exception("unhandled error in ModelStreamInfer")
                 reply = pb.ModelStreamInferResponse(
@@ -247,7 +254,9 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
             raise InvalidRequest("model_name is empty")
         unsupported = [k for k in request.parameters if k == "config" or k.startswith("file:")]
         if unsupported:
-            raise InvalidRequest(f"load parameters {unsupported} are not supported: models come from the repository")
+            raise InvalidRequest(
+                f"load parameters {shown(unsupported)} are not supported: models come from the repository"
+            )
         await self.loader.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
@@ -261,5 +270,5 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 def add_to_server(server: grpc.aio.Server, models: ModelRegistry, loader: ModelLoader) -> KServeServicer:
     """Serve `inference.GRPCInferenceService` for `models` on `server`; returns the servicer."""
     servicer = KServeServicer(models, loader)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    add_service(server, servicer, pb.DESCRIPTOR.services_by_name["GRPCInferenceService"])
     return servicer

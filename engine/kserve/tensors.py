@@ -1,6 +1,8 @@
 """KServe V2 tensors ↔ numpy: datatypes, typed `contents`, raw bytes (BYTES with length prefixes).
 
 Every problem with a client's tensor raises `InvalidRequest` naming the tensor and what was wrong.
+Nothing is allocated from a declared shape before the bytes that were actually sent are known to
+fill it: a 42-byte request declaring 10^8 elements is refused, not allocated.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ import struct
 
 import numpy as np
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, shown
 
 # V2 datatype → numpy dtype (little-endian on the wire); BYTES elements are Python bytes objects.
 DTYPES: dict[str, np.dtype] = {
@@ -69,10 +71,19 @@ def datatype_of(array: np.ndarray) -> str:
     raise TypeError(f"no KServe V2 datatype for numpy dtype {array.dtype}")
 
 
+MAX_DIM = 2**31 - 1  # no tensor a model here reads has a longer dimension (numpy's limits are near 2^63)
+MAX_RANK = 8
+BYTES_PREFIX = 4  # every raw BYTES element takes at least its 4-byte length
+
+
 def check_shape(name: str, shape) -> tuple[int, ...]:
+    if len(shape) > MAX_RANK:
+        raise InvalidRequest(f"input '{name}': {len(shape)} dimensions; tensors here have at most {MAX_RANK}")
     shape = tuple(int(d) for d in shape)
     if any(d < 0 for d in shape):
-        raise InvalidRequest(f"input '{name}': shape {list(shape)} has a negative dimension")
+        raise InvalidRequest(f"input '{name}': shape {shown(list(shape))} has a negative dimension")
+    if any(d > MAX_DIM for d in shape):
+        raise InvalidRequest(f"input '{name}': shape {shown(list(shape))} has a dimension over {MAX_DIM}")
     return shape
 
 
@@ -90,6 +101,11 @@ def _check_datatype(name: str, datatype: str) -> None:
 
 def decode_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
     """`count` BYTES elements, each a 4-byte little-endian length then that many bytes."""
+    if count * BYTES_PREFIX > len(raw):  # checked before the allocation: the count is the client's word
+        raise InvalidRequest(
+            f"input '{name}': {count} BYTES elements need at least {count * BYTES_PREFIX} raw bytes "
+            f"(a 4-byte length each), got {len(raw)}"
+        )
     out = np.empty(count, dtype=object)
     pos, view = 0, memoryview(raw)
     for i in range(count):

@@ -131,7 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     content = content_of(args, features, threads=cfg.threads)
     ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    result = train(split, cfg, checkpoint=ckpt, resume=args.resume, progress=not args.quiet)
+    result = train(split, cfg, checkpoint=ckpt, resume=args.resume, fresh=args.fresh, progress=not args.quiet)
     log.info(
         "best validation NDCG@10 %.4f at epoch %d (%d epochs, %.0fs)",
         result.best_valid_ndcg10,
@@ -170,7 +170,14 @@ def _train(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--checkpoint", type=Path, help="training checkpoint (default: REPO_DIR/MODEL_NAME/.train/checkpoint.pt)"
     )
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    again.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start over, overwriting the checkpoint of an earlier run (without --resume or --fresh, "
+        "an existing checkpoint is refused)",
+    )
     _add_feature_args(p)
     add_content_args(p)
     _add_train_args(p)

@@ -216,6 +216,7 @@ def _first_repeat(values: np.ndarray) -> tuple[int, int] | None:
 def _read_parquet(path, *, user_col, item_col, time_col) -> InteractionLog:
     try:
         names = pq.read_schema(path).names
+        _no_duplicates(path, names)
         user = _pick_column(path, names, user_col, USER_NAMES, "user")
         item = _pick_column(path, names, item_col, ITEM_NAMES, "item")
         time = _pick_column(path, names, time_col, TIME_NAMES, "timestamp", required=False)
@@ -410,7 +411,18 @@ def _header(path, delimiter, quoted) -> list[str]:
     fields = next(
         csv.reader([first.rstrip("\r\n")], delimiter=delimiter, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE)
     )
-    return [f.strip() for f in fields]
+    names = [f.strip() for f in fields]
+    _no_duplicates(path, names)
+    return names
+
+
+def _no_duplicates(path, names) -> None:
+    """A column named twice is refused: which one is meant would be a guess."""
+    seen = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise DataError(f"{path}: line 1: column {name!r} appears twice in the header (field {i + 1})")
+        seen.add(name)
 
 
 def _pick_column(path, names, given, candidates, what, required=True) -> str | None:

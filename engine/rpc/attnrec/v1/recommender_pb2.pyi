@@ -86,7 +86,7 @@ class ReloadModelRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "version", "n_items", "max_history", "dim", "has_ranker", "default_n_candidates", "item_id_type", "index_factory", "providers", "created_at", "metrics_json")
+    __slots__ = ("model", "version", "n_items", "max_history", "dim", "has_ranker", "default_n_candidates", "item_id_type", "index_factory", "providers", "created_at", "metrics_json", "refused_versions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     N_ITEMS_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class ModelInfo(_message.Message):
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: int
     n_items: int
@@ -111,7 +112,16 @@ class ModelInfo(_message.Message):
     providers: _containers.RepeatedScalarFieldContainer[str]
     created_at: str
     metrics_json: str
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., n_items: _Optional[int] = ..., max_history: _Optional[int] = ..., dim: _Optional[int] = ..., has_ranker: bool = ..., default_n_candidates: _Optional[int] = ..., item_id_type: _Optional[str] = ..., index_factory: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., metrics_json: _Optional[str] = ...) -> None: ...
+    refused_versions: _containers.RepeatedCompositeFieldContainer[RefusedVersion]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., n_items: _Optional[int] = ..., max_history: _Optional[int] = ..., dim: _Optional[int] = ..., has_ranker: bool = ..., default_n_candidates: _Optional[int] = ..., item_id_type: _Optional[str] = ..., index_factory: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., created_at: _Optional[str] = ..., metrics_json: _Optional[str] = ..., refused_versions: _Optional[_Iterable[_Union[RefusedVersion, _Mapping]]] = ...) -> None: ...
+
+class RefusedVersion(_message.Message):
+    __slots__ = ("version", "reason")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    reason: str
+    def __init__(self, version: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RecordEventsRequest(_message.Message):
     __slots__ = ("user_id", "items", "timestamps")
