@@ -130,7 +130,8 @@ def test_length_batches_cover_every_window_once_and_group_similar_lengths():
     assert not np.array_equal(flat, np.concatenate(again))
 
 
-def test_max_len_loss_and_negatives_are_chosen_from_the_data(small_split):
+def test_max_len_loss_and_negatives_are_chosen_from_the_data(small_split, monkeypatch):
+    from attnrec.export import train as train_module
     from attnrec.export.train import CE_MAX_ITEMS, choose_max_len, resolve_config
 
     lengths = small_split.train_lengths()
@@ -142,7 +143,12 @@ def test_max_len_loss_and_negatives_are_chosen_from_the_data(small_split):
     assert cfg.max_len == chosen and cfg.loss == "ce" and cfg.batch_size == 64 and cfg.device == "cpu"
     assert small_split.data.n_items <= CE_MAX_ITEMS
     ss = resolve_config(TrainConfig(loss="ss"), small_split)
-    assert ss.n_negatives == 256 and ss.batch_size == 128
+    assert ss.n_negatives == 512 and ss.batch_size == 128  # the catalogue fits one (N, I) matmul
+    # a catalogue too big for the matmul (more than default x dim items): gathered draws, the benchmark's 256
+    monkeypatch.setitem(train_module.DEFAULT_NEGATIVES, "ss", 100)
+    assert small_split.data.n_items > 100 * 2
+    assert resolve_config(TrainConfig(loss="ss", dim=2), small_split).n_negatives == 256
+    assert resolve_config(TrainConfig(loss="ss", dim=4), small_split).n_negatives == 100
     assert resolve_config(TrainConfig(loss="ss", batch_size=32), small_split).batch_size == 32
     assert resolve_config(TrainConfig(max_len=33, loss="sampled"), small_split).max_len == 33
     assert resolve_config(TrainConfig(loss="sampled"), small_split).n_negatives == 2048

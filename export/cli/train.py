@@ -25,7 +25,8 @@ _TRAIN_HELP = {
     "catalogue; sampled: shared popularity-sampled negatives with logQ correction (huge catalogues); "
     "auto: ce up to 4,096 items, ss up to 100,000, else sampled (logged)",
     "mask_seen": "with --loss ce or ss, leave items already in the history out of the softmax, as evaluation does",
-    "n_negatives": "negatives per position (--loss ss) or per batch (--loss sampled); 0: 256 for ss, 2048 for sampled",
+    "n_negatives": "negatives per position (--loss ss) or per batch (--loss sampled); "
+    "0: for ss 512 on catalogues of at most 512 x --dim items, else 256; 2048 for sampled",
     "lr": "AdamW learning rate",
     "weight_decay": "AdamW weight decay",
     "batch_size": "training windows per batch; 0: 128 for --loss ss, 64 for ce and sampled",
