@@ -95,7 +95,6 @@ def test_a_frame_that_does_not_parse_is_answered_in_band_and_the_stream_goes_on(
     assert [r.infer_response.id for r in replies if not r.error_message] == ["x", "x"]
 
 
-
 def test_a_backfill_frame_that_does_not_parse_ends_the_call_with_invalid_argument(channel):
     good = rpb.RecordEventsRequest(user_id="backfill-u", items=["1", "2"]).SerializeToString()
     call = channel.stream_unary(
@@ -105,6 +104,7 @@ def test_a_backfill_frame_that_does_not_parse_ends_the_call_with_invalid_argumen
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert details.startswith("could not parse the request (6 bytes) as attnrec.v1.RecordEventsRequest")
     assert call(iter([good]), timeout=20).requests == 1  # the stream's contract holds for the next call
+
 
 def _bytes_tensor(*items: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(x)) + x for x in items)
