@@ -73,9 +73,13 @@ def test_recbole_item_file_is_encoded_row_for_token(tmp_path):
 
 def test_values_below_the_min_count_become_unknown(tmp_path):
     file = read_feature_file(write(tmp_path, "toy.item", RECBOLE_ITEM), kind="item")
-    genres = columns(encode_features(file, CATALOGUE, kind="item"))["class"]  # default min count 2
+    genres = columns(encode_features(file, CATALOGUE, kind="item", min_count=2))["class"]
     assert genres.vocab == ("", "Crime") and genres.rare_values == 4 and genres.min_count == 2
     np.testing.assert_array_equal(genres.codes, [[0], [0], [1], [1], [0]])
+    # by default items keep every value (a filter must find a one-item brand); users need two rows
+    assert columns(encode_features(file, CATALOGUE, kind="item"))["class"].rare_values == 0
+    users = read_feature_file(write(tmp_path, "toy.user", RECBOLE_ITEM.replace("item_id", "user_id")), kind="user")
+    assert columns(encode_features(users, CATALOGUE, kind="user"))["class"].min_count == 2
 
 
 def test_csv_with_a_quoted_comma_pipe_separated_genres_and_a_numeric_override(tmp_path):
@@ -351,7 +355,7 @@ def test_write_features_of_nothing_writes_nothing(tmp_path):
 
 def test_summary_line_names_roles_and_counts(tmp_path):
     file = read_feature_file(write(tmp_path, "toy.item", RECBOLE_ITEM), kind="item")
-    line = summary(encode_features(file, CATALOGUE, kind="item"), file)
+    line = summary(encode_features(file, CATALOGUE, kind="item", min_count=2), file)
     assert line == (
         f"item features {tmp_path / 'toy.item'} (recbole, id column item_id): 3 of 4 catalogue items found, "
         "1 unknown, 1 file rows unused; columns: movie_title=text (text name), release_year=categorical "

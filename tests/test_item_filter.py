@@ -135,3 +135,15 @@ def test_a_mask_that_allows_nothing_or_fewer_than_k():
     assert (
         sorted(rows[0][:2].tolist()) == [3, 50] and rows[0][2:].tolist() == [-1] * 3 and np.isinf(scores[0][2:]).all()
     )
+
+
+def test_a_brand_only_one_item_has_is_filtered_from_a_real_feature_file(tmp_path):
+    """Encoded from a file with defaults, a value on a single item keeps its code, so a filter on
+    it removes (or keeps) exactly that item rather than silently matching nothing."""
+    from attnrec.export.data.features import encode_features, read_feature_file
+
+    (tmp_path / "items.csv").write_text("item_id,brand\n1,acme\n2,acme\n3,solo\n4,acme\n")
+    table = encode_features(read_feature_file(tmp_path / "items.csv", kind="item"), np.arange(1, 5), kind="item")
+    attrs = ItemAttributes(table, 4)
+    assert np.flatnonzero(attrs.allowed([], ["brand=solo"])).tolist() == [0, 1, 3]
+    assert np.flatnonzero(attrs.allowed(["brand=solo"], [])).tolist() == [2]

@@ -28,7 +28,8 @@ has two release years "unkonwn" and "V"): counted and logged with its line.
 Encoding (attnrec.engine.features holds the result): array row r + 1 is catalogue row r (the
 encoder's token) or training user r, row 0 the unknown row. Ids of the interactions that the file
 lacks get the unknown row's values (counted and logged, never an error); file rows whose id is not
-in the interactions are not used. A categorical value on fewer than MIN_COUNT rows becomes unknown.
+in the interactions are not used. A categorical value on fewer than MIN_COUNT rows (1 for items, 2
+for users) becomes unknown.
 """
 
 from __future__ import annotations
@@ -69,7 +70,11 @@ TEXT_WORDS = frozenset({"title", "name", "description", "desc", "summary", "over
 CODE_WORDS = frozenset({"id", "code", "zip", "zipcode", "postcode"})
 NUMERIC_MIN_DISTINCT = 20
 NUMERIC_MIN_SHARE = 0.99  # real files hold the odd "unknown" in a number column
-MIN_COUNT = 2  # a value seen on one row teaches nothing that transfers to another row
+# A categorical value on fewer rows becomes unknown. Items keep every value: business filters
+# (include/exclude_attributes) must match a one-item brand too, and the ranker's per-item embedding
+# already carries what a one-item value could. A user value seen once (a zip code) is an id in
+# disguise that teaches nothing that transfers to another user.
+MIN_COUNT = {"item": 1, "user": 2}
 # Numbers become quantile buckets, not standardised floats: every non-text feature is then one kind
 # of input (a code for an embedding), heavy tails (price) and non-linear effects (release year) need
 # no care, and a missing value is code 0 like every other unknown.
@@ -320,10 +325,13 @@ def encode_features(
     ids: np.ndarray,
     *,
     kind: str,
-    min_count: int = MIN_COUNT,
+    min_count: int | None = None,
     buckets: int = NUMERIC_BUCKETS,
 ) -> FeatureTable:
-    """Encode `file` against `ids` (the external ids of catalogue rows, or of training users, in row order)."""
+    """Encode `file` against `ids` (the external ids of catalogue rows, or of training users, in row order).
+    `min_count`: rows a categorical value needs to keep its own code (default: MIN_COUNT of the kind)."""
+    if min_count is None:
+        min_count = MIN_COUNT[kind]
     keys = np.asarray([str(v) for v in np.asarray(ids).tolist()], dtype=str)
     src = _match(file.ids, keys)  # file row of each id, -1 when the file lacks it
     hit = src >= 0
