@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -64,27 +65,45 @@ class ModelLoader:
         self.telemetry = models.telemetry
         self._listing: tuple[int, ...] | None = None  # versions present at the last (re)load attempt
         self._lock = asyncio.Lock()
+        # announce(event, model): told of every local "swap", "load" and "unload", so the other workers
+        # of a `--workers N` server follow (engine/workers.py); their own follow-ups are not announced.
+        self.announce: Callable[[str, str], None] | None = None
 
     # ── KServe's repository API ───────────────────────────────────────────────────────────
-    async def load(self, name: str) -> None:
+    async def load(self, name: str, *, announce: bool = True) -> None:
         """Load (or reload) the newest valid version of the repository model behind `name`."""
         self.models.get(name)  # NotFound for a model this server does not serve
         self.slot.unloaded.discard(name)
-        await self.reload(force=True)
+        await self.reload(force=True, announce=False)
+        self._announce("load", name, announce)
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, announce: bool = True) -> None:
         """Mark `name` unloaded: listed UNAVAILABLE, its requests refused; the others keep serving."""
         self.models.get(name)
         self.slot.unloaded.add(name)
+        self._announce("unload", name, announce)
+
+    def _announce(self, event: str, name: str, announce: bool) -> None:
+        if announce and self.announce is not None:
+            self.announce(event, name)
+
+    async def follow(self, event: str, name: str) -> None:
+        """Do what another worker announced (never announced again)."""
+        if event == "unload":
+            await self.unload(name, announce=False)
+        elif event == "load":
+            await self.load(name, announce=False)
+        else:
+            await self.reload(force=True, announce=False)
 
     # ── loading and hot swap ──────────────────────────────────────────────────────────────
     async def start(self) -> None:
         """Load and warm up the newest valid version; raises ArtifactError when there is none."""
-        if not await self.reload(force=True):
+        if not await self.reload(force=True, announce=False):
             if self.slot.current is None:
                 raise ArtifactError(f"no loadable version of model {self.name!r} in {self.repo}")
 
-    async def reload(self, *, force: bool = False) -> bool:
+    async def reload(self, *, force: bool = False, announce: bool = True) -> bool:
         """Swap to the newest valid version if it differs from the serving one. Returns whether it
         swapped. Without `force`, does nothing while the repository's version folders are unchanged."""
         loop, executor = asyncio.get_running_loop(), self.models.executor
@@ -120,6 +139,7 @@ class ModelLoader:
             providers = ",".join(loaded.compute.encoder.providers)
             was = f" (was version {cur.version})" if cur else ""
             log.info("serving %s version %d from %s on %s%s", self.name, loaded.version, path, providers, was)
+            self._announce("swap", self.name, announce)
             return True
 
     def _refused(self, why: str) -> None:

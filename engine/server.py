@@ -86,6 +86,9 @@ def credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
 
 
 class Server:
+    # One of the `--workers N` processes sharing the port sets this (engine/workers.py).
+    reuse_port = False
+
     def __init__(self, settings: ServerSettings, extra_services: Sequence[ServiceFactory] = ()) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
@@ -121,7 +124,7 @@ class Server:
         if token:
             interceptors.append(AuthInterceptor(token))
         interceptors.append(ErrorInterceptor())
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", int(self.reuse_port))])
         for service in self.services:
             service.add(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -147,10 +150,14 @@ class Server:
             log.info("history store %s", self.state.store.name)
         except StoreUnavailable as exc:  # it may come up later; requests with their own history work meanwhile
             log.error("%s: requests with a user_id get UNAVAILABLE until it answers", exc)
+        await self.before_serving()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         if s.poll_interval > 0:
             self._poller = asyncio.ensure_future(self.loader.poll(s.poll_interval))
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.models.models()))
+
+    async def before_serving(self) -> None:
+        """Warm and about to report SERVING: a hook (a `--workers` worker waits here for the others)."""
 
     async def _set_health(self, status) -> None:
         for name in ["", *self._names()]:

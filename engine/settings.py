@@ -50,6 +50,7 @@ class ServerSettings:
     auth_token_file: Path | None = None
     history_store: str = "file://attnrec-history.sqlite"
     history_ttl: int = 30 * 24 * 3600
+    workers: str = "1"
 
     @property
     def batching(self) -> "BatchSettings":
@@ -72,6 +73,19 @@ class ServerSettings:
             allow_spinning=self.ort_spinning == "on",
             faiss_threads=self.faiss_threads,
         )
+
+    @property
+    def worker_count(self) -> int:
+        """--workers as a number: auto = the cores this process may run on."""
+        if self.workers.strip().lower() == "auto":
+            return len(os.sched_getaffinity(0))
+        try:
+            n = int(self.workers)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--workers must be a positive integer or auto, got {self.workers!r}")
+        return n
 
     def token(self) -> str:
         """The bearer token clients must send ("" = no check)."""
@@ -114,6 +128,8 @@ HELP = {
     "file://PATH (embedded SQLite, relative to the working directory) or redis://HOST:PORT/DB (shared by "
     "replicas; needs attnrec[redis])",
     "history_ttl": "seconds a user's stored history lives after their last recorded event (0: forever)",
+    "workers": "server processes sharing the port (SO_REUSEPORT), each with its own sessions, index and "
+    "batchers; one merged metrics endpoint; auto = the usable cores",
 }
 CHOICES = {
     "graph_optimization": ["disable", "basic", "extended", "all"],
