@@ -269,3 +269,28 @@ def test_mlserver_answers_v2_modelinfer_like_onnxruntime(tmp_path, tiny_model):
     cfg = MLServerConfig(intra_op_threads=1)
     n, length = tiny_model.cfg.n_items, tiny_model.cfg.max_len
     assert check(onnx, cfg, venv=MLSERVER_VENV, n_items=n, length=length, log=lambda _: None) <= 1e-5
+
+
+def test_a_failing_stage_keeps_its_rows_and_error_and_the_suite_goes_on(tmp_path, monkeypatch):
+    from attnrec.benchmarks import cli, stages
+
+    class Failing:  # measures one row, then its peer goes away
+        TITLE = "A stage that fails half way"
+
+        @staticmethod
+        def run(settings, section):
+            row = {"server": "peer", "load": "c=1", "p50_ms": 1.5, "p99_ms": 3.0, "throughput_rps": 10.0}
+            section.data.setdefault("points", []).append(row)
+            raise RuntimeError("the peer went away")
+
+    real = stages.load
+    monkeypatch.setattr(stages, "load", lambda name: Failing if name == "failing" else real(name))
+    args = ["--stages", "failing,retrieval", *FAST, "--out", str(tmp_path), "--work-dir", str(tmp_path)]
+    assert cli.main(args) == 1  # failed, said so, and still wrote every stage
+    report = json.loads((tmp_path / f"bench-failing-{DATE}.json").read_text())
+    error = report["data"]["error"]
+    assert error["type"] == "RuntimeError" and error["message"] == "the peer went away"
+    assert any("the peer went away" in line for line in error["traceback"])
+    assert report["tables"][0]["rows"] == [["peer", "c=1", 1.5, 3.0, 10.0]]
+    assert "STAGE FAILED" in (tmp_path / f"bench-failing-{DATE}.md").read_text()
+    assert _load(tmp_path, "retrieval")["data"]["points"]  # the next stage ran in full
