@@ -40,6 +40,7 @@ class ServerSettings:
     ort_spinning: str = "off"
     faiss_threads: int = 0
     faiss_gpu: str = "auto"
+    io_binding: str = "auto"
     poll_interval: float = 0.0
     grace: float = 10.0
     shutdown_delay: float = 0.0
@@ -72,6 +73,7 @@ class ServerSettings:
             gpu,
             allow_spinning=self.ort_spinning == "on",
             faiss_threads=self.faiss_threads,
+            io_binding=self.io_binding,
         )
 
     @property
@@ -115,6 +117,8 @@ HELP = {
     "faiss_threads": "FAISS OpenMP threads for search (0: all cores; 1 suits small per-request batches, where "
     "OpenMP's hand-off costs more than it saves)",
     "faiss_gpu": "FAISS on the GPU: auto (when a GPU build and a device are present), on, off",
+    "io_binding": "onnxruntime IO binding of inputs and outputs: auto (on a CUDA/TensorRT provider, where the "
+    "encoder's hidden states stay on the GPU for the ranker), on (also on the CPU), off",
     "poll_interval": "seconds between checks of the repository for new versions (0: off)",
     "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
     "shutdown_delay": "seconds to keep serving while reporting NOT_SERVING before draining (load balancer lag)",
@@ -135,6 +139,7 @@ CHOICES = {
     "graph_optimization": ["disable", "basic", "extended", "all"],
     "faiss_gpu": ["auto", "on", "off"],
     "ort_spinning": ["on", "off"],
+    "io_binding": ["auto", "on", "off"],
 }
 
 

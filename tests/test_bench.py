@@ -22,7 +22,17 @@ def gpu_script_cpu_run(tmp_path_factory):
     """benchmarks/gpu.sh on the CPU path: provider check, then the model and retrieval stages (tiny)."""
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "run", "--provider", "cpu", *FAST]
+    # the e2e stage (also in gpu.sh's default) has its own tests: tests/test_bench_e2e.py
+    cmd = [
+        "bash",
+        str(ROOT / "benchmarks" / "gpu.sh"),
+        "run",
+        "--provider",
+        "cpu",
+        "--stages",
+        "model,retrieval",
+        *FAST,
+    ]
     cmd += ["--out", str(out / "results"), "--work-dir", str(out / "work")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -113,6 +123,12 @@ def test_provider_check_reports_node_placement(gpu_script_cpu_run):
         assert placement[model]["session_providers"] == ["CPUExecutionProvider"]
         assert placement[model]["by_provider"]["CPUExecutionProvider"]["ops"].get("MatMul", 0) > 0
     assert not list(ROOT.glob("onnxruntime_profile_*.json"))  # profiles go to a temporary folder
+
+
+def test_the_gpu_run_includes_the_served_path():
+    from attnrec.benchmarks.gpu import DEFAULT_STAGES
+
+    assert DEFAULT_STAGES.split(",") == ["model", "retrieval", "e2e"]
 
 
 def test_provider_check_catches_a_cpu_fallback():

@@ -101,3 +101,16 @@ def test_the_metrics_published_from_parts_are_those_of_the_loaded_version(pipeli
     vectors = load_item_vectors(pipeline.path, pipeline.manifest)
     again = evaluate_pipeline(pipeline, vectors, small_split, progress=False)
     assert metrics_section(again) == pipeline.manifest.metrics
+
+
+def test_io_bound_sessions_recommend_what_plain_runs_do(pipeline):
+    """--io-binding on (what auto does on CUDA) through the whole path, on the CPU provider."""
+    from attnrec.engine.pipeline import RuntimeOptions
+
+    bound = Pipeline.load(pipeline.path, RuntimeOptions(io_binding="on", intra_op_threads=1))
+    assert bound.encoder.binding == "cpu" and (bound.ranker is None or bound.ranker.binding == "cpu")
+    rng = np.random.default_rng(3)
+    histories = [rng.choice(pipeline.n_items, size=n, replace=False) for n in (1, 4, 12)]
+    want, got = pipeline.recommend(histories, 10), bound.recommend(histories, 10)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-6)
