@@ -235,7 +235,8 @@ def run(settings: Settings, section: Section) -> None:
                     p = run_point(ac, OpenLoop(rate), method, probe)
                     points.append({"server": "attnrec", "mode": "open", "concurrency": None, "fraction": f, **p})
         section.data["stored_history"] = stored_history(server, item_ids, rows, manifest.model.max_len, settings)
-    workers = usable_cores()
+    # On a GPU host every worker holds its own CUDA sessions: a few are enough to show the scaling.
+    workers = usable_cores() if settings.provider == "cpu" else min(usable_cores(), 4)
     if workers > 1 and g["workers_levels"]:
         name = f"attnrec --workers {workers}"
         with attnrec_serve(v.repo, v.name, logs, threads=1, providers=settings.providers, workers=workers) as server:

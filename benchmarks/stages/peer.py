@@ -1,12 +1,13 @@
 """Peer stage: the same ONNX encoder served by Seldon MLServer and by attnrec's V2 ModelInfer, same client.
 
 Both servers get the same encoder.onnx (a cached 10,000-item SASRec, history 50, dim 64, 2 blocks,
-random weights; or the encoder of `--model VERSION_DIR`) and the same tritonclient.grpc.aio
-load (benchmarks/loadgen.py V2Target: one (1, 50) INT64 `history` per request), closed loop over
-the same concurrency levels, in the same run. MLServer 1.7.1 runs in its own virtual environment
-with a custom onnxruntime runtime and adaptive batching (max batch 32, 2 ms); attnrec serves the
-version's `encoder` model with its dynamic batcher (max batch 32). MLServer's environment is
-created on first use (pip, a minute or two) unless `--no-peer-setup`; then its rows are skipped.
+trained on the synthetic log by benchmarks/bench_models.py; or the encoder of `--model VERSION_DIR`)
+and the same tritonclient.grpc.aio load (benchmarks/loadgen.py V2Target: one (1, 50) INT64
+`history` per request), closed loop over the same concurrency levels, in the same run. MLServer
+1.7.1 runs in its own virtual environment with a custom onnxruntime runtime and adaptive batching
+(max batch 32, 2 ms); attnrec serves the version's `encoder` model with its dynamic batcher (max
+batch 32). MLServer's environment is created on first use (pip, a minute or two) unless
+`--no-peer-setup`; then its rows are skipped.
 """
 
 from __future__ import annotations
