@@ -84,6 +84,7 @@ class Batcher:
         self._workers: list[asyncio.Task] = []
         self._closed = False
         self._batches = 0
+        self._children: dict[str, Any] = {}  # metric children by stage (see _histogram)
 
     def start(self) -> None:
         if not self._workers:
@@ -180,13 +181,12 @@ class Batcher:
             self._batches += 1
             number = self._batches
             if self.telemetry is not None:  # prometheus_client directly: no hand-written hop per batch
-                t = self.telemetry
-                t.batch_size.labels(self.name).observe(rows)
-                queue_hist = t.stage_seconds.labels(self.name, "queue")
+                self._histogram("batch").observe(rows)
+                queue_hist = self._histogram("queue")
                 for q in queue_s:
                     queue_hist.observe(q)
                 for stage, seconds in out.stages.items() if out is not None else ():
-                    t.stage_seconds.labels(self.name, stage).observe(seconds)
+                    self._histogram(stage).observe(seconds)
             for i, p in enumerate(batch):
                 if p.future.done():
                     continue
@@ -194,6 +194,15 @@ class Batcher:
                     p.future.set_exception(error)
                 else:
                     p.future.set_result(Completed(out.values[i], queue_s[i], len(batch), *phases, number))
+
+    def _histogram(self, stage: str):
+        """The prometheus_client child of `stage` ("batch": the batch-size histogram), looked up once."""
+        child = self._children.get(stage)
+        if child is None:
+            t = self.telemetry
+            child = t.batch_size.labels(self.name) if stage == "batch" else t.stage_seconds.labels(self.name, stage)
+            self._children[stage] = child
+        return child
 
     def _account(
         self, batch: list[_Pending], rows: int, start: float, end: float, out: "BatchOutput | None"

@@ -11,6 +11,7 @@ flight finish on the old version while new ones go to the new version.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from pathlib import Path
 from typing import Callable
@@ -134,6 +135,10 @@ class ModelLoader:
                 )
                 return False
             self.slot.current = loaded  # the swap: one reference assignment, read by engine/models.py
+            # The version's objects (100k id strings and their map, for a large catalogue) live until the
+            # next swap: out of the collector's reach, a full collection no longer walks them, which
+            # took milliseconds from whichever request it interrupted.
+            gc.freeze()
             self.telemetry.model_version.labels(self.name).set(loaded.version)
             self.telemetry.model_loads.labels(self.name, "loaded").inc()
             providers = ",".join(loaded.compute.encoder.providers)
