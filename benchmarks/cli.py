@@ -22,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=",".join(names),
         help=f"comma-separated stages to run, in this order: {', '.join(names)} (default: all)",
     )
-    p.add_argument("--quick", action="store_true", help="small grids and short windows: the whole suite in < 2 min")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small grids and short windows (the first run also builds and caches the trained bench models)",
+    )
     p.add_argument(
         "--out",
         type=Path,
