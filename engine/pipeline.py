@@ -40,7 +40,7 @@ class RuntimeOptions:
     graph_optimization: str = "all"
     faiss_gpu: bool | None = None  # None = on the GPU when FAISS has a GPU build and a device
     allow_spinning: bool = True  # onnxruntime's worker threads busy-wait between ops
-    faiss_threads: int = 0  # FAISS's OpenMP threads (process-wide); 0 = FAISS's default (all cores)
+    faiss_threads: int = 0  # FAISS's OpenMP threads in every thread that searches; 0 = FAISS's default (all cores)
     io_binding: str = "auto"  # onnxruntime IO binding: auto (on a GPU provider), on, off (engine/encoder.py)
 
     def session_kwargs(self) -> dict:
@@ -52,6 +52,17 @@ class RuntimeOptions:
             "allow_spinning": self.allow_spinning,
             "io_binding": self.io_binding,
         }
+
+
+def use_faiss_threads(n: int) -> None:
+    """FAISS's OpenMP thread count, in the calling thread: libgomp keeps it per thread, so setting it
+    once at load left every batch thread at all cores, each search then waking (and spin-waiting)
+    OpenMP threads that the event loop and the other requests needed on a small host. 0: FAISS's default."""
+    if n > 0:
+        import faiss
+
+        if faiss.omp_get_max_threads() != n:
+            faiss.omp_set_num_threads(n)
 
 
 def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
@@ -232,9 +243,12 @@ class Pipeline:
         n_candidates: int = 0,
         path: Path | None = None,
         manifest: Manifest | None = None,
+        faiss_threads: int = 0,
     ) -> None:
-        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker."""
+        """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker;
+        `faiss_threads`: FAISS's OpenMP threads in whichever thread searches (0: its default)."""
         self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
+        self.faiss_threads = faiss_threads
         self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
         # Most popular first; the fallback for histories with no known item.
         self.popular_rows = np.argsort(-self.popularity, kind="stable")
@@ -248,10 +262,7 @@ class Pipeline:
     def load(cls, path: Path | str, options: RuntimeOptions = RuntimeOptions(), *, verify: bool = True) -> "Pipeline":
         path = Path(path)
         manifest = open_version(path, verify=verify)
-        if options.faiss_threads > 0:
-            import faiss
-
-            faiss.omp_set_num_threads(options.faiss_threads)
+        use_faiss_threads(options.faiss_threads)  # this thread; the searching ones set it in `recommend`
         kw = options.session_kwargs()
         files = manifest.files
         ranker = None if files.ranker is None else OnnxRanker(path / files.ranker.path, **kw)
@@ -269,6 +280,7 @@ class Pipeline:
             n_candidates=manifest.ranker.n_candidates if manifest.ranker is not None else 0,
             path=path,
             manifest=manifest,
+            faiss_threads=options.faiss_threads,
         )
 
     @property
@@ -324,6 +336,7 @@ class Pipeline:
         outs = encode(self.encoder, tokens, keep)
         t1 = time.perf_counter()
         n = max(k, n_candidates or self.n_candidates) if use_ranker else k
+        use_faiss_threads(self.faiss_threads)
         cand_scores, cand_rows = search(
             self.index,
             outs["query"],
