@@ -3,12 +3,15 @@
     version_dir, info = bench_version(settings, "e2e")    # 10^5 items, history 50, + synthetic ranker
     version_dir, info = bench_version(settings, "peer")   # 10^4 items, history 50, dim 64, 2 blocks
 
-A cached version is a synthetic log (attnrec.export.data.synthetic) → SASRec with RANDOM weights (not
-trained: speed does not depend on the weights, and training a 10^5-item softmax would cost
-minutes of the suite's budget) → `attnrec.export.publish.publish` (ONNX encoder, tuned FAISS index,
-id map, popularity) → a second version with the suite's SYNTHETIC ranker attached. The torch
-weights are saved beside the repository (`sasrec.pt`), so the naive torch-eager baseline serves
-the very same encoder. With `--model VERSION_DIR` the given version is copied into the cache
+A cached version is a synthetic log (attnrec.export.data.synthetic) → SASRec TRAINED on it for a few
+epochs within a time budget (export/train.py; SHAPES says how long) → `attnrec.export.publish.publish`
+(ONNX encoder, FAISS index tuned on the trained embeddings, id map, popularity) → a second version with
+the suite's SYNTHETIC ranker attached. Trained, not random: a trained model's item embeddings have
+the log's structure, so its IVF index tunes to few probed lists as a user's would (random embeddings
+need nearly every list probed), and the served path costs what it costs users. Random-weight models
+remain only where nothing but the shapes matter: the model stage's FLOP counts (stages/model.py).
+The torch weights are saved beside the repository (`sasrec.pt`), so the naive torch-eager baseline
+serves the very same encoder. With `--model VERSION_DIR` the given version is copied into the cache
 (never modified), with the synthetic ranker attached when it has none; the naive baseline then
 rebuilds the torch SASRec from the ONNX file's weights (`torch_encoder`).
 """
@@ -23,11 +26,15 @@ from pathlib import Path
 from .settings import Settings
 
 SHAPES = {
-    # users × mean length: enough interactions that (nearly) every catalogue item occurs
-    "e2e": dict(n_items=100_000, n_users=40_000, mean_length=60.0, max_len=50, dim=64, n_blocks=2),
-    "peer": dict(n_items=10_000, n_users=5_000, mean_length=40.0, max_len=50, dim=64, n_blocks=2),
-    "tiny": dict(n_items=400, n_users=200, mean_length=20.0, max_len=20, dim=16, n_blocks=1),
+    # users × mean length: enough interactions that (nearly) every catalogue item occurs; training:
+    # at most `epochs` epochs, stopping after the first epoch that ends past `train_s` seconds
+    "e2e": dict(
+        n_items=100_000, n_users=40_000, mean_length=60.0, max_len=50, dim=64, n_blocks=2, epochs=3, train_s=180
+    ),
+    "peer": dict(n_items=10_000, n_users=5_000, mean_length=40.0, max_len=50, dim=64, n_blocks=2, epochs=6, train_s=90),
+    "tiny": dict(n_items=400, n_users=200, mean_length=20.0, max_len=20, dim=16, n_blocks=1, epochs=1, train_s=30),
 }
+VAL_USERS = 1000  # validation users per epoch (early stopping is not the point here)
 RANKER_MLP = 128
 N_CANDIDATES = 200
 
@@ -52,7 +59,7 @@ def bench_version(settings: Settings, kind: str, *, cache: Path | None = None) -
     if settings.model_path is not None:
         return _from_given(Path(settings.model_path), cache, settings)
     shape_name = "tiny" if settings.tiny else kind
-    root = Path(cache) / f"{shape_name}-seed{settings.seed}"
+    root = Path(cache) / f"{shape_name}-trained-seed{settings.seed}"
     info = root / "bench-version.json"
     if info.is_file():
         raw = json.loads(info.read_text())
@@ -69,34 +76,56 @@ def bench_version(settings: Settings, kind: str, *, cache: Path | None = None) -
 
 
 def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
+    from dataclasses import asdict
+
     import torch
 
     from attnrec.engine.repository import DataSection, TrainingSection
-    from attnrec.export.config import SASRecConfig
+    from attnrec.export.config import TrainConfig
     from attnrec.export.data.sequences import build_sequences, leave_one_out
     from attnrec.export.data.synthetic import SyntheticConfig, generate
-    from attnrec.export.model import SASRec
     from attnrec.export.publish import publish
+    from attnrec.export.train import train
 
     log_ = generate(
         SyntheticConfig(n_users=shape["n_users"], n_items=shape["n_items"], mean_length=shape["mean_length"], seed=seed)
     )
     split = leave_one_out(build_sequences(log_))
-    torch.manual_seed(seed)
-    cfg = SASRecConfig(
-        n_items=split.data.n_items, max_len=shape["max_len"], dim=shape["dim"], n_blocks=shape["n_blocks"]
+    config = TrainConfig(
+        max_len=shape["max_len"],
+        dim=shape["dim"],
+        n_blocks=shape["n_blocks"],
+        epochs=shape["epochs"],
+        patience=shape["epochs"],
+        val_users=VAL_USERS,
+        time_budget_s=shape["train_s"],
+        seed=seed,
     )
-    model = SASRec(cfg).eval()
+    result = train(split, config, progress=False)
+    model = result.model.eval().cpu()
+    cfg = model.cfg
     root.mkdir(parents=True, exist_ok=True)
     weights = root / "sasrec.pt"
     torch.save({"config": cfg.to_dict(), "state_dict": model.state_dict()}, weights)
     repo, name = root / "repo", "bench"
+    trained = (
+        f"trained {result.epochs_run} epoch(s) in {result.seconds:.0f}s (budget {shape['train_s']}s), "
+        f"validation NDCG@10 {result.best_valid_ndcg10:.4f}"
+    )
     base, _, _ = publish(
         model,
         split,
         repo,
         name,
-        training=TrainingSection(note="random weights: a benchmark model, never trained"),
+        training=TrainingSection(
+            config=asdict(result.config),
+            best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run,
+            train_seconds=result.seconds,
+            best_valid_ndcg10=result.best_valid_ndcg10,
+            history=tuple(result.history),
+            note=f"a benchmark model: {trained}",
+        ),
         data=DataSection(source=log_.source, synthetic=True, users=split.data.n_users),
         tune_queries=500,
         eval_users=200,
@@ -104,7 +133,7 @@ def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
         progress=False,
     )
     path = attach_synthetic_ranker(base, repo, name, cfg.n_items, cfg.dim, cfg.max_len, seed)
-    source = f"synthetic log {log_.source}, SASRec {cfg.to_dict()} with random weights (not trained)"
+    source = f"synthetic log {log_.source}, SASRec {cfg.to_dict()} {trained}"
     return BenchVersion(path, repo, name, "synthetic", weights, source)
 
 

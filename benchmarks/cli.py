@@ -22,7 +22,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=",".join(names),
         help=f"comma-separated stages to run, in this order: {', '.join(names)} (default: all)",
     )
-    p.add_argument("--quick", action="store_true", help="small grids and short windows: the whole suite in < 2 min")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small grids and short windows (the first run also builds and caches the trained bench models)",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -106,15 +110,43 @@ def run(args: argparse.Namespace, prelude=None) -> int:
     settings.progress("bench", f"stages {', '.join(names)}; {'quick' if settings.quick else 'default'} suite")
     if prelude is not None:
         prelude(report, settings)
+    failed = []
     for name, module in modules:
         section = report.section(name, module.TITLE)
         t = time.perf_counter()
-        module.run(settings, section)
+        try:
+            module.run(settings, section)
+        except Exception as exc:  # noqa: BLE001 - a stage that fails must not lose the run
+            failed.append(name)
+            record_failure(section, exc)
+            settings.progress(name, f"FAILED: {type(exc).__name__}: {exc}")
         section.wall_s = time.perf_counter() - t
         settings.progress(name, f"done in {section.wall_s:.1f}s")
     for path in report.write():
         settings.progress("bench", f"wrote {path}")
-    return 0
+    if failed:
+        settings.progress("bench", f"stages that failed (their reports say where): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+PARTIAL_COLUMNS = ("server", "load", "p50_ms", "p99_ms", "throughput_rps", "errors")
+
+
+def record_failure(section, exc: BaseException) -> None:
+    """A failed stage's report: the error and its traceback, and the rows it had measured
+    (`section.data["points"]`, which stages fill as they go) as a table, when it had not written its own."""
+    import traceback
+
+    section.data["error"] = {
+        "type": type(exc).__name__,
+        "message": str(exc),
+        "traceback": traceback.format_exception(type(exc), exc, exc.__traceback__),
+    }
+    section.note(f"**STAGE FAILED** — {type(exc).__name__}: {exc}. The rows below are what it measured before.")
+    points = section.data.get("points") or []
+    if points and not section.tables:
+        keys = [k for k in PARTIAL_COLUMNS if any(k in p for p in points)]
+        section.table("Partial rows (measured before the failure)", keys, [[p.get(k) for k in keys] for p in points])
 
 
 def _bench(p: argparse.ArgumentParser) -> None:

@@ -1,6 +1,6 @@
 """The GPU run: prove onnxruntime's CUDA provider really runs the models, then run the suite with CUDA.
 
-    python -m attnrec.benchmarks.gpu [--provider cuda] [--quick] [--stages model,retrieval] [--out DIR] ...
+    python -m attnrec.benchmarks.gpu [--provider cuda] [--quick] [--stages model,retrieval,e2e] [--out DIR] ...
 
 (benchmarks/gpu.sh installs the carried wheels on a lent GPU machine and calls this.) Before
 any timing, each model (the SASRec encoder and the synthetic ranker, exported here) is run
@@ -22,6 +22,9 @@ from pathlib import Path
 
 from . import cli
 
+# The e2e stage too: the whole served path (IO-bound sessions, FAISS on the GPU when its build has one).
+# Not the peer stage: MLServer's environment needs the package index, which a lent machine cannot reach.
+DEFAULT_STAGES = "model,retrieval,e2e"
 COMPUTE_OPS = ("MatMul", "Gemm", "FusedMatMul", "FusedGemm", "MatMulNBits", "Attention", "MultiHeadAttention")
 
 
@@ -137,7 +140,7 @@ def preload_cuda() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m attnrec.benchmarks.gpu", description=__doc__.split("\n\n")[0])
     cli.add_arguments(p)
-    p.set_defaults(provider="cuda", stages="model,retrieval")
+    p.set_defaults(provider="cuda", stages=DEFAULT_STAGES)
     args = p.parse_args(argv)
     if args.provider == "cuda":
         preload_cuda()

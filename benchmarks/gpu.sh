@@ -7,7 +7,8 @@
 #   there:        carry one .gpu-wheels part per call (NAME with the first, .whl with any), then
 #                 benchmarks/gpu.sh run [--quick] [--out DIR] [any python -m attnrec.benchmarks.gpu flag]
 #                 which reassembles and installs the wheels (once per machine), checks that onnxruntime's
-#                 CUDA provider runs the models, and runs the model and retrieval stages with CUDA.
+#                 CUDA provider runs the models, and runs the model, retrieval and e2e stages with CUDA
+#                 (e2e: attnrec serve with IO-bound CUDA sessions, --io-binding auto).
 #
 # `run --provider cpu` is the same path without a GPU (the tests call it so).
 set -euo pipefail

@@ -85,15 +85,25 @@ def wait_ready(server: ServerProcess, timeout_s: float = 300.0, *, health: bool 
 
 
 def attnrec_serve(
-    repo: Path, model: str, log_dir: Path, *, threads: int = 0, max_batch_size: int = 32
+    repo: Path,
+    model: str,
+    log_dir: Path,
+    *,
+    threads: int = 0,
+    max_batch_size: int = 32,
+    providers: tuple[str, ...] = (),
+    workers: int = 1,
 ) -> ServerProcess:
-    """`attnrec serve` on free ports, metrics on; ready once warmed up."""
+    """`attnrec serve` on free ports, metrics on; ready once warmed up (every worker, with `workers` > 1)."""
     port, metrics = free_port(), free_port()
     cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(repo), "--model", model]
     cmd += ["--address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics)]
     cmd += ["--max-batch-size", str(max_batch_size), "--intra-op-threads", str(threads)]
     cmd += ["--history-store", f"file://{Path(log_dir).resolve() / f'history-{port}.sqlite'}"]
-    proc, log = _spawn("attnrec-serve", cmd, log_dir)
+    cmd += ["--providers", ",".join(providers)] if providers else []
+    cmd += ["--workers", str(workers)] if workers != 1 else []
+    name = "attnrec-serve" if workers == 1 else f"attnrec-serve-{workers}w"
+    proc, log = _spawn(name, cmd, log_dir)
     server = ServerProcess("attnrec serve", proc, f"127.0.0.1:{port}", log, f"http://127.0.0.1:{metrics}/metrics")
     return wait_ready(server)
 

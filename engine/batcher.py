@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from .errors import DeadlineExpired, InvalidRequest, QueueFull, Unavailable
-from .model_interface import ModelStats
+from .model_stats import ModelStats
 
 if TYPE_CHECKING:
     from .pipeline import BatchOutput
@@ -38,11 +38,16 @@ class BatchSettings:
 
 @dataclass(frozen=True)
 class Completed:
-    """A request's result and how it was batched."""
+    """A request's result and how it was batched: its wait, and its batch's compute phases (Triton's
+    compute_input / compute_infer / compute_output, which every request of the batch is charged)."""
 
     value: Any
     queue_s: float
     batch_size: int  # requests in its batch
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+    batch: int = 0  # which batch (a running count): a request whose rows ran in one batch is charged it once
 
 
 @dataclass
@@ -53,6 +58,7 @@ class _Pending:
     deadline: float | None  # time.monotonic()
     enqueued: float  # time.monotonic()
     future: asyncio.Future
+    stats: ModelStats | None  # where its batch's execution is counted (the group's version's)
 
 
 # run(group, items) -> BatchOutput (engine/pipeline.py): one value per item, in order, and the
@@ -67,17 +73,18 @@ class Batcher:
         run: RunBatch,
         settings: BatchSettings,
         executor: Executor,
-        stats: ModelStats,
         telemetry: "Telemetry | None" = None,
     ) -> None:
         if settings.max_batch_size < 1 or settings.instances < 1:
             raise ValueError(f"{name}: max_batch_size and instances must be at least 1")
-        self.name, self.run, self.settings, self.executor, self.stats = name, run, settings, executor, stats
+        self.name, self.run, self.settings, self.executor = name, run, settings, executor
         self.telemetry = telemetry
         self._queue: collections.deque[_Pending] = collections.deque()
         self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task] = []
         self._closed = False
+        self._batches = 0
+        self._children: dict[str, Any] = {}  # metric children by stage (see _histogram)
 
     def start(self) -> None:
         if not self._workers:
@@ -95,28 +102,31 @@ class Batcher:
             if not p.future.done():
                 p.future.set_exception(Unavailable(f"{self.name}: the server is shutting down"))
 
-    async def submit(self, item: Any, *, group: Any = None, rows: int = 1, deadline: float | None = None) -> Completed:
-        """Queue one request of `rows` rows and wait for its result."""
+    async def submit(
+        self,
+        item: Any,
+        *,
+        group: Any = None,
+        rows: int = 1,
+        deadline: float | None = None,
+        stats: ModelStats | None = None,
+    ) -> Completed:
+        """Queue one request of `rows` rows and wait for its result. The batch it runs in is counted in
+        `stats` (executions, rows, batch sizes); the request itself is its caller's to count."""
         if self._closed:
             raise Unavailable(f"{self.name}: the server is shutting down")
         if rows > self.settings.max_batch_size:
             raise InvalidRequest(f"{self.name}: {rows} rows exceed max_batch_size {self.settings.max_batch_size}")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
-            self._fail(0)
             raise DeadlineExpired(f"{self.name}: the deadline had passed before the request was queued")
         if self.settings.max_queue_size and len(self._queue) >= self.settings.max_queue_size:
-            self._fail(0)
             raise QueueFull(f"{self.name}: queue full ({self.settings.max_queue_size} requests waiting); retry later")
         self.start()
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(item, rows, group, deadline, now, fut))
+        self._queue.append(_Pending(item, rows, group, deadline, now, fut, stats))
         self._arrived.set()
         return await fut
-
-    def _fail(self, ns: int) -> None:
-        self.stats.fail_count += 1
-        self.stats.fail_ns += ns
 
     async def _collect(self) -> list[_Pending]:
         """Wait for a first request, up to max_queue_delay for more, then take one group's batch."""
@@ -142,7 +152,6 @@ class Batcher:
                 continue
             if p.deadline is not None and p.deadline <= now:  # expired requests are not computed
                 self._queue.popleft()
-                self._fail(int((now - p.enqueued) * 1e9))
                 p.future.set_exception(DeadlineExpired(f"{self.name}: the deadline passed while queued"))
                 continue
             if batch and (p.group != batch[0].group or rows + p.rows > limit):
@@ -168,44 +177,43 @@ class Batcher:
                 if not getattr(exc, "code", None):
                     log.exception("%s: batch of %d failed", self.name, len(batch))
             end = time.monotonic()
-            self._account(batch, rows, start, end, out)
+            phases = self._account(batch, rows, start, end, out)
+            self._batches += 1
+            number = self._batches
             if self.telemetry is not None:  # prometheus_client directly: no hand-written hop per batch
-                t = self.telemetry
-                t.batch_size.labels(self.name).observe(rows)
-                queue_hist = t.stage_seconds.labels(self.name, "queue")
+                self._histogram("batch").observe(rows)
+                queue_hist = self._histogram("queue")
                 for q in queue_s:
                     queue_hist.observe(q)
                 for stage, seconds in out.stages.items() if out is not None else ():
-                    t.stage_seconds.labels(self.name, stage).observe(seconds)
+                    self._histogram(stage).observe(seconds)
             for i, p in enumerate(batch):
                 if p.future.done():
                     continue
                 if error is not None:
                     p.future.set_exception(error)
                 else:
-                    p.future.set_result(Completed(out.values[i], queue_s[i], len(batch)))
+                    p.future.set_result(Completed(out.values[i], queue_s[i], len(batch), *phases, number))
 
-    def _account(self, batch: list[_Pending], rows: int, start: float, end: float, out: "BatchOutput | None") -> None:
-        """Triton's ModelStatistics: compute_input/output are the run function's own preparation and
-        splitting times; compute_infer is the rest of the batch's time in the executor."""
-        s, total_ns = self.stats, int((end - start) * 1e9)
-        input_ns, output_ns = (int(out.input_s * 1e9), int(out.output_s * 1e9)) if out is not None else (0, 0)
-        infer_ns = max(0, total_ns - input_ns - output_ns)
-        s.execution_count += 1
-        s.inference_count += rows
-        s.compute_input_ns += input_ns
-        s.compute_infer_ns += infer_ns
-        s.compute_output_ns += output_ns
-        s.last_inference_ms = int(time.time() * 1000)
-        count_ns = s.batch_stats.setdefault(rows, [0, 0])
-        count_ns[0] += 1
-        count_ns[1] += infer_ns
-        ok = out is not None
-        for p in batch:
-            total = int((end - p.enqueued) * 1e9)
-            s.queue_ns += int((start - p.enqueued) * 1e9)
-            if ok:
-                s.success_count += 1
-                s.success_ns += total
-            else:
-                self._fail(total)
+    def _histogram(self, stage: str):
+        """The prometheus_client child of `stage` ("batch": the batch-size histogram), looked up once."""
+        child = self._children.get(stage)
+        if child is None:
+            t = self.telemetry
+            child = t.batch_size.labels(self.name) if stage == "batch" else t.stage_seconds.labels(self.name, stage)
+            self._children[stage] = child
+        return child
+
+    def _account(
+        self, batch: list[_Pending], rows: int, start: float, end: float, out: "BatchOutput | None"
+    ) -> tuple[int, int, int]:
+        """The batch's compute phases (ns): compute_input/output are the run function's own preparation
+        and splitting times, compute_infer the rest of its time in the executor. A batch that ran is
+        counted as one execution of `rows` rows in its version's statistics."""
+        if out is None:
+            return 0, 0, 0
+        input_ns, output_ns = int(out.input_s * 1e9), int(out.output_s * 1e9)
+        infer_ns = max(0, int((end - start) * 1e9) - input_ns - output_ns)
+        if batch[0].stats is not None:
+            batch[0].stats.record_execution(rows, infer_ns)
+        return input_ns, infer_ns, output_ns

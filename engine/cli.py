@@ -18,10 +18,16 @@ log = logging.getLogger(__name__)
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from attnrec.engine.server import serve
     from attnrec.engine.settings import from_args
 
-    return asyncio.run(serve(from_args(args)))
+    settings = from_args(args)
+    if settings.worker_count > 1:
+        from attnrec.engine.workers import supervise
+
+        return supervise(settings)
+    from attnrec.engine.server import serve
+
+    return asyncio.run(serve(settings))
 
 
 def add_client_args(p: argparse.ArgumentParser, required: bool = True) -> None:

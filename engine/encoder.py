@@ -1,5 +1,5 @@
-"""The ONNX encoder's session (onnxruntime, no torch): execution providers, session options, and the
-graph's input/output names. Running it is request-time compute: engine/pipeline.py (`encode`)."""
+"""The ONNX encoder's session (onnxruntime, no torch): execution providers, session options, IO binding,
+and the graph's input/output names. Running it is request-time compute: engine/pipeline.py (`encode`)."""
 
 from __future__ import annotations
 
@@ -52,11 +52,29 @@ def make_session(
     return ort.InferenceSession(str(path), sess_options=opts, providers=choose_providers(providers))
 
 
+GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+IO_BINDING = ("auto", "on", "off")
+
+
+def binding_device(session: ort.InferenceSession, io_binding: str = "auto") -> str | None:
+    """Where a session's IO-bound tensors live ("cuda" or "cpu"), or None to run it with plain
+    `session.run`. auto: bound on a GPU provider, where binding saves the copies onnxruntime makes
+    around every run and lets one model's output stay on the device for the next; on: bound whatever
+    the provider (the same code path on a CPU host); off: never."""
+    if io_binding not in IO_BINDING:
+        raise ValueError(f"io_binding must be one of {IO_BINDING}, got {io_binding!r}")
+    gpu = session.get_providers()[0] in GPU_PROVIDERS
+    if io_binding == "off" or (io_binding == "auto" and not gpu):
+        return None
+    return "cuda" if gpu else "cpu"
+
+
 class OnnxEncoder:
     """history tokens (B, L) → query vectors (B, D), and optionally hidden states (B, L, D)."""
 
-    def __init__(self, path: Path | str, max_len: int, **session_kwargs) -> None:
+    def __init__(self, path: Path | str, max_len: int, *, io_binding: str = "auto", **session_kwargs) -> None:
         self.session = make_session(path, **session_kwargs)
+        self.binding = binding_device(self.session, io_binding)  # None: session.run
         self.max_len = max_len
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -166,6 +166,7 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, telemetry) -> None:
         self.t = telemetry
+        self._children: dict = {}  # (method, code) → (counter child, histogram child): labels() once
 
     def _finish(self, method: str, context: grpc.aio.ServicerContext, start: float, error: BaseException | None):
         code = context.code() if hasattr(context, "code") else None
@@ -173,8 +174,12 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             code = grpc.StatusCode.OK if error is None else grpc.StatusCode.UNKNOWN
             if isinstance(error, asyncio.CancelledError):
                 code = grpc.StatusCode.CANCELLED
-        self.t.requests.labels(method, code.name).inc()
-        self.t.request_seconds.labels(method).observe(time.perf_counter() - start)
+        children = self._children.get((method, code))
+        if children is None:
+            children = (self.t.requests.labels(method, code.name), self.t.request_seconds.labels(method))
+            self._children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - start)
         self.t.in_flight.dec()
 
     async def intercept_service(self, continuation, details) -> grpc.RpcMethodHandler:

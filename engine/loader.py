@@ -11,6 +11,7 @@ flight finish on the old version while new ones go to the new version.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,38 +100,57 @@ class ModelLoader:
         self.on_change = on_change
         self._listing: tuple[int, ...] | None = None  # versions present at the last (re)load attempt
         self._lock = asyncio.Lock()
+        # announce(event, model): told of every local "swap", "load" and "unload", so the other workers
+        # of a `--workers N` server follow (engine/workers.py); their own follow-ups are not announced.
+        self.announce: Callable[[str, str], None] | None = None
 
     async def _changed(self) -> None:
         if self.on_change is not None:
             await self.on_change()
 
     # ── KServe's repository API ───────────────────────────────────────────────────────────
-    async def load(self, name: str) -> Reload:
+    async def load(self, name: str, *, announce: bool = True) -> Reload:
         """Load (or reload) the newest valid version of the repository model behind `name`."""
         self.models.get(name)  # NotFound for a model this server does not serve
         self.slot.unloaded.discard(name)
-        result = await self.reload(force=True)
+        result = await self.reload(force=True, announce=False)
+        self._announce("load", name, announce)
         await self._changed()
         return result
 
-    async def unload(self, name: str) -> None:
+    async def unload(self, name: str, *, announce: bool = True) -> None:
         """Mark `name` unloaded: listed UNAVAILABLE, its requests refused; the others keep serving
         (a model the server needs, `pipeline`, takes readiness and health down with it)."""
         self.models.get(name)
         self.slot.unloaded.add(name)
+        self._announce("unload", name, announce)
         await self._changed()
+
+    def _announce(self, event: str, name: str, announce: bool) -> None:
+        if announce and self.announce is not None:
+            self.announce(event, name)
+
+    async def follow(self, event: str, name: str) -> None:
+        """Do what another worker announced (never announced again)."""
+        if event == "unload":
+            await self.unload(name, announce=False)
+        elif event == "load":
+            await self.load(name, announce=False)
+        else:
+            await self.reload(force=True, announce=False)
 
     # ── loading and hot swap ──────────────────────────────────────────────────────────────
     async def start(self) -> None:
         """Load and warm up the newest valid version; raises ArtifactError when there is none."""
-        result = await self.reload(force=True)
+        result = await self.reload(force=True, announce=False)
         if self.slot.current is None:
             why = "; ".join(f"version {r.version}: {r.reason}" for r in result.refused) or "no versions"
             raise ArtifactError(f"no loadable version of model {self.name!r} in {self.repo} ({why})")
 
-    async def reload(self, *, force: bool = False) -> Reload:
+    async def reload(self, *, force: bool = False, announce: bool = True) -> Reload:
         """Serve the newest version on disk that verifies and loads, if it is not the one serving.
-        Without `force`, does nothing while the repository's version folders are unchanged."""
+        Without `force`, does nothing while the repository's version folders are unchanged. A swap is
+        announced to the other workers of a `--workers N` server unless `announce` is False."""
         loop, executor = asyncio.get_running_loop(), self.models.executor
         async with self._lock:
             listing = tuple(list_versions(self.repo, self.name))
@@ -159,6 +179,10 @@ class ModelLoader:
                     refused.append(self._refused(version, f"{path}: failed to load: {exc}"))
                     continue
                 self.slot.current = loaded  # the swap: one reference assignment, read by engine/models.py
+                # The version's objects (100k id strings and their map, for a large catalogue) live until the
+                # next swap: out of the collector's reach, a full collection no longer walks them, which
+                # took milliseconds from whichever request it interrupted.
+                gc.freeze()
                 self.telemetry.model_version.labels(self.name).set(loaded.version)
                 self.telemetry.model_loads.labels(self.name, "loaded").inc()
                 providers = ",".join(loaded.compute.encoder.providers)
@@ -174,6 +198,7 @@ class ModelLoader:
                     cur.version,
                 )
         if swapped:
+            self._announce("swap", self.name, announce)
             await self._changed()
         return Reload(swapped, tuple(refused))
 

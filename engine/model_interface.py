@@ -6,10 +6,12 @@ calls it. Errors are engine/errors.py's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from .model_stats import ModelStats
 
 
 @dataclass(frozen=True)
@@ -18,24 +20,6 @@ class TensorSpec:
     datatype: str  # KServe V2 datatype name: "INT64", "FP32", "BYTES", ...
     shape: tuple[int, ...]  # full shape, batch dimension first; -1 = variable
     optional: bool = False  # an input a request may leave out (Triton's ModelInput.optional)
-
-
-@dataclass
-class ModelStats:
-    """Cumulative counters, the fields of Triton's ModelStatistics (durations in nanoseconds)."""
-
-    inference_count: int = 0  # rows (requests' batch items) computed
-    execution_count: int = 0  # batches run
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    queue_ns: int = 0
-    compute_input_ns: int = 0
-    compute_infer_ns: int = 0
-    compute_output_ns: int = 0
-    last_inference_ms: int = 0  # wall clock, milliseconds since the epoch
-    batch_stats: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, compute_infer ns]
 
 
 class ServedModel(Protocol):
@@ -62,7 +46,11 @@ class ServedModel(Protocol):
     def outputs(self) -> list[TensorSpec]: ...
 
     @property
-    def stats(self) -> ModelStats: ...
+    def stats(self) -> ModelStats: ...  # the serving version's (engine/model_stats.py)
+
+    def record_rejected(self, duration_ns: int) -> None:
+        """Count a request the protocol refused before calling `infer` (bad tensors) as a failure."""
+        ...
 
     async def infer(
         self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None

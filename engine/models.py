@@ -33,17 +33,21 @@ engine/pipeline.py's run functions.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .batcher import Batcher, BatchSettings
+from . import triton_metrics
+from .batcher import Batcher, BatchSettings, Completed
 from .errors import InvalidRequest, NotFound, Unavailable, shown
 from .index import RowMask
 from .item_filter import ItemAttributes, ItemFilters
-from .model_interface import ModelStats, ServedModel, TensorSpec
+from .model_interface import ServedModel, TensorSpec
+from .model_stats import ModelStats, StatsStore
 from .online_state import OnlineState
 from .pipeline import Pipeline, run_encoder, run_ranker, run_recommend
 from .telemetry import Telemetry
@@ -82,20 +86,69 @@ class VersionSlot:
 DEFAULT_K = 10
 
 
+class _Counted:
+    """One inference request of one model version, counted once when it ends: a success (its duration,
+    queue wait and its batches' compute phases) or a failure (whatever the exception, cancellation too).
+    A plain `with` block: entering and leaving it never awaits."""
+
+    __slots__ = ("stats", "total", "start", "queue_ns", "input_ns", "infer_ns", "output_ns", "batches")
+
+    def __init__(self, stats: ModelStats, total) -> None:
+        self.stats, self.total = stats, total
+        self.start = time.perf_counter_ns()
+        self.queue_ns = self.input_ns = self.infer_ns = self.output_ns = 0
+        self.batches: int | set[int] = 0
+
+    def add(self, done: Completed) -> None:
+        """A batch the request's rows ran in (a request split over rows is charged each batch once)."""
+        self.queue_ns = max(self.queue_ns, int(done.queue_s * 1e9))
+        if self.batches == 0:
+            self.batches = done.batch
+        else:
+            if isinstance(self.batches, int):
+                self.batches = {self.batches}
+            if done.batch in self.batches:
+                return
+            self.batches.add(done.batch)
+        self.input_ns += done.input_ns
+        self.infer_ns += done.infer_ns
+        self.output_ns += done.output_ns
+
+    def __enter__(self) -> "_Counted":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        ns = time.perf_counter_ns() - self.start
+        if kind is None:
+            self.stats.record_success(ns, self.queue_ns, self.input_ns, self.infer_ns, self.output_ns)
+            self.total.observe(ns / 1e9)  # attnrec_stage_seconds{stage="total"}: every protocol's requests
+        else:
+            self.stats.record_failure(ns)
+        return False
+
+
 class _Model:
     name = ""
     platform = "onnxruntime_onnx"
     run: Callable  # the batcher's run function: engine/pipeline.py's, never a method here
 
-    def __init__(self, slot: VersionSlot, batching: BatchSettings, executor: ThreadPoolExecutor, telemetry: Telemetry):
+    def __init__(
+        self,
+        slot: VersionSlot,
+        batching: BatchSettings,
+        executor: ThreadPoolExecutor,
+        telemetry: Telemetry,
+        store: StatsStore,
+    ):
         self.slot = slot
         self.max_batch_size = batching.max_batch_size
         # What ModelConfig's dynamic_batching reports.
         self.max_queue_delay_us = batching.max_queue_delay_us
         self.max_queue_size = batching.max_queue_size
         self.preferred_batch_sizes: tuple[int, ...] = ()
-        self._stats = ModelStats()
-        self.batcher = Batcher(self.name, self.run, batching, executor, self._stats, telemetry)
+        self.store = store
+        self._total = telemetry.stage_seconds.labels(self.name, "total")
+        self.batcher = Batcher(self.name, self.run, batching, executor, telemetry)
 
     @property
     def version(self) -> str:
@@ -109,7 +162,20 @@ class _Model:
 
     @property
     def stats(self) -> ModelStats:
-        return self._stats
+        """The serving version's counters (the whole server's, with --workers)."""
+        v = self.slot.current
+        return self.store.totals(self.name, str(v.version)) if v is not None else ModelStats(0)
+
+    def _counted(self, v: LoadedVersion) -> _Counted:
+        """Count one request on version `v` (enter it right after pinning `v`)."""
+        return _Counted(self.store.block(self.name, str(v.version)), self._total)
+
+    def record_rejected(self, duration_ns: int) -> None:
+        """A request refused before it reached `infer` (a protocol's decoding of it failed): a failure
+        of the serving version, as Triton counts a request it rejects."""
+        v = self.slot.current
+        if v is not None:
+            self.store.block(self.name, str(v.version)).record_failure(duration_ns)
 
     def _pinned(self) -> LoadedVersion:
         """The version a new request runs on (kept for the whole request)."""
@@ -164,12 +230,18 @@ class EncoderModel(_Model):
         self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         v = self._pinned()
-        tokens = _int_tensor(inputs, "history", self.name, 2)
-        if tokens.shape[1] > v.max_len:
-            raise InvalidRequest(f"encoder: history has {tokens.shape[1]} columns, the model reads at most {v.max_len}")
-        _check_tokens(tokens, "history", v, self.name)
-        done = await self.batcher.submit(tokens, group=v.compute, rows=len(tokens), deadline=deadline)
-        return self._filter(done.value, outputs, self.name)
+        with self._counted(v) as counted:
+            tokens = _int_tensor(inputs, "history", self.name, 2)
+            if tokens.shape[1] > v.max_len:
+                raise InvalidRequest(
+                    f"encoder: history has {tokens.shape[1]} columns, the model reads at most {v.max_len}"
+                )
+            _check_tokens(tokens, "history", v, self.name)
+            done = await self.batcher.submit(
+                tokens, group=v.compute, rows=len(tokens), deadline=deadline, stats=counted.stats
+            )
+            counted.add(done)
+            return self._filter(done.value, outputs, self.name)
 
 
 # ── ranker ────────────────────────────────────────────────────────────────────────────────────
@@ -204,45 +276,50 @@ class RankerModel(_Model):
         self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
     ) -> dict[str, np.ndarray]:
         v = self._pinned()
-        ranker = self._ranker(v)
-        feeds: dict[str, np.ndarray] = {}
-        for name in ranker.input_names:
-            if name == "user_features":
-                continue  # optional, filled in below once the batch size is known
-            if name == "hidden":
-                x = np.asarray(inputs.get("hidden")) if "hidden" in inputs else None
-                if x is None or x.ndim != 3 or x.dtype.kind != "f":
-                    raise InvalidRequest("ranker: input 'hidden' must be an FP32 tensor (B, L, D)")
-                feeds[name] = x.astype(np.float32, copy=False)
-            elif name == "candidate_scores":
-                x = np.asarray(inputs.get(name)) if name in inputs else None
-                if x is None or x.ndim != 2 or x.dtype.kind != "f":
-                    raise InvalidRequest("ranker: input 'candidate_scores' must be an FP32 tensor (B, N)")
-                feeds[name] = x.astype(np.float32, copy=False)
-            else:
-                feeds[name] = _int_tensor(inputs, name, self.name, 2)
-                _check_tokens(feeds[name], name, v, self.name)
-        b = {len(x) for x in feeds.values()}
-        if len(b) != 1:
-            raise InvalidRequest(
-                f"ranker: inputs disagree on the batch size: { {k: x.shape for k, x in feeds.items()} }"
+        with self._counted(v) as counted:
+            ranker = self._ranker(v)
+            feeds: dict[str, np.ndarray] = {}
+            for name in ranker.input_names:
+                if name == "user_features":
+                    continue  # optional, filled in below once the batch size is known
+                if name == "hidden":
+                    x = np.asarray(inputs.get("hidden")) if "hidden" in inputs else None
+                    if x is None or x.ndim != 3 or x.dtype.kind != "f":
+                        raise InvalidRequest("ranker: input 'hidden' must be an FP32 tensor (B, L, D)")
+                    feeds[name] = x.astype(np.float32, copy=False)
+                elif name == "candidate_scores":
+                    x = np.asarray(inputs.get(name)) if name in inputs else None
+                    if x is None or x.ndim != 2 or x.dtype.kind != "f":
+                        raise InvalidRequest("ranker: input 'candidate_scores' must be an FP32 tensor (B, N)")
+                    feeds[name] = x.astype(np.float32, copy=False)
+                else:
+                    feeds[name] = _int_tensor(inputs, name, self.name, 2)
+                    _check_tokens(feeds[name], name, v, self.name)
+            b = {len(x) for x in feeds.values()}
+            if len(b) != 1:
+                raise InvalidRequest(
+                    f"ranker: inputs disagree on the batch size: { {k: x.shape for k, x in feeds.items()} }"
+                )
+            if ranker.reads_user_features:
+                if "user_features" in inputs:
+                    x = _int_tensor(inputs, "user_features", self.name, 2)
+                    if x.shape != (len(feeds["candidates"]), ranker.user_width):
+                        raise InvalidRequest(
+                            f"ranker: user_features must be (B, {ranker.user_width}) like candidates' batch, "
+                            f"got {x.shape}"
+                        )
+                    feeds["user_features"] = x
+                else:
+                    feeds["user_features"] = ranker.default("user_features", len(feeds["candidates"]))
+            if "candidate_scores" in feeds and feeds["candidate_scores"].shape != feeds["candidates"].shape:
+                raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
+            if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
+                raise InvalidRequest("ranker: hidden must have as many positions as history")
+            done = await self.batcher.submit(
+                feeds, group=v.compute, rows=b.pop(), deadline=deadline, stats=counted.stats
             )
-        if ranker.reads_user_features:
-            if "user_features" in inputs:
-                x = _int_tensor(inputs, "user_features", self.name, 2)
-                if x.shape != (len(feeds["candidates"]), ranker.user_width):
-                    raise InvalidRequest(
-                        f"ranker: user_features must be (B, {ranker.user_width}) like candidates' batch, got {x.shape}"
-                    )
-                feeds["user_features"] = x
-            else:
-                feeds["user_features"] = ranker.default("user_features", len(feeds["candidates"]))
-        if "candidate_scores" in feeds and feeds["candidate_scores"].shape != feeds["candidates"].shape:
-            raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
-        if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
-            raise InvalidRequest("ranker: hidden must have as many positions as history")
-        done = await self.batcher.submit(feeds, group=v.compute, rows=b.pop(), deadline=deadline)
-        return self._filter({"scores": done.value}, outputs, self.name)
+            counted.add(done)
+            return self._filter({"scores": done.value}, outputs, self.name)
 
 
 # ── pipeline ──────────────────────────────────────────────────────────────────────────────────
@@ -315,12 +392,42 @@ class RecommendModel(_Model):
         exclude_attributes: Sequence[str] = (),
     ) -> Answer:
         """One user's top-k external ids. Unknown history ids are skipped and counted. With `user_id`,
-        the user's stored history goes before `history`; filters and availability shape the answer."""
+        the user's stored history goes before `history`; filters and availability shape the answer.
+        One inference request of the serving version (Recommend's)."""
+        v = self._pinned()
+        with self._counted(v) as counted:
+            return await self._row(
+                v,
+                counted,
+                history,
+                k,
+                exclude=exclude,
+                n_candidates=n_candidates,
+                deadline=deadline,
+                user_id=user_id,
+                include_attributes=include_attributes,
+                exclude_attributes=exclude_attributes,
+            )
+
+    async def _row(
+        self,
+        v: LoadedVersion,
+        counted: _Counted,
+        history: Sequence[str],
+        k: int,
+        *,
+        exclude: Sequence[str],
+        n_candidates: int,
+        deadline: float | None,
+        user_id: str,
+        include_attributes: Sequence[str],
+        exclude_attributes: Sequence[str],
+    ) -> Answer:
+        """One row of a request (its batch and queue charged to `counted`)."""
         if not 1 <= k <= self.max_k:
             raise InvalidRequest(f"k must be in 1..{self.max_k}, got {k}")
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
-        v = self._pinned()
         stored: list[str] = []
         mask = None
         if self.state is not None:
@@ -338,7 +445,10 @@ class RecommendModel(_Model):
         p = v.compute
         # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
         n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(_Query(rows, excl, k, mask, user_id), group=(p, n), deadline=deadline)
+        done = await self.batcher.submit(
+            _Query(rows, excl, k, mask, user_id), group=(p, n), deadline=deadline, stats=counted.stats
+        )
+        counted.add(done)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
         return Answer(
@@ -354,6 +464,20 @@ class RecommendModel(_Model):
 
     async def infer(
         self, inputs: dict[str, np.ndarray], *, outputs: list[str] | None = None, deadline: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """A (B, ·) request: B rows, each a user, computed concurrently (they may share batches) and
+        counted as one inference request of B rows."""
+        v = self._pinned()
+        with self._counted(v) as counted:
+            return await self._infer(v, counted, inputs, outputs, deadline)
+
+    async def _infer(
+        self,
+        v: LoadedVersion,
+        counted: _Counted,
+        inputs: dict[str, np.ndarray],
+        outputs: list[str] | None,
+        deadline: float | None,
     ) -> dict[str, np.ndarray]:
         if "history" not in inputs:
             raise InvalidRequest("pipeline needs input 'history' (BYTES item ids, '' = padding)")
@@ -371,7 +495,9 @@ class RecommendModel(_Model):
             raise InvalidRequest(f"pipeline: exclude has {len(exclude)} rows, history {b}")
         answers = await asyncio.gather(
             *(
-                self.recommend(
+                self._row(
+                    v,
+                    counted,
                     history[i],
                     int(ks[i]),
                     exclude=exclude[i],
@@ -453,14 +579,27 @@ class ModelRegistry:
         self.name, self.batching, self.telemetry = name, batching, telemetry
         self.needed = tuple(needed)
         self.slot = VersionSlot()
+        # Triton's per-model statistics: ModelStatistics and the nv_inference_* families read the same counters.
+        self.stats_store = StatsStore(batching.max_batch_size)
+        telemetry.add_exposition(self.triton_exposition)
         # Batches of the three models may run at once; one more thread loads new versions.
         self.executor = ThreadPoolExecutor(max_workers=3 * batching.instances + 1, thread_name_prefix="attnrec")
-        args = (self.slot, batching, self.executor, telemetry)
+        args = (self.slot, batching, self.executor, telemetry, self.stats_store)
         self.encoder = EncoderModel(*args)
         self.ranker = RankerModel(*args)
         self.state = state  # users' stored histories and item availability (engine/online_state.py)
         self.recommend = RecommendModel(*args, max_k=max_k, state=state)
         self._models: dict[str, _Model] = {m.name: m for m in (self.encoder, self.ranker, self.recommend)}
+
+    def share_stats(self, folder: Path) -> None:
+        """Count into `folder`, which every worker of a `--workers N` server shares (before any request)."""
+        self.stats_store.share(folder)
+
+    def triton_exposition(self) -> bytes:
+        """The nv_inference_* families (Prometheus text) of every model version counted so far."""
+        for m in self.models():  # the serving version's series exist (at zero) before its first request
+            m.stats
+        return triton_metrics.exposition(self.stats_store.all_totals())
 
     @property
     def ready(self) -> bool:

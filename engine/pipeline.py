@@ -16,9 +16,10 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Container, Sequence
 
 import numpy as np
+import onnxruntime as ort
 
 from .encoder import OnnxEncoder
 from .features import FeatureTables, load_features
@@ -40,7 +41,8 @@ class RuntimeOptions:
     graph_optimization: str = "all"
     faiss_gpu: bool | None = None  # None = on the GPU when FAISS has a GPU build and a device
     allow_spinning: bool = True  # onnxruntime's worker threads busy-wait between ops
-    faiss_threads: int = 0  # FAISS's OpenMP threads (process-wide); 0 = FAISS's default (all cores)
+    faiss_threads: int = 0  # FAISS's OpenMP threads in every thread that searches; 0 = FAISS's default (all cores)
+    io_binding: str = "auto"  # onnxruntime IO binding: auto (on a GPU provider), on, off (engine/encoder.py)
 
     def session_kwargs(self) -> dict:
         return {
@@ -49,7 +51,19 @@ class RuntimeOptions:
             "inter_op_threads": self.inter_op_threads,
             "graph_optimization": self.graph_optimization,
             "allow_spinning": self.allow_spinning,
+            "io_binding": self.io_binding,
         }
+
+
+def use_faiss_threads(n: int) -> None:
+    """FAISS's OpenMP thread count, in the calling thread: libgomp keeps it per thread, so setting it
+    once at load left every batch thread at all cores, each search then waking (and spin-waiting)
+    OpenMP threads that the event loop and the other requests needed on a small host. 0: FAISS's default."""
+    if n > 0:
+        import faiss
+
+        if faiss.omp_get_max_threads() != n:
+            faiss.omp_set_num_threads(n)
 
 
 def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
@@ -68,23 +82,47 @@ def pad_histories(histories: Sequence[np.ndarray], max_len: int) -> np.ndarray:
     return out
 
 
-def encode(encoder: OnnxEncoder, tokens: np.ndarray) -> dict[str, np.ndarray]:
-    """Padded tokens (B, L) → every encoder output by name: `query` (B, D) [, `hidden` (B, L, D)]."""
-    return dict(zip(encoder.output_names, encoder.session.run(None, {encoder.input_name: tokens})))
+def run_session(
+    session: "ort.InferenceSession", feeds: dict, outputs: list[str], device: str | None, keep: Container[str] = ()
+) -> list:
+    """The named outputs of one run. With `device` (IO binding, engine/encoder.py `binding_device`):
+    host arrays are bound as inputs (copied to the device once) and OrtValues already there as they are;
+    outputs in `keep` stay on the device as OrtValues, for the next model to read; the rest come back
+    as numpy arrays. Without: `session.run` (an OrtValue among the feeds is brought to the host)."""
+    if device is None:
+        host = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in feeds.items()}
+        return session.run(outputs, host)
+    binding = session.io_binding()
+    for name, x in feeds.items():
+        if isinstance(x, ort.OrtValue):
+            binding.bind_ortvalue_input(name, x)
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(x))
+    for name in outputs:
+        binding.bind_output(name, device if name in keep else "cpu")
+    session.run_with_iobinding(binding)
+    return [v if name in keep else v.numpy() for name, v in zip(outputs, binding.get_outputs())]
+
+
+def encode(encoder: OnnxEncoder, tokens: np.ndarray, keep: Container[str] = ()) -> dict:
+    """Padded tokens (B, L) → every encoder output by name: `query` (B, D) [, `hidden` (B, L, D)];
+    those in `keep` stay on the device (OrtValues) when the encoder is IO-bound."""
+    names = encoder.output_names
+    return dict(zip(names, run_session(encoder.session, {encoder.input_name: tokens}, names, encoder.binding, keep)))
 
 
 def encode_histories(encoder: OnnxEncoder, histories: Sequence[np.ndarray]) -> np.ndarray:
     """Histories of tokens (catalogue row + 1), any lengths → (B, D) query vectors."""
     tokens = pad_histories(histories, encoder.max_len)
-    return encoder.session.run(["query"], {encoder.input_name: tokens})[0]
+    return run_session(encoder.session, {encoder.input_name: tokens}, ["query"], encoder.binding)[0]
 
 
-def score(ranker: OnnxRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads, and may leave out
-    (or set to None) its optional ones (engine/ranker.py), which are then unknown."""
+def score(ranker: OnnxRanker, feeds: dict) -> np.ndarray:
+    """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads (and `hidden` as an OrtValue),
+    and may leave out (or set to None) its optional ones (engine/ranker.py), which are then unknown."""
     batch = len(feeds["candidates"])
     x = {n: ranker.default(n, batch) if feeds.get(n) is None else feeds[n] for n in ranker.input_names}
-    return ranker.session.run(["scores"], x)[0]
+    return run_session(ranker.session, x, ["scores"], ranker.binding)[0]
 
 
 def search_index(
@@ -210,11 +248,14 @@ class Pipeline:
         path: Path | None = None,
         manifest: Manifest | None = None,
         features: FeatureTables = FeatureTables(),
+        faiss_threads: int = 0,
     ) -> None:
         """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker;
-        `features`: the version's side features (the ranker's user features come from there)."""
+        `features`: the version's side features (the ranker's user features come from there);
+        `faiss_threads`: FAISS's OpenMP threads in whichever thread searches (0: its default)."""
         self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
         self.features = features
+        self.faiss_threads = faiss_threads
         self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
         # Most popular first; the fallback for histories with no known item.
         self.popular_rows = np.argsort(-self.popularity, kind="stable")
@@ -228,10 +269,7 @@ class Pipeline:
     def load(cls, path: Path | str, options: RuntimeOptions = RuntimeOptions(), *, verify: bool = True) -> "Pipeline":
         path = Path(path)
         manifest = open_version(path, verify=verify)
-        if options.faiss_threads > 0:
-            import faiss
-
-            faiss.omp_set_num_threads(options.faiss_threads)
+        use_faiss_threads(options.faiss_threads)  # this thread; the searching ones set it in `recommend`
         kw = options.session_kwargs()
         files = manifest.files
         ranker = None if files.ranker is None else OnnxRanker(path / files.ranker.path, **kw)
@@ -253,6 +291,7 @@ class Pipeline:
             features=load_features(path, manifest)
             if ranker is not None and ranker.reads_user_features
             else FeatureTables(),
+            faiss_threads=options.faiss_threads,
         )
 
     @property
@@ -303,11 +342,14 @@ class Pipeline:
             return Recommendations(rows, scores, t)
 
         t0 = time.perf_counter()
-        tokens = pad_histories([histories[i][-self.max_len :] + 1 for i in active], self.max_len)
-        outs = encode(self.encoder, tokens)
-        t1 = time.perf_counter()
         use_ranker = rank and self.ranker is not None
+        tokens = pad_histories([histories[i][-self.max_len :] + 1 for i in active], self.max_len)
+        # An IO-bound ranker reads the encoder's hidden states where they are (on the GPU): no round trip.
+        keep = ("hidden",) if use_ranker and self.ranker.needs_hidden and self.ranker.binding else ()
+        outs = encode(self.encoder, tokens, keep)
+        t1 = time.perf_counter()
         n = max(k, n_candidates or self.n_candidates) if use_ranker else k
+        use_faiss_threads(self.faiss_threads)
         cand_scores, cand_rows = search(
             self.index,
             outs["query"],

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import make_session
+from .encoder import binding_device, make_session
 from .features import CodedColumn, FeatureTable, FeatureTables, user_features
 
 RANKER_INPUTS = ("history", "hidden", "candidates", "candidate_scores", "user_features")
@@ -50,8 +50,9 @@ def user_feature_codes(tables: FeatureTables, user_ids: list[str]) -> np.ndarray
 
 
 class OnnxRanker:
-    def __init__(self, path: Path | str, **session_kwargs) -> None:
+    def __init__(self, path: Path | str, *, io_binding: str = "auto", **session_kwargs) -> None:
         self.session = make_session(path, **session_kwargs)
+        self.binding = binding_device(self.session, io_binding)  # None: session.run
         self.input_names = [i.name for i in self.session.get_inputs()]
         unknown = [n for n in self.input_names if n not in RANKER_INPUTS]
         if unknown:

@@ -32,9 +32,7 @@ def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
 class RecommenderServicer(pb_grpc.RecommenderServicer):
     def __init__(self, models: ModelRegistry, loader: ModelLoader, *, stream_window: int = 64) -> None:
         self.models, self.loader, self.stream_window = models, loader, stream_window
-        self.recommender = models.recommend  # the whole-path model
-        # prometheus_client's child, observed directly (no hand-written call per request)
-        self.total_seconds = models.telemetry.stage_seconds.labels("pipeline", "total")
+        self.recommender = models.recommend  # the whole-path model (it counts the request and its total stage)
 
     async def Recommend(self, request: pb.RecommendRequest, context) -> pb.RecommendReply:
         return await self._recommend(request, deadline_of(context))
@@ -156,7 +154,6 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
                     batch_size=int(t["batch_size"]),
                 )
             )
-        self.total_seconds.observe(time.perf_counter() - start)
         return reply
 
     def _info(self, reload: Reload | None = None) -> pb.ModelInfo:

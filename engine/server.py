@@ -125,12 +125,13 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def check_ports(settings: ServerSettings) -> None:
-    """StartupError naming the flag when the gRPC or the metrics port is taken (before anything binds)."""
+def check_ports(settings: ServerSettings, *, grpc_port: bool = True) -> None:
+    """StartupError naming the flag when the gRPC or the metrics port is taken (before anything binds).
+    `grpc_port=False`: a `--workers` worker, whose port the supervisor checked and holds (engine/workers.py)."""
     s = settings
     if s.port and s.metrics_port == s.port:
         raise StartupError(f"--metrics-port {s.metrics_port} is the gRPC --port too: give them different ports")
-    if s.port and port_in_use(s.address, s.port):
+    if grpc_port and s.port and port_in_use(s.address, s.port):
         raise StartupError(f"--port {s.port} is in use (on {s.address})")
     if s.metrics_port and port_in_use(s.metrics_host, s.metrics_port):
         raise StartupError(f"--metrics-port {s.metrics_port} is in use (on {s.metrics_host})")
@@ -147,6 +148,9 @@ def credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
 
 
 class Server:
+    # One of the `--workers N` processes sharing the port sets this (engine/workers.py).
+    reuse_port = False
+
     def __init__(self, settings: ServerSettings, extra_services: Sequence[ServiceFactory] = ()) -> None:
         self.settings = settings
         self.telemetry = Telemetry()
@@ -180,7 +184,7 @@ class Server:
 
     async def start(self) -> None:
         s = self.settings
-        check_ports(s)  # before anything binds or is announced
+        check_ports(s, grpc_port=not self.reuse_port)  # before anything binds or is announced
         token, admin = s.token(), s.admin()
         interceptors = [MetricsInterceptor(self.telemetry), self.drainer]
         if token:
@@ -190,7 +194,7 @@ class Server:
             ModelControlInterceptor(admin_methods, enabled=s.model_control, admin_token=admin, user_token=token)
         )
         interceptors.append(ErrorInterceptor())
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", int(self.reuse_port))])
         for service in self.services:
             service.add(server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -225,10 +229,14 @@ class Server:
             log.info("history store %s", self.state.store.name)
         except StoreUnavailable as exc:  # it may come up later; requests with their own history work meanwhile
             log.error("%s: requests with a user_id get UNAVAILABLE until it answers", exc)
+        await self.before_serving()
         await self._refresh_health()
         if s.poll_interval > 0:
             self._poller = asyncio.ensure_future(self.loader.poll(s.poll_interval))
         log.info("ready: %s", ", ".join(f"{m.name} v{m.version}" for m in self.models.models()))
+
+    async def before_serving(self) -> None:
+        """Warm and about to report SERVING: a hook (a `--workers` worker waits here for the others)."""
 
     async def _set_health(self, status) -> None:
         for name in ["", *self._names()]:
@@ -236,7 +244,7 @@ class Server:
 
     async def _refresh_health(self) -> None:
         """Each service SERVING while the models it needs are loaded; "" (the server) while all are."""
-        if self._draining:
+        if self._draining or self._stop.is_set():  # a stop asked for during warm-up: never SERVING
             return
         up = health_pb2.HealthCheckResponse.SERVING
         down = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -41,6 +41,7 @@ class ServerSettings:
     ort_spinning: str = "off"
     faiss_threads: int = 0
     faiss_gpu: str = "auto"
+    io_binding: str = "auto"
     poll_interval: float = 0.0
     grace: float = 10.0
     shutdown_delay: float = 0.0
@@ -54,6 +55,7 @@ class ServerSettings:
     model_control: bool = False
     admin_token: str = ""
     admin_token_file: Path | None = None
+    workers: str = "1"
 
     @property
     def batching(self) -> "BatchSettings":
@@ -75,7 +77,21 @@ class ServerSettings:
             gpu,
             allow_spinning=self.ort_spinning == "on",
             faiss_threads=self.faiss_threads,
+            io_binding=self.io_binding,
         )
+
+    @property
+    def worker_count(self) -> int:
+        """--workers as a number: auto = the cores this process may run on."""
+        if self.workers.strip().lower() == "auto":
+            return len(os.sched_getaffinity(0))
+        try:
+            n = int(self.workers)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ValueError(f"--workers must be a positive integer or auto, got {self.workers!r}")
+        return n
 
     def token(self) -> str:
         """The bearer token clients must send ("" = no check)."""
@@ -117,6 +133,8 @@ HELP = {
     "faiss_threads": "FAISS OpenMP threads for search (0: all cores; 1 suits small per-request batches, where "
     "OpenMP's hand-off costs more than it saves)",
     "faiss_gpu": "FAISS on the GPU: auto (when a GPU build and a device are present), on, off",
+    "io_binding": "onnxruntime IO binding of inputs and outputs: auto (on a CUDA/TensorRT provider, where the "
+    "encoder's hidden states stay on the GPU for the ranker), on (also on the CPU), off",
     "poll_interval": "seconds between checks of the repository for new versions (0: off)",
     "grace": "seconds in-flight requests get to finish on SIGTERM/SIGINT",
     "shutdown_delay": "seconds to keep serving while reporting NOT_SERVING before draining (load balancer lag)",
@@ -135,11 +153,14 @@ HELP = {
     "admin_token": "bearer token the model-control RPCs need (turns them on; other RPCs accept it too); prefer "
     "ATTNREC_ADMIN_TOKEN or --admin-token-file",
     "admin_token_file": "file holding the admin token",
+    "workers": "server processes sharing the port (SO_REUSEPORT), each with its own sessions, index and "
+    "batchers; one merged metrics endpoint; auto = the usable cores",
 }
 CHOICES = {
     "graph_optimization": ["disable", "basic", "extended", "all"],
     "faiss_gpu": ["auto", "on", "off"],
     "ort_spinning": ["on", "off"],
+    "io_binding": ["auto", "on", "off"],
 }
 
 

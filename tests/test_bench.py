@@ -22,7 +22,17 @@ def gpu_script_cpu_run(tmp_path_factory):
     """benchmarks/gpu.sh on the CPU path: provider check, then the model and retrieval stages (tiny)."""
     out = tmp_path_factory.mktemp("bench")
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "run", "--provider", "cpu", *FAST]
+    # the e2e stage (also in gpu.sh's default) has its own tests: tests/test_bench_e2e.py
+    cmd = [
+        "bash",
+        str(ROOT / "benchmarks" / "gpu.sh"),
+        "run",
+        "--provider",
+        "cpu",
+        "--stages",
+        "model,retrieval",
+        *FAST,
+    ]
     cmd += ["--out", str(out / "results"), "--work-dir", str(out / "work")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -113,6 +123,12 @@ def test_provider_check_reports_node_placement(gpu_script_cpu_run):
         assert placement[model]["session_providers"] == ["CPUExecutionProvider"]
         assert placement[model]["by_provider"]["CPUExecutionProvider"]["ops"].get("MatMul", 0) > 0
     assert not list(ROOT.glob("onnxruntime_profile_*.json"))  # profiles go to a temporary folder
+
+
+def test_the_gpu_run_includes_the_served_path():
+    from attnrec.benchmarks.gpu import DEFAULT_STAGES
+
+    assert DEFAULT_STAGES.split(",") == ["model", "retrieval", "e2e"]
 
 
 def test_provider_check_catches_a_cpu_fallback():
@@ -269,3 +285,28 @@ def test_mlserver_answers_v2_modelinfer_like_onnxruntime(tmp_path, tiny_model):
     cfg = MLServerConfig(intra_op_threads=1)
     n, length = tiny_model.cfg.n_items, tiny_model.cfg.max_len
     assert check(onnx, cfg, venv=MLSERVER_VENV, n_items=n, length=length, log=lambda _: None) <= 1e-5
+
+
+def test_a_failing_stage_keeps_its_rows_and_error_and_the_suite_goes_on(tmp_path, monkeypatch):
+    from attnrec.benchmarks import cli, stages
+
+    class Failing:  # measures one row, then its peer goes away
+        TITLE = "A stage that fails half way"
+
+        @staticmethod
+        def run(settings, section):
+            row = {"server": "peer", "load": "c=1", "p50_ms": 1.5, "p99_ms": 3.0, "throughput_rps": 10.0}
+            section.data.setdefault("points", []).append(row)
+            raise RuntimeError("the peer went away")
+
+    real = stages.load
+    monkeypatch.setattr(stages, "load", lambda name: Failing if name == "failing" else real(name))
+    args = ["--stages", "failing,retrieval", *FAST, "--out", str(tmp_path), "--work-dir", str(tmp_path)]
+    assert cli.main(args) == 1  # failed, said so, and still wrote every stage
+    report = json.loads((tmp_path / f"bench-failing-{DATE}.json").read_text())
+    error = report["data"]["error"]
+    assert error["type"] == "RuntimeError" and error["message"] == "the peer went away"
+    assert any("the peer went away" in line for line in error["traceback"])
+    assert report["tables"][0]["rows"] == [["peer", "c=1", 1.5, 3.0, 10.0]]
+    assert "STAGE FAILED" in (tmp_path / f"bench-failing-{DATE}.md").read_text()
+    assert _load(tmp_path, "retrieval")["data"]["points"]  # the next stage ran in full

@@ -177,3 +177,66 @@ def test_process_tree_cpu_counts_children():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_server_that_completes_nothing_is_measured_as_zero_with_its_errors():
+    """Nothing listens: every call fails; the point says 0 req/s and why, and nothing crashes."""
+    from attnrec.benchmarks.peer.mlserver import free_port
+
+    with ClientPool(RecommendTarget(f"127.0.0.1:{free_port()}", _requests(), timeout_s=2.0)) as clients:
+        p = run_point(clients, ClosedLoop(2), METHOD)
+    assert p["throughput_rps"] == 0 and p["requests"] == 0
+    assert p["errors"] > 0 and set(p["errors_by_code"]) == {"UNAVAILABLE"}
+
+
+def _point(server: str, c: int, rps: float, p50: float, p99: float, errors: dict | None = None) -> dict:
+    from attnrec.benchmarks.timing import aggregate
+
+    window = {"requests": int(rps * 0.3), "errors": sum((errors or {}).values()), "throughput_rps": rps,
+              "p50_ms": p50, "p90_ms": p99, "p95_ms": p99, "p99_ms": p99, "client_cpu_cores": 0.5}  # fmt: skip
+    return {"server": server, "mode": "closed", "concurrency": c, **aggregate([window, window]),
+            "errors_by_code": errors or {}, "load": f"c={c}"}  # fmt: skip
+
+
+def test_peer_report_when_the_peer_completed_no_request():
+    from attnrec.benchmarks.report import Section
+    from attnrec.benchmarks.stages import peer
+
+    nan = float("nan")
+    points = [_point("attnrec", 1, 900.0, 1.0, 2.0), _point("attnrec", 32, 3000.0, 9.0, 20.0),
+              _point("MLServer", 1, 0.0, nan, nan, {"UNAVAILABLE": 412}),
+              _point("MLServer", 32, 0.0, nan, nan, {"UNAVAILABLE": 7000, "DEADLINE_EXCEEDED": 3})]  # fmt: skip
+    section = Section("peer", "peer")
+    peer.report(section, points, {"closed": (1, 32), "history": 50})
+    assert section.data["checks"]["met"] is None and section.data["checks"]["throughput_ratio"] is None
+    target = section.tables[-1]
+    assert (
+        target.rows[0][-1]
+        == "no comparison: MLServer completed no request (7003 (DEADLINE_EXCEEDED 3, UNAVAILABLE 7000))"
+    )
+    rows = {(r[0], r[1]): r for r in section.tables[0].rows}
+    assert rows[("MLServer", 32)][6].startswith("0 ") and "UNAVAILABLE 7000" in rows[("MLServer", 32)][7]
+
+
+def test_e2e_targets_are_invalid_when_floors_exceed_the_server():
+    """A loaded machine slowed the floors more than the server: no 'met' out of a negative excess."""
+    from attnrec.benchmarks.report import Section
+    from attnrec.benchmarks.stages import e2e
+    from attnrec.benchmarks.timing import aggregate
+
+    points = [_point("attnrec", 1, 150.0, 6.7, 9.0), _point("attnrec", 32, 125.0, 200.0, 300.0),
+              _point("echo", 1, 1300.0, 0.75, 1.5), _point("echo", 32, 5000.0, 6.0, 9.0)]  # fmt: skip
+    inproc = lambda p50, per_s: aggregate([{"p50_ms": p50, "p99_ms": p50 * 2, "items_per_s": per_s}] * 2)  # noqa: E731
+    ceil = {1: inproc(12.2, 80.0), 32: inproc(300.0, 81.0)}
+    section = Section("e2e", "e2e")
+    e2e._report(section, points, ceil, {"closed": (1, 32)})
+    checks = section.data["checks"]
+    assert not checks["p50_c1_vs_floor_plus_ceiling"]["valid"] and not checks["p50_c1_vs_floor_plus_ceiling"]["met"]
+    assert not checks["throughput_fraction_of_ceiling"]["valid"]
+    results = [row[-1] for row in section.tables[-1].rows]
+    assert results and all(r.startswith("INVALID") for r in results)
+    # the same floors under a faster server: a real verdict again
+    points[0] = _point("attnrec", 1, 150.0, 14.0, 20.0)
+    section = Section("e2e", "e2e")
+    e2e._report(section, points, ceil, {"closed": (1, 32)})
+    assert section.data["checks"]["p50_c1_vs_floor_plus_ceiling"]["valid"]

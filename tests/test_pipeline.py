@@ -101,3 +101,39 @@ def test_the_metrics_published_from_parts_are_those_of_the_loaded_version(pipeli
     vectors = load_item_vectors(pipeline.path, pipeline.manifest)
     again = evaluate_pipeline(pipeline, vectors, small_split, progress=False)
     assert metrics_section(again) == pipeline.manifest.metrics
+
+
+def test_io_bound_sessions_recommend_what_plain_runs_do(pipeline):
+    """--io-binding on (what auto does on CUDA) through the whole path, on the CPU provider."""
+    from attnrec.engine.pipeline import RuntimeOptions
+
+    bound = Pipeline.load(pipeline.path, RuntimeOptions(io_binding="on", intra_op_threads=1))
+    assert bound.encoder.binding == "cpu" and (bound.ranker is None or bound.ranker.binding == "cpu")
+    rng = np.random.default_rng(3)
+    histories = [rng.choice(pipeline.n_items, size=n, replace=False) for n in (1, 4, 12)]
+    want, got = pipeline.recommend(histories, 10), bound.recommend(histories, 10)
+    np.testing.assert_array_equal(got.rows, want.rows)
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6, atol=1e-6)
+
+
+def test_faiss_threads_apply_in_the_threads_that_search(trained_repo):
+    """libgomp keeps the thread count per thread: a batch thread, not only the loading one, uses it."""
+    import threading
+
+    import faiss
+
+    from attnrec.engine.pipeline import RuntimeOptions
+
+    path, _ = newest_valid_version(trained_repo[1], "seq")
+    p = Pipeline.load(path, RuntimeOptions(faiss_threads=1, intra_op_threads=1))
+    seen = {}
+
+    def search_in_a_new_thread():
+        seen["before"] = faiss.omp_get_max_threads()
+        p.recommend([np.array([1, 2, 3])], 5)
+        seen["after"] = faiss.omp_get_max_threads()
+
+    t = threading.Thread(target=search_in_a_new_thread)
+    t.start()
+    t.join(60)
+    assert seen["after"] == 1  # a new thread starts at FAISS's default (all cores, unless OMP_NUM_THREADS says)

@@ -139,7 +139,7 @@ def run(settings: Settings, section: Section) -> None:
     )
     section.data["roofline"] = roof
     rng = np.random.default_rng(settings.seed)
-    points: list[dict] = []
+    points: list[dict] = section.data.setdefault("points", [])  # filled as measured: a failure keeps them
 
     class _WithHidden(torch.nn.Module):  # the graph the ONNX exports when it outputs hidden states
         def forward(self, tokens):

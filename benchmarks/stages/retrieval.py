@@ -127,7 +127,7 @@ def run(settings: Settings, section: Section) -> None:
         n_queries=g["queries"],
         faiss_threads=faiss.omp_get_max_threads(),
     )
-    points: list[dict] = []
+    points: list[dict] = section.data.setdefault("points", [])  # filled as measured: a failure keeps them
 
     for kind, n, dim in datasets:
         if kind == "trained":

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..model_interface import ModelStats, ServedModel, TensorSpec
+from ..model_interface import ServedModel, TensorSpec
+from ..model_stats import ModelStats
 from ..rpc.inference import grpc_service_pb2 as pb
 from ..rpc.inference import model_config_pb2 as mc
 from .tensors import CONFIG_DTYPES
@@ -59,7 +60,8 @@ def _duration(count: int, ns: int) -> pb.StatisticDuration:
 
 def model_statistics(model: ServedModel) -> pb.ModelStatistics:
     s: ModelStats = model.stats
-    # Triton counts queue and compute phases once per successful request.
+    # As Triton: queue and compute phases are counted once per successful request (each request of a
+    # batch is charged its batch's phases); batch_stats once per execution.
     ok = s.success_count
     return pb.ModelStatistics(
         name=model.name,

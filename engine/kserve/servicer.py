@@ -174,14 +174,20 @@ class KServeServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def infer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         model = self.models.get(request.model_name, request.model_version)
-        if not model.ready:
-            raise Unavailable(f"model '{model.name}' is not ready")
-        sequence = _param(request.parameters["sequence_id"]) if "sequence_id" in request.parameters else None
-        if sequence:
-            raise InvalidRequest("sequence batching is not supported (parameter 'sequence_id')")
-        inputs = decode_inputs(model, request)
-        names = requested_outputs(model, request)
-        results = await model.infer(inputs, outputs=names, deadline=deadline_of(request, context))
+        started = time.perf_counter_ns()
+        try:
+            if not model.ready:
+                raise Unavailable(f"model '{model.name}' is not ready")
+            sequence = _param(request.parameters["sequence_id"]) if "sequence_id" in request.parameters else None
+            if sequence:
+                raise InvalidRequest("sequence batching is not supported (parameter 'sequence_id')")
+            inputs = decode_inputs(model, request)
+            names = requested_outputs(model, request)
+            deadline = deadline_of(request, context)
+        except ServingError:  # refused before the model saw it: still a failed request of that model
+            model.record_rejected(time.perf_counter_ns() - started)
+            raise
+        results = await model.infer(inputs, outputs=names, deadline=deadline)
         return encode_response(model, request, results, names)
 
     async def ModelInfer(self, request, context):  # noqa: N802
