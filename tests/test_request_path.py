@@ -134,7 +134,9 @@ def test_one_recommend_crosses_at_most_four_files_and_never_goes_back(trained_re
     # joined where the request is handed over: its task queues it in the batcher, whose worker runs it
     # in the executor; no part reaches into another's files except through that hand-over
     files = {part: {f for chain in chains for f, _ in chain} for part, chains in parts.items()}
-    assert files["worker"] == {"engine/batcher.py"}
+    # the worker also books the batch in the per-model statistics (engine/model_stats.py: Triton's
+    # exec counts and compute times), a side call it returns from, like the request's online state
+    assert "engine/batcher.py" in files["worker"] and files["worker"] <= {"engine/batcher.py", "engine/model_stats.py"}
     assert not files["request"] & files["compute"] and "engine/batcher.py" not in files["compute"]
     # the main line: the request's stack when it is queued, the worker's, the stack above each session run
     submit = [c for c in parts["request"] if c[-1] == ("engine/batcher.py", "Batcher.submit")]
@@ -152,4 +154,8 @@ def test_one_recommend_crosses_at_most_four_files_and_never_goes_back(trained_re
     assert path[0] == SERVICER and path[-1] == "engine/pipeline.py"
     assert len(path) == len(set(path)) <= 4, path
     assert not (files["worker"] | files["compute"]) & ONLINE_STATE
-    assert (files["request"] - ONLINE_STATE) | files["worker"] | files["compute"] == set(path)
+    # side calls that return, off the main line: the request and the worker book per-model statistics
+    # (engine/model_stats.py), the compute thread asks the ranker module for its inputs' defaults
+    # and IO bindings (engine/ranker.py)
+    side = {"engine/model_stats.py", "engine/ranker.py"}
+    assert ((files["request"] - ONLINE_STATE) | files["worker"] | files["compute"]) - side == set(path)
