@@ -64,7 +64,7 @@ def test_nv_inference_families_agree_with_model_statistics(served):
             for i in range(3):
                 rc.recommend(ids[i : i + 2], 5)
             with pytest.raises(grpc.RpcError):  # k out of range: a failed pipeline request
-                rc.recommend(ids[:2], 0)
+                rc.recommend(ids[:2], 1001)  # above --max-k (0 means the default, 10)
         # 5 encoder requests rejected before they reach the model (wrong datatype)
         bad = tc.InferInput("history", [1, 2], "FP32")
         bad.set_data_from_numpy(np.zeros((1, 2), np.float32))
