@@ -118,11 +118,11 @@ def _run_pipeline(
             hist = [es.history(j) - 1 for j in range(s, min(s + 256, len(es)))]  # tokens → rows
             tgt = es.targets[s : s + len(hist)] - 1
             repeats = sum(int(np.any(h == t)) for h, t in zip(hist, tgt))
-            ann.add(pipeline.recommend(hist, k, exclude=hist, rank=False).rows, tgt, repeats)
+            ann.add(pipeline.recommend(hist, k, exclude=hist, rank=False).rows, tgt, hist, repeats)
             top_n = pipeline.recommend(hist, n, exclude=hist, rank=False).rows
             found += int((top_n == tgt[:, None]).any(axis=1).sum())
             if ranked is not None:
-                ranked.add(pipeline.recommend(hist, k, exclude=hist, n_candidates=n).rows, tgt, repeats)
+                ranked.add(pipeline.recommend(hist, k, exclude=hist, n_candidates=n).rows, tgt, hist, repeats)
             bar.advance(task, len(hist))
     return ann.result(), ranked.result() if ranked else None, found / max(len(es), 1)
 
@@ -234,11 +234,16 @@ def evaluate_repo(
     )
 
 
+def _cells(m: dict[str, float], cols: list[str]) -> list[str]:
+    """Table cells; "–" for a figure an older report lacks."""
+    return [("–" if c not in m else f"{m[c]:.1f}" if c == "arp@10" else f"{m[c]:.4f}") for c in cols]
+
+
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     p = result["protocol"]
     table = Table(title=f"{p['name']} · {p['users_evaluated']} users · {p['ranking']} · seen items excluded")
-    cols = ["hr@10", "ndcg@10", "hr@20", "ndcg@20", "coverage@10", "arp@10"]
+    cols = ["hr@10", "ndcg@10", "hr@20", "ndcg@20", "coverage@10", "arp@10", "gini@10", "long_tail@10", "popcal_js@10"]
     table.add_column("model / split")
     for c in cols:
         table.add_column(c.upper() if c.startswith(("hr", "ndcg")) else c, justify="right")
@@ -249,7 +254,7 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     for label, res in rows:
         for which in ("test", "valid"):
             m = res[which]
-            table.add_row(f"{label} · {which}", *(f"{m[c]:.4f}" if c != "arp@10" else f"{m[c]:.1f}" for c in cols))
+            table.add_row(f"{label} · {which}", *_cells(m, cols))
     console.print(table)
     if pipe:
         n = pipe["n_candidates"]
