@@ -71,6 +71,8 @@ def request(
     n_candidates: int = 0,
     timings: bool = False,
     request_id: str = "",
+    diversity: float = 0.0,
+    popularity_calibration: float = 0.0,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         history=[str(x) for x in history],
@@ -79,6 +81,8 @@ def request(
         n_candidates=n_candidates,
         include_timings=timings,
         request_id=request_id,
+        diversity=diversity,
+        popularity_calibration=popularity_calibration,
     )
 
 
@@ -133,8 +137,19 @@ class RecommenderClient:
         exclude: Sequence[str | int] = (),
         n_candidates: int = 0,
         timings: bool = False,
+        diversity: float = 0.0,
+        popularity_calibration: float = 0.0,
     ) -> Recommendation:
-        req = request(history, k, exclude=exclude, n_candidates=n_candidates, timings=timings)
+        """`diversity` / `popularity_calibration`: re-rank strengths, 0..1 (RecommendRequest)."""
+        req = request(
+            history,
+            k,
+            exclude=exclude,
+            n_candidates=n_candidates,
+            timings=timings,
+            diversity=diversity,
+            popularity_calibration=popularity_calibration,
+        )
         return Recommendation.from_reply(self.stub.Recommend(req, timeout=self.timeout, metadata=self.metadata))
 
     def recommend_stream(self, requests: Iterable[pb.RecommendRequest]) -> Iterator[Recommendation]:

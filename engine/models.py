@@ -15,6 +15,8 @@ KServe names (a wire contract):
               k INT64 (B, 1) optional (default 10)
               exclude BYTES (B, E) optional, "" = padding
               n_candidates INT64 (B, 1) optional (0: the model's default)
+              diversity FP32 (B, 1) optional, 0..1 (default 0: no diversity re-rank)
+              popularity_calibration FP32 (B, 1) optional, 0..1 (default 0: no calibration re-rank)
               → items BYTES (B, K) best first, "" where the catalogue ran out (K = the largest k)
                 scores FP32 (B, K), -inf where no item
                 unknown_items INT64 (B, 1): history ids not in the catalogue (skipped)
@@ -38,6 +40,7 @@ from .batcher import Batcher, BatchSettings
 from .errors import InvalidRequest, NotFound, Unavailable
 from .model_interface import ModelStats, ServedModel, TensorSpec
 from .pipeline import Pipeline, run_encoder, run_ranker, run_recommend
+from .repository import DEFAULT_CANDIDATES
 from .telemetry import Telemetry
 
 
@@ -225,6 +228,8 @@ class _Query:
     rows: np.ndarray  # known history rows, oldest first
     exclude: np.ndarray
     k: int
+    diversity: float = 0.0  # re-rank strengths, 0..1 (engine/rerank.py)
+    popularity_calibration: float = 0.0
 
 
 @dataclass
@@ -258,6 +263,8 @@ class RecommendModel(_Model):
             TensorSpec("k", "INT64", (-1, 1), optional=True),
             TensorSpec("exclude", "BYTES", (-1, -1), optional=True),
             TensorSpec("n_candidates", "INT64", (-1, 1), optional=True),
+            TensorSpec("diversity", "FP32", (-1, 1), optional=True),
+            TensorSpec("popularity_calibration", "FP32", (-1, 1), optional=True),
         ]
 
     @property
@@ -276,6 +283,8 @@ class RecommendModel(_Model):
         *,
         exclude: Sequence[str] = (),
         n_candidates: int = 0,
+        diversity: float = 0.0,
+        popularity_calibration: float = 0.0,
         deadline: float | None = None,
     ) -> Answer:
         """One user's top-k external ids. Unknown history ids are skipped and counted."""
@@ -283,15 +292,24 @@ class RecommendModel(_Model):
             raise InvalidRequest(f"k must be in 1..{self.max_k}, got {k}")
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
+        for name, value in (("diversity", diversity), ("popularity_calibration", popularity_calibration)):
+            if not 0.0 <= value <= 1.0:  # NaN fails this too
+                raise InvalidRequest(f"{name} must be in 0..1, got {value}")
         v = self._pinned()
         lookup = v.rows_by_key
         found = [lookup.get(x) for x in history]
         rows = np.array([r for r in found if r is not None], dtype=np.int64)
         excl = np.array([r for r in (lookup.get(x) for x in exclude) if r is not None], dtype=np.int64)
         p = v.compute
-        # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
-        n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(_Query(rows, excl, k), group=(p, n), deadline=deadline)
+        # Requests batch together only on the same version and the same candidate count (it shapes the ranker's
+        # input, and without a ranker it is the re-rank's pool: 0 = no re-rank, FAISS's top-k as it was).
+        rerank = diversity > 0 or popularity_calibration > 0
+        if p.ranker is not None:
+            n = max(k, n_candidates or p.n_candidates)
+        else:
+            n = max(k, n_candidates or DEFAULT_CANDIDATES) if rerank else 0
+        query = _Query(rows, excl, k, float(diversity), float(popularity_calibration))
+        done = await self.batcher.submit(query, group=(p, n), deadline=deadline)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
         return Answer(
@@ -316,11 +334,21 @@ class RecommendModel(_Model):
         exclude = _id_matrix(inputs["exclude"], "exclude") if "exclude" in inputs else [[] for _ in range(b)]
         ks = _per_row(inputs, "k", b, DEFAULT_K)
         ncs = _per_row(inputs, "n_candidates", b, 0)
+        div = _per_row_float(inputs, "diversity", b)
+        cal = _per_row_float(inputs, "popularity_calibration", b)
         if len(exclude) != b:
             raise InvalidRequest(f"pipeline: exclude has {len(exclude)} rows, history {b}")
         answers = await asyncio.gather(
             *(
-                self.recommend(history[i], int(ks[i]), exclude=exclude[i], n_candidates=int(ncs[i]), deadline=deadline)
+                self.recommend(
+                    history[i],
+                    int(ks[i]),
+                    exclude=exclude[i],
+                    n_candidates=int(ncs[i]),
+                    diversity=float(div[i]),
+                    popularity_calibration=float(cal[i]),
+                    deadline=deadline,
+                )
                 for i in range(b)
             )
         )
@@ -355,6 +383,15 @@ def _per_row(inputs: dict[str, np.ndarray], name: str, b: int, default: int) -> 
     if x.dtype.kind not in "iu" or x.size != b:
         raise InvalidRequest(f"pipeline: input {name!r} must be INT64 with one value per row ({b}), got {x.shape}")
     return x.reshape(b).astype(np.int64)
+
+
+def _per_row_float(inputs: dict[str, np.ndarray], name: str, b: int) -> np.ndarray:
+    if name not in inputs:
+        return np.zeros(b)
+    x = np.asarray(inputs[name])
+    if x.dtype.kind != "f" or x.size != b:
+        raise InvalidRequest(f"pipeline: input {name!r} must be FP32 with one value per row ({b}), got {x.shape}")
+    return x.reshape(b).astype(np.float64)
 
 
 class ModelRegistry:

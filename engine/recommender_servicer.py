@@ -69,7 +69,13 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
     async def _recommend(self, request: pb.RecommendRequest, deadline: float | None) -> pb.RecommendReply:
         start = time.perf_counter()
         answer = await self.recommender.recommend(
-            request.history, request.k, exclude=request.exclude, n_candidates=request.n_candidates, deadline=deadline
+            request.history,
+            request.k,
+            exclude=request.exclude,
+            n_candidates=request.n_candidates,
+            diversity=request.diversity,
+            popularity_calibration=request.popularity_calibration,
+            deadline=deadline,
         )
         return self._reply(request, answer, start)
 

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from attnrec.engine.pipeline import Pipeline, RuntimeOptions
 from attnrec.engine.repository import ArtifactError, Manifest
+from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
 
@@ -72,7 +73,14 @@ def _id_type(ids: np.ndarray) -> pa.DataType:
     return pa.int64() if ids.dtype.kind in "iu" else pa.string()
 
 
-def output_schema(data: SequenceData, model: str, version: int, top_n: int, rank: bool = False) -> pa.Schema:
+def output_schema(
+    data: SequenceData,
+    model: str,
+    version: int,
+    top_n: int,
+    rank: bool = False,
+    rerank: RerankOptions = RerankOptions(),
+) -> pa.Schema:
     return pa.schema(
         [
             ("user_id", _id_type(data.user_ids)),
@@ -87,6 +95,9 @@ def output_schema(data: SequenceData, model: str, version: int, top_n: int, rank
             "top_n": str(top_n),
             "exclude_seen": "true",
             "ranked": "true" if rank else "false",  # scores are the ranker's, not inner products
+            # the order is the re-rank's (engine/rerank.py) when either is above 0; scores stay the model's
+            "diversity": str(rerank.diversity),
+            "popularity_calibration": str(rerank.popularity_calibration),
         },
     )
 
@@ -95,7 +106,8 @@ class BatchRetriever:
     """The version's pipeline, loaded once; one call = one batch of users → rows.
 
     Shared by the single-process job and the Ray actors, so both compute the same thing.
-    With `rank`, FAISS fetches the ranker's N candidates and the ranker picks the top-n.
+    With `rank`, FAISS fetches the ranker's N candidates and the ranker picks the top-n; with an
+    active `rerank`, the re-rank picks them from that pool (engine/rerank.py).
     """
 
     def __init__(
@@ -107,19 +119,26 @@ class BatchRetriever:
         top_n: int,
         threads: int = 0,
         rank: bool = False,
+        rerank: RerankOptions = RerankOptions(),
     ) -> None:
         # The caller opened (and verified) the version: no second pass over the checksums.
         self.pipeline = Pipeline.load(version_dir, RuntimeOptions(intra_op_threads=threads), verify=False)
         if rank and self.pipeline.ranker is None:
             raise ArtifactError(f"{version_dir}: --rank needs a version with a ranker; this one has none")
         self.item_ids, self.schema, self.top_n, self.version = item_ids, schema, top_n, manifest.version
-        self.rank = rank
+        self.rank, self.rerank = rank, rerank
 
     def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
         """histories: token arrays (catalogue row + 1), one per user. Every item of the whole
         history is excluded (Pipeline.recommend does that), not only the most recent max_len
         that the encoder reads."""
-        rec = self.pipeline.recommend([h - 1 for h in histories], self.top_n, rank=self.rank)
+        rec = self.pipeline.recommend(
+            [h - 1 for h in histories],
+            self.top_n,
+            rank=self.rank,
+            diversity=self.rerank.diversity,
+            popularity_calibration=self.rerank.popularity_calibration,
+        )
         found, scores = rec.rows, rec.scores
         ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
         ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
@@ -136,7 +155,12 @@ class BatchRetriever:
 
 
 def plan(
-    data: SequenceData, manifest: Manifest, users: np.ndarray | None, top_n: int, rank: bool = False
+    data: SequenceData,
+    manifest: Manifest,
+    users: np.ndarray | None,
+    top_n: int,
+    rank: bool = False,
+    rerank: RerankOptions = RerankOptions(),
 ) -> tuple[np.ndarray, list, pa.Schema]:
     """What both job runners start from: the users to serve (unknown requested ids warned
     about) and the output schema."""
@@ -148,7 +172,7 @@ def plan(
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
     if rank and manifest.files.ranker is None:
         raise ArtifactError(f"{manifest.name} version {manifest.version} has no ranker: retrieve without --rank")
-    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank)
+    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank, rerank)
 
 
 def retrieve(
@@ -162,16 +186,18 @@ def retrieve(
     batch_size: int = 1024,
     threads: int = 0,
     rank: bool = False,
+    rerank: RerankOptions = RerankOptions(),
     progress: bool = True,
 ) -> RetrieveReport:
     """Top-`top_n` items for each user in `data` (or the external ids in `users`), seen items
     excluded, written to `out` as Parquet: user_id, rank (1-based), item_id, score, model_version.
-    With `rank`, stage one's candidates re-ordered by the version's ranker (scores are the ranker's).
+    With `rank`, stage one's candidates re-ordered by the version's ranker (scores are the ranker's);
+    `rerank`: diversity / popularity-calibration re-rank strengths (default: none).
 
     `data` must be built with the version's id map (build_sequences(log, item_vocab=...)).
     """
-    chosen, unknown, schema = plan(data, manifest, users, top_n, rank)
-    step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads, rank)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, rerank)
+    step = BatchRetriever(version_dir, manifest, np.asarray(data.item_ids[1:]), schema, top_n, threads, rank, rerank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")

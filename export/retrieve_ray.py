@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnrec.engine.repository import Manifest, open_version
+from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
 from .retrieve import BatchRetriever, RetrieveReport, plan
@@ -29,10 +30,20 @@ log = logging.getLogger(__name__)
 class _Actor:
     """A Ray Data callable class: constructed once per actor, called per batch."""
 
-    def __init__(self, version_dir: str, item_ids: np.ndarray, schema: pa.Schema, top_n: int, rank: bool) -> None:
+    def __init__(
+        self,
+        version_dir: str,
+        item_ids: np.ndarray,
+        schema: pa.Schema,
+        top_n: int,
+        rank: bool,
+        rerank: RerankOptions = RerankOptions(),
+    ) -> None:
         manifest = open_version(version_dir, verify=False)  # the driver verified the checksums
         # One ORT thread per actor: Ray gives each actor one CPU.
-        self.step = BatchRetriever(Path(version_dir), manifest, item_ids, schema, top_n, threads=1, rank=rank)
+        self.step = BatchRetriever(
+            Path(version_dir), manifest, item_ids, schema, top_n, threads=1, rank=rank, rerank=rerank
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         hist = batch.column("history").combine_chunks()
@@ -54,13 +65,14 @@ def retrieve_ray(
     address: str | None = None,
     workers: int = 2,
     rank: bool = False,
+    rerank: RerankOptions = RerankOptions(),
 ) -> RetrieveReport:
     """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
-    chosen, unknown, schema = plan(data, manifest, users, top_n, rank)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, rerank)
     lengths = data.lengths[chosen]
     offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
@@ -89,6 +101,7 @@ def retrieve_ray(
                 "schema": schema,
                 "top_n": top_n,
                 "rank": rank,
+                "rerank": rerank,
             },
             batch_size=batch_size,
             batch_format="pyarrow",

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from attnrec.engine.client import RecommenderClient, request
+from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
 from .retrieve import RetrieveReport, output_schema, select_users
@@ -38,6 +39,7 @@ def retrieve_from_server(
     top_n: int = 100,
     users: np.ndarray | None = None,
     batch_size: int = 1024,
+    rerank: RerankOptions = RerankOptions(),
     progress: bool = True,
 ) -> RetrieveReport:
     """Top-`top_n` unseen items of each user of `data` (or of the external ids in `users`) from the
@@ -46,13 +48,19 @@ def retrieve_from_server(
         raise ValueError(f"top-n must be at least 1, got {top_n}")
     info = client.model_info()
     chosen, unknown = select_users(data, users)
-    schema = output_schema(data, info["model"], info["version"], top_n, rank=info["has_ranker"])
+    schema = output_schema(data, info["model"], info["version"], top_n, rank=info["has_ranker"], rerank=rerank)
     item_type = schema.field("item_id").type
     parse = int if pa.types.is_integer(item_type) else str
 
     def requests() -> Iterator:
         for n, u in enumerate(chosen):
-            yield request(data.item_ids[data.sequence(u)].tolist(), top_n, request_id=str(n))
+            yield request(
+                data.item_ids[data.sequence(u)].tolist(),
+                top_n,
+                request_id=str(n),
+                diversity=rerank.diversity,
+                popularity_calibration=rerank.popularity_calibration,
+            )
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

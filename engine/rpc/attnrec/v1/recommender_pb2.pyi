@@ -6,20 +6,24 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id")
+    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id", "diversity", "popularity_calibration")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     N_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    POPULARITY_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude: _containers.RepeatedScalarFieldContainer[str]
     n_candidates: int
     include_timings: bool
     request_id: str
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ...) -> None: ...
+    diversity: float
+    popularity_calibration: float
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ..., diversity: _Optional[float] = ..., popularity_calibration: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "encoder_ms", "search_ms", "ranker_ms", "total_ms", "batch_size")
