@@ -127,6 +127,50 @@ def _run_pipeline(
     return ann.result(), ranked.result() if ranked else None, found / max(len(es), 1)
 
 
+def evaluate_reranked(
+    pipeline: Pipeline,
+    es: EvalSet,
+    popularity: np.ndarray,
+    *,
+    diversity: float = 0.0,
+    popularity_calibration: float = 0.0,
+    n_candidates: int | None = None,
+) -> dict[str, float]:
+    """The served answer's metrics (through `Pipeline.recommend`, whole history excluded) with the
+    re-rank at these strengths (engine/rerank.py), plus ild@10: the top-10's intra-list diversity,
+    1 - the mean pairwise cosine of the item embeddings (needs the pipeline's item vectors)."""
+    k = max(*KS, 10)
+    report = RankingReport(KS, pipeline.n_items, popularity)
+    vectors = pipeline.reranker.item_vectors
+    ild_sum, ild_n = 0.0, 0
+    for s in range(0, len(es), 256):
+        hist = [es.history(j) - 1 for j in range(s, min(s + 256, len(es)))]  # tokens → rows
+        tgt = es.targets[s : s + len(hist)] - 1
+        repeats = sum(int(np.any(h == t)) for h, t in zip(hist, tgt))
+        rec = pipeline.recommend(
+            hist,
+            k,
+            exclude=hist,
+            n_candidates=n_candidates,
+            diversity=diversity,
+            popularity_calibration=popularity_calibration,
+        )
+        report.add(rec.rows, tgt, hist, repeats)
+        if vectors is not None:
+            for rows in rec.rows[:, :10]:
+                rows = rows[rows >= 0]
+                if len(rows) > 1:
+                    u = np.asarray(vectors[rows], dtype=np.float64)
+                    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+                    sim = u @ u.T
+                    ild_sum += 1.0 - (sim.sum() - np.trace(sim)) / (len(rows) * (len(rows) - 1))
+                    ild_n += 1
+    out = report.result()
+    if vectors is not None:
+        out["ild@10"] = ild_sum / max(ild_n, 1)
+    return out
+
+
 def evaluate_pipeline(
     pipeline: Pipeline,
     item_vectors: np.ndarray,

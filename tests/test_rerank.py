@@ -1,5 +1,6 @@
 """engine/rerank.py: the diversity (MMR) and popularity-calibration re-rank, by hand and through the pipeline."""
 
+import json
 import math
 
 import numpy as np
@@ -148,3 +149,34 @@ def test_stage_one_alone_reranks_its_top_n_candidates(pipeline):
     assert got.rows[0].tolist() == want
     with pytest.raises(ValueError, match="diversity must be in 0..1"):
         pipeline.recommend([h], 8, diversity=2.0)
+
+
+def test_rerank_curve_writes_the_table_json_and_png(trained_repo, tmp_path):
+    from attnrec.benchmarks import rerank_curve
+    from attnrec.cli import main as attnrec_main
+
+    data, repo = trained_repo
+    out = tmp_path / "results"
+    args = ["--repo", str(repo), "--name", "seq", "--data", str(data), "--lambdas", "0,1", "--label", "syn"]
+    assert rerank_curve.main([*args, "--out", str(out), "--date", "2026-01-02"]) == 0
+    result = json.loads((out / "rerank-syn-2026-01-02.json").read_text())
+    assert (out / "rerank-syn-2026-01-02.png").stat().st_size > 10_000
+    md = (out / "rerank-syn-2026-01-02.md").read_text()
+    # λ = 0 is the served answer: what `attnrec evaluate` reports for the version
+    ev = tmp_path / "eval.json"
+    assert (
+        attnrec_main(["-q", "evaluate", "--repo", str(repo), "--name", "seq", "--data", str(data), "--json", str(ev)])
+        == 0
+    )
+    served = json.loads(ev.read_text())["test"]
+    for mode in ("diversity", "popularity_calibration"):
+        zero, one = result["curves"][mode]
+        for key in ("ndcg@10", "hr@10", "gini@10", "long_tail@10", "popcal_js@10"):
+            assert zero[key] == pytest.approx(served[key])
+        assert f"| 0 | {zero['ndcg@10']:.4f} |" in md
+    # each knob moves its own figure the way it should
+    assert result["curves"]["diversity"][1]["ild@10"] > result["curves"]["diversity"][0]["ild@10"]
+    assert (
+        result["curves"]["popularity_calibration"][1]["popcal_js@10"]
+        < result["curves"]["popularity_calibration"][0]["popcal_js@10"]
+    )
