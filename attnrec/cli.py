@@ -60,6 +60,7 @@ EXTRAS = {
     "onnx": ("onnx", "train"),
     "matplotlib": ("matplotlib", "bench"),
     "ray": ("Ray", "ray"),
+    "opacus": ("Opacus", "privacy"),
 }
 
 
