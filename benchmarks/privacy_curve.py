@@ -40,6 +40,7 @@ def _configs(train_flags: list[str]):
         epochs=args.dp_epochs,
         batch_users=args.dp_batch_users,
         accountant=args.dp_accountant,
+        lr=args.dp_lr,
     )
     return _train_config(args), privacy
 

@@ -105,7 +105,8 @@ def train_dp(
     if cfg.max_len == 0:  # a user's one sample per step costs its length: the published short-history floor
         cfg = dataclasses.replace(cfg, max_len=DP_MAX_LEN)
         log.info("max_len %d under DP (--max-len sets it)", DP_MAX_LEN)
-    cfg = resolve_config(dataclasses.replace(cfg, loss="ce", device="cpu"), split)
+    # what ran: the full softmax on the CPU at the DP learning rate (the config recorded in the manifest)
+    cfg = resolve_config(dataclasses.replace(cfg, loss="ce", device="cpu", lr=privacy.lr), split)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -148,7 +149,7 @@ def train_dp(
 
     model = SASRec(cfg.model_config(n_items))
     module = _Hidden(model)
-    base = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    base = torch.optim.AdamW(model.parameters(), lr=privacy.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = DPOptimizer(
         base,

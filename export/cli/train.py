@@ -133,6 +133,13 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
         "(default: 0, a quarter of the users, at most 512)",
     )
     g.add_argument(
+        "--dp-lr",
+        type=float,
+        default=1e-2,
+        metavar="LR",
+        help="AdamW learning rate of DP training, in place of --lr (few noisy steps need larger ones) (default: 0.01)",
+    )
+    g.add_argument(
         "--dp-accountant",
         choices=["rdp", "prv"],
         default="rdp",
@@ -152,6 +159,7 @@ def _privacy_config(args: argparse.Namespace):
         epochs=args.dp_epochs,
         batch_users=args.dp_batch_users,
         accountant=args.dp_accountant,
+        lr=args.dp_lr,
     )
 
 
@@ -194,6 +202,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if privacy is not None:
         from ..dp_train import train_dp
 
+        if args.ranker:
+            log.warning("--dp-epsilon: the ranker is trained without differential privacy (--no-ranker leaves it out)")
         result, section = train_dp(split, cfg, privacy, progress=not args.quiet)
         log.info(
             "privacy: epsilon %s (target %s) at delta %.3g; clip norm %g, noise multiplier %.4f, %s accountant, "
