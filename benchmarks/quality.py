@@ -85,6 +85,15 @@ def _rows(run: dict) -> dict[str, dict[str, float]]:
     return rows
 
 
+# Exposure fairness beside accuracy (definitions: export/ranking_metrics.py), as (report key, column).
+EXPOSURE = (
+    ("coverage@10", "coverage@10"),
+    ("gini@10", "Gini@10"),
+    ("long_tail@10", "long-tail@10"),
+    ("popcal_js@10", "pop. calibration JS@10"),
+)
+
+
 def _mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
@@ -99,6 +108,11 @@ def markdown(results: dict, machine: str, date: str, train_args: list[str]) -> s
         "over all items, items the user already interacted with excluded; settings tuned on validation only, "
         "numbers on test. Our rows: mean ± sd over seeds (each seed below).",
         "",
+        "Exposure over all test users' top 10: coverage@10 = share of the catalogue recommended to anyone; Gini@10 "
+        "of how often each item is recommended (0 = equal exposure); long-tail@10 = share of the recommended slots "
+        "outside the 20% most popular items; pop. calibration JS@10 = mean Jensen-Shannon divergence (base 2) "
+        "between the head/mid/tail mix of each user's history and of their top 10 (0 = the same mix).",
+        "",
         f"Machine: {machine}. Command: `attnrec quality` running `attnrec train "
         f"{' '.join(train_args) or '(defaults)'}` and `attnrec evaluate` per dataset and seed, one at a time.",
         "",
@@ -110,18 +124,21 @@ def markdown(results: dict, machine: str, date: str, train_args: list[str]) -> s
         lines.append(
             f"{first['protocol']['users_evaluated']} test users; seeds {', '.join(str(r['seed']) for r in runs)}."
         )
-        lines += ["", "| model | HR@10 | NDCG@10 | coverage@10 |", "|---|---|---|---|"]
+        head = " | ".join(label for _, label in EXPOSURE)
+        lines += ["", f"| model | HR@10 | NDCG@10 | {head} |", "|---|---|---|" + "---|" * len(EXPOSURE)]
         per_row = [_rows(r) for r in runs]
         for row in per_row[0]:
             hr = [p[row]["hr@10"] for p in per_row]
             nd = [p[row]["ndcg@10"] for p in per_row]
-            cov = [p[row].get("coverage@10") for p in per_row]
-            cov_s = _mean_sd(cov) if None not in cov else "–"
-            lines.append(f"| attnrec: {row} | {_mean_sd(hr)} | {_mean_sd(nd)} | {cov_s} |")
+            cells = []
+            for key, _ in EXPOSURE:  # reports from before a figure existed lack it
+                values = [p[row].get(key) for p in per_row]
+                cells.append(_mean_sd(values) if None not in values else "–")
+            lines.append(f"| attnrec: {row} | {_mean_sd(hr)} | {_mean_sd(nd)} | {' | '.join(cells)} |")
         published = PUBLISHED.get(Path(ds["data"]).name)
         if published:
             for model, hr, nd in published["rows"]:
-                lines.append(f"| published: {model} | {hr:.4f} | {nd:.4f} | – |")
+                lines.append(f"| published: {model} | {hr:.4f} | {nd:.4f} |" + " – |" * len(EXPOSURE))
             lines += ["", f"Published rows: {published['source']}; protocol: {published['protocol']}."]
         else:
             lines += ["", "No published numbers for this exact file under this protocol are recorded here."]

@@ -59,6 +59,27 @@ def connect(args: argparse.Namespace):
     )
 
 
+def add_rerank_args(p: argparse.ArgumentParser) -> None:
+    """The re-rank strengths of RecommendRequest (engine/rerank.py), shared by `query` and `retrieve`."""
+    p.add_argument(
+        "--diversity",
+        type=float,
+        default=0.0,
+        metavar="0..1",
+        help="re-rank for diversity: greedy maximal marginal relevance over the item embeddings, picking the "
+        "top k from the ranker's candidates (stage one's n-candidates, default 200, without a ranker); "
+        "0 = the answer as without it (default: 0)",
+    )
+    p.add_argument(
+        "--popularity-calibration",
+        type=float,
+        default=0.0,
+        metavar="0..1",
+        help="re-rank toward the user's own popularity mix: the answer's share of head/mid/tail items pulled "
+        "toward the history's (Jensen-Shannon divergence); 0 = unchanged (default: 0)",
+    )
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import grpc
     from rich.console import Console
@@ -91,6 +112,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                 user_id=args.user_id,
                 include_attributes=args.include_attributes,
                 exclude_attributes=args.exclude_attributes,
+                diversity=args.diversity,
+                popularity_calibration=args.popularity_calibration,
             )
     except grpc.RpcError as exc:
         log.error("%s: %s", exc.code().name, exc.details())
@@ -175,6 +198,7 @@ def _query(p: argparse.ArgumentParser) -> None:
         metavar="ITEMS",
         help="SetItemAvailability: make these item ids (comma-separated) available again",
     )
+    add_rerank_args(p)
     p.add_argument("--json", action="store_true", help="print the reply as JSON")
     p.add_argument("--info", action="store_true", help="print the serving model's info instead")
     p.add_argument(

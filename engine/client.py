@@ -76,6 +76,8 @@ def request(
     user_id: str = "",
     include_attributes: Sequence[str] = (),
     exclude_attributes: Sequence[str] = (),
+    diversity: float = 0.0,
+    popularity_calibration: float = 0.0,
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         history=[str(x) for x in history],
@@ -87,6 +89,8 @@ def request(
         user_id=user_id,
         include_attributes=include_attributes,
         exclude_attributes=exclude_attributes,
+        diversity=diversity,
+        popularity_calibration=popularity_calibration,
     )
 
 
@@ -148,7 +152,10 @@ class RecommenderClient:
         user_id: str = "",
         include_attributes: Sequence[str] = (),
         exclude_attributes: Sequence[str] = (),
+        diversity: float = 0.0,
+        popularity_calibration: float = 0.0,
     ) -> Recommendation:
+        """`diversity` / `popularity_calibration`: re-rank strengths, 0..1 (RecommendRequest)."""
         req = request(
             history,
             k,
@@ -158,6 +165,8 @@ class RecommenderClient:
             user_id=user_id,
             include_attributes=include_attributes,
             exclude_attributes=exclude_attributes,
+            diversity=diversity,
+            popularity_calibration=popularity_calibration,
         )
         return Recommendation.from_reply(self.stub.Recommend(req, timeout=self.timeout, metadata=self.metadata))
 

@@ -19,6 +19,8 @@ KServe names (a wire contract):
               user_id BYTES (B, 1) optional: the stored history goes before `history` ("" = none)
               include_attributes BYTES (B, A) optional, "name=value", "" = padding
               exclude_attributes BYTES (B, A) optional, "name=value", "" = padding
+              diversity FP32 (B, 1) optional, 0..1 (default 0: no diversity re-rank)
+              popularity_calibration FP32 (B, 1) optional, 0..1 (default 0: no calibration re-rank)
               → items BYTES (B, K) best first, "" where the catalogue ran out (K = the largest k)
                 scores FP32 (B, K), -inf where no item
                 unknown_items INT64 (B, 1): history ids not in the catalogue (skipped)
@@ -50,6 +52,7 @@ from .model_interface import ServedModel, TensorSpec
 from .model_stats import ModelStats, StatsStore
 from .online_state import OnlineState
 from .pipeline import Pipeline, run_encoder, run_ranker, run_recommend
+from .repository import DEFAULT_CANDIDATES
 from .telemetry import Telemetry
 
 
@@ -330,6 +333,8 @@ class _Query:
     k: int
     mask: RowMask | None = None  # the rows filters and availability allow (None: all)
     user_id: str = ""  # the ranker's user features (an id the version lacks, or "", is an unknown user)
+    diversity: float = 0.0  # re-rank strengths, 0..1 (engine/rerank.py)
+    popularity_calibration: float = 0.0
 
 
 @dataclass
@@ -367,6 +372,8 @@ class RecommendModel(_Model):
             TensorSpec("user_id", "BYTES", (-1, 1), optional=True),
             TensorSpec("include_attributes", "BYTES", (-1, -1), optional=True),
             TensorSpec("exclude_attributes", "BYTES", (-1, -1), optional=True),
+            TensorSpec("diversity", "FP32", (-1, 1), optional=True),
+            TensorSpec("popularity_calibration", "FP32", (-1, 1), optional=True),
         ]
 
     @property
@@ -390,9 +397,12 @@ class RecommendModel(_Model):
         user_id: str = "",
         include_attributes: Sequence[str] = (),
         exclude_attributes: Sequence[str] = (),
+        diversity: float = 0.0,
+        popularity_calibration: float = 0.0,
     ) -> Answer:
         """One user's top-k external ids. Unknown history ids are skipped and counted. With `user_id`,
-        the user's stored history goes before `history`; filters and availability shape the answer.
+        the user's stored history goes before `history`; filters and availability shape the answer;
+        `diversity` / `popularity_calibration` (0..1) re-rank it (engine/rerank.py).
         One inference request of the serving version (Recommend's)."""
         v = self._pinned()
         with self._counted(v) as counted:
@@ -407,6 +417,8 @@ class RecommendModel(_Model):
                 user_id=user_id,
                 include_attributes=include_attributes,
                 exclude_attributes=exclude_attributes,
+                diversity=diversity,
+                popularity_calibration=popularity_calibration,
             )
 
     async def _row(
@@ -422,12 +434,17 @@ class RecommendModel(_Model):
         user_id: str,
         include_attributes: Sequence[str],
         exclude_attributes: Sequence[str],
+        diversity: float = 0.0,
+        popularity_calibration: float = 0.0,
     ) -> Answer:
         """One row of a request (its batch and queue charged to `counted`)."""
         if not 1 <= k <= self.max_k:
             raise InvalidRequest(f"k must be in 1..{self.max_k}, got {k}")
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
+        for name, value in (("diversity", diversity), ("popularity_calibration", popularity_calibration)):
+            if not 0.0 <= value <= 1.0:  # NaN fails this too
+                raise InvalidRequest(f"{name} must be in 0..1, got {value}")
         stored: list[str] = []
         mask = None
         if self.state is not None:
@@ -443,11 +460,15 @@ class RecommendModel(_Model):
         rows = np.array([r for r in found if r is not None], dtype=np.int64)
         excl = np.array([r for r in (lookup.get(x) for x in exclude) if r is not None], dtype=np.int64)
         p = v.compute
-        # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
-        n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(
-            _Query(rows, excl, k, mask, user_id), group=(p, n), deadline=deadline, stats=counted.stats
-        )
+        # Requests batch together only on the same version and the same candidate count (it shapes the ranker's
+        # input, and without a ranker it is the re-rank's pool: 0 = no re-rank, FAISS's top-k as it was).
+        rerank = diversity > 0 or popularity_calibration > 0
+        if p.ranker is not None:
+            n = max(k, n_candidates or p.n_candidates)
+        else:
+            n = max(k, n_candidates or DEFAULT_CANDIDATES) if rerank else 0
+        query = _Query(rows, excl, k, mask, user_id, float(diversity), float(popularity_calibration))
+        done = await self.batcher.submit(query, group=(p, n), deadline=deadline, stats=counted.stats)
         counted.add(done)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
@@ -491,6 +512,8 @@ class RecommendModel(_Model):
         users = [row[0] if row else "" for row in _optional_ids(inputs, "user_id", b)]
         include = _optional_ids(inputs, "include_attributes", b)
         exclude_attrs = _optional_ids(inputs, "exclude_attributes", b)
+        div = _per_row_float(inputs, "diversity", b)
+        cal = _per_row_float(inputs, "popularity_calibration", b)
         if len(exclude) != b:
             raise InvalidRequest(f"pipeline: exclude has {len(exclude)} rows, history {b}")
         answers = await asyncio.gather(
@@ -506,6 +529,8 @@ class RecommendModel(_Model):
                     user_id=users[i],
                     include_attributes=include[i],
                     exclude_attributes=exclude_attrs[i],
+                    diversity=float(div[i]),
+                    popularity_calibration=float(cal[i]),
                 )
                 for i in range(b)
             )
@@ -558,6 +583,15 @@ def _per_row(inputs: dict[str, np.ndarray], name: str, b: int, default: int) -> 
     if x.dtype.kind not in "iu" or x.size != b:
         raise InvalidRequest(f"pipeline: input {name!r} must be INT64 with one value per row ({b}), got {x.shape}")
     return x.reshape(b).astype(np.int64)
+
+
+def _per_row_float(inputs: dict[str, np.ndarray], name: str, b: int) -> np.ndarray:
+    if name not in inputs:
+        return np.zeros(b)
+    x = np.asarray(inputs[name])
+    if x.dtype.kind != "f" or x.size != b:
+        raise InvalidRequest(f"pipeline: input {name!r} must be FP32 with one value per row ({b}), got {x.shape}")
+    return x.reshape(b).astype(np.float64)
 
 
 class ModelRegistry:

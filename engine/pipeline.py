@@ -25,7 +25,8 @@ from .encoder import OnnxEncoder
 from .features import FeatureTables, load_features
 from .index import ItemIndex, RowMask, load_index
 from .ranker import OnnxRanker, user_feature_codes
-from .repository import ArtifactError, Manifest, open_version
+from .repository import DEFAULT_CANDIDATES, ArtifactError, Manifest, open_version
+from .rerank import Reranker, strengths
 
 if TYPE_CHECKING:
     import faiss
@@ -249,14 +250,17 @@ class Pipeline:
         manifest: Manifest | None = None,
         features: FeatureTables = FeatureTables(),
         faiss_threads: int = 0,
+        item_vectors: np.ndarray | None = None,
     ) -> None:
         """`item_ids`/`popularity`: per catalogue row; `n_candidates`: stage one's top-N for the ranker;
         `features`: the version's side features (the ranker's user features come from there);
-        `faiss_threads`: FAISS's OpenMP threads in whichever thread searches (0: its default)."""
+        `faiss_threads`: FAISS's OpenMP threads in whichever thread searches (0: its default);
+        `item_vectors`: the catalogue's embeddings, which the diversity re-rank reads (engine/rerank.py)."""
         self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
         self.features = features
         self.faiss_threads = faiss_threads
         self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
+        self.reranker = Reranker(self.popularity, item_vectors)
         # Most popular first; the fallback for histories with no known item.
         self.popular_rows = np.argsort(-self.popularity, kind="stable")
         self.n_candidates = n_candidates if ranker is not None else 0
@@ -292,6 +296,8 @@ class Pipeline:
             if ranker is not None and ranker.reads_user_features
             else FeatureTables(),
             faiss_threads=options.faiss_threads,
+            # A memory map: the re-rank reads only its candidates' rows (verified with the other files).
+            item_vectors=np.load(path / files.item_embeddings.path, mmap_mode="r"),
         )
 
     @property
@@ -316,6 +322,8 @@ class Pipeline:
         rank: bool = True,
         masks: Sequence[RowMask | None] | None = None,
         user_ids: Sequence[str] | None = None,
+        diversity: float | Sequence[float] | np.ndarray | None = None,
+        popularity_calibration: float | Sequence[float] | np.ndarray | None = None,
     ) -> Recommendations:
         """Top-k rows per history (rows, most recent last), never a row of the history or of `exclude`,
         and, with `masks`, only rows the history's mask allows (business filters, availability).
@@ -324,8 +332,13 @@ class Pipeline:
         ranker re-orders them; without, FAISS's top-k is the answer. Empty histories get the most
         popular items. `user_ids` (external, one per history) give a ranker that reads user features
         their values; without them (or for an id the version lacks) the users are unknown.
+        `diversity` / `popularity_calibration` (0..1, one for all or one per history; default 0)
+        re-rank the ranker's order (or FAISS's n_candidates, default 200, without a ranker) into the
+        top-k (engine/rerank.py), within the masks; 0 leaves the answer as it was.
         """
         t = {"encoder": 0.0, "search": 0.0, "ranker": 0.0}
+        diversity = strengths(diversity, len(histories), "diversity")
+        popularity_calibration = strengths(popularity_calibration, len(histories), "popularity_calibration")
         # Every item of the history is excluded; only the most recent max_len are encoded.
         histories = [np.asarray(h, dtype=np.int64) for h in histories]
         # (the server always passes `exclude`, mostly empty: no set union for those)
@@ -348,7 +361,11 @@ class Pipeline:
         keep = ("hidden",) if use_ranker and self.ranker.needs_hidden and self.ranker.binding else ()
         outs = encode(self.encoder, tokens, keep)
         t1 = time.perf_counter()
-        n = max(k, n_candidates or self.n_candidates) if use_ranker else k
+        rerank = bool(((diversity[active] > 0) | (popularity_calibration[active] > 0)).any())
+        if use_ranker:
+            n = max(k, n_candidates or self.n_candidates)
+        else:  # the re-rank picks the top-k from a pool
+            n = max(k, n_candidates or self.n_candidates or DEFAULT_CANDIDATES) if rerank else k
         use_faiss_threads(self.faiss_threads)
         cand_scores, cand_rows = search(
             self.index,
@@ -369,10 +386,21 @@ class Pipeline:
             if user_ids is not None and self.ranker.reads_user_features and self.features.user is not None:
                 feeds["user_features"] = user_feature_codes(self.features, [str(user_ids[i]) for i in active])
             ranked = np.where(cand_rows >= 0, score(self.ranker, feeds), -np.inf).astype(np.float32)
-            order = np.argsort(-ranked, axis=1, kind="stable")[:, :k]
+            order = np.argsort(-ranked, axis=1, kind="stable")[:, : None if rerank else k]
             cand_rows = np.take_along_axis(cand_rows, order, axis=1)
             cand_scores = np.take_along_axis(ranked, order, axis=1)
             t["ranker"] = time.perf_counter() - t2
+        if rerank:
+            t3 = time.perf_counter()
+            cand_rows, cand_scores = self.reranker.rerank(
+                cand_rows,
+                cand_scores,
+                [histories[i] for i in active],
+                k,
+                diversity[active],
+                popularity_calibration[active],
+            )
+            t["rerank"] = time.perf_counter() - t3
         width = min(k, cand_rows.shape[1])
         rows[active, :width] = cand_rows[:, :width]
         scores[active, :width] = cand_scores[:, :width]
@@ -452,16 +480,30 @@ def run_ranker(p: Pipeline, items: Sequence[dict[str, np.ndarray]]) -> BatchOutp
 
 
 def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
-    """Queries (rows, exclude, k, mask, user_id) of several users → per user (rows, scores, timings), top k first.
-    `group` is the version's pipeline and the candidate count its batch shares."""
+    """Queries (rows, exclude, k, mask, user_id, diversity, calibration) of several users → per user
+    (rows, scores, timings), top k first. `group` is the version's pipeline and the candidate count its
+    batch shares."""
     p, n = group
     t0 = time.perf_counter()
     histories, exclude, k = [q.rows for q in items], [q.exclude for q in items], max(q.k for q in items)
     masks = [q.mask for q in items] if any(q.mask is not None for q in items) else None
     users = [q.user_id for q in items] if any(q.user_id for q in items) else None
+    diversity = np.array([q.diversity for q in items])
+    calibration = np.array([q.popularity_calibration for q in items])
     t1 = time.perf_counter()
-    recs = p.recommend(histories, k, exclude=exclude, n_candidates=n or None, masks=masks, user_ids=users)
+    recs = p.recommend(
+        histories,
+        k,
+        exclude=exclude,
+        n_candidates=n or None,
+        masks=masks,
+        user_ids=users,
+        diversity=diversity,
+        popularity_calibration=calibration,
+    )
     t2 = time.perf_counter()
     values = [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]
-    stages = {stage: recs.timings[stage] for stage in ("encoder", "search", "ranker") if recs.timings.get(stage)}
+    stages = {
+        stage: recs.timings[stage] for stage in ("encoder", "search", "ranker", "rerank") if recs.timings.get(stage)
+    }
     return BatchOutput(values, t1 - t0, time.perf_counter() - t2, stages)

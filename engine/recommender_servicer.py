@@ -100,6 +100,8 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             user_id=request.user_id,
             include_attributes=request.include_attributes,
             exclude_attributes=request.exclude_attributes,
+            diversity=request.diversity,
+            popularity_calibration=request.popularity_calibration,
         )
         return self._reply(request, answer, start)
 

@@ -236,6 +236,26 @@ class MetricsSection(_Section):
 
 
 @dataclass(frozen=True)
+class PrivacySection(_Section):
+    """User-level differential privacy of the encoder's training (DP-SGD, export/dp_train.py)."""
+
+    mechanism: str  # what was done, in words
+    unit: str  # what one protected record is, and how its contribution is bounded
+    delta: float
+    max_grad_norm: float  # C, the per-user clipping norm
+    noise_multiplier: float  # sigma: Gaussian noise of std sigma * C on each step's summed gradient
+    accountant: str  # the Opacus accountant that computed epsilon ("rdp", "prv")
+    sample_rate: float  # q: each user is in a step's batch with this probability (Poisson)
+    steps: int
+    target_epsilon: float | None = None  # what was asked (None: inf, no noise)
+    epsilon: float | None = None  # the accountant's epsilon for the steps run (None: no noise, no guarantee)
+    users: int = 0  # users with a training window (the sampled population)
+    covered: tuple[str, ...] = ()  # the artifacts whose making this epsilon bounds
+    not_covered: tuple[str, ...] = ()  # what also read user data without that guarantee
+    opacus: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainingSection(_Section):
     """How the weights were made, and the library versions that exported them."""
 
@@ -247,6 +267,7 @@ class TrainingSection(_Section):
     history: tuple[dict[str, float], ...] = ()  # per epoch: loss, validation metrics
     checkpoint: str | None = None
     note: str | None = None
+    privacy: PrivacySection | None = None  # DP-SGD training (attnrec train --dp-epsilon)
     torch: str | None = None
     onnxruntime: str | None = None
     faiss: str | None = None

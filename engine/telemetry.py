@@ -3,7 +3,7 @@ makes and holds them: the request path observes the prometheus_client objects di
 
 attnrec_requests_total{method, code}          RPCs by full method name and gRPC status
 attnrec_request_seconds{method}               RPC latency (histogram)
-attnrec_stage_seconds{model, stage}           queue, encoder, search, ranker, total (histogram)
+attnrec_stage_seconds{model, stage}           queue, encoder, search, ranker, rerank, total (histogram)
 attnrec_batch_size{model}                     rows per executed batch (histogram)
 attnrec_in_flight_requests                    RPCs being handled now
 attnrec_model_version{model}                  the repository version serving

@@ -235,7 +235,7 @@ def _served(pipeline, es: EvalSet, ks: Sequence[int], popularity: np.ndarray, ra
     for s in range(0, len(es), 256):
         hist = [es.history(j) - 1 for j in range(s, min(s + 256, len(es)))]  # tokens -> rows
         recs = pipeline.recommend(hist, max(ks), exclude=hist, rank=rank)
-        report.add(recs.rows, es.targets[s : s + len(hist)] - 1)
+        report.add(recs.rows, es.targets[s : s + len(hist)] - 1, hist)
     return {**report.result(), "users": len(es)}
 
 

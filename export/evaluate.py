@@ -119,14 +119,63 @@ def _run_pipeline(
             hist = [es.history(j) - 1 for j in range(s, min(s + 256, len(es)))]  # tokens → rows
             tgt = es.targets[s : s + len(hist)] - 1
             repeats = sum(int(np.any(h == t)) for h, t in zip(hist, tgt))
-            ann.add(pipeline.recommend(hist, k, exclude=hist, rank=False).rows, tgt, repeats)
+            ann.add(pipeline.recommend(hist, k, exclude=hist, rank=False).rows, tgt, hist, repeats)
             top_n = pipeline.recommend(hist, n, exclude=hist, rank=False).rows
             found += int((top_n == tgt[:, None]).any(axis=1).sum())
             if ranked is not None:
                 users = [str(x) for x in user_ids[es.users[s : s + len(hist)]]]
-                ranked.add(pipeline.recommend(hist, k, exclude=hist, n_candidates=n, user_ids=users).rows, tgt, repeats)
+                rec = pipeline.recommend(hist, k, exclude=hist, n_candidates=n, user_ids=users)
+                ranked.add(rec.rows, tgt, hist, repeats)
             bar.advance(task, len(hist))
     return ann.result(), ranked.result() if ranked else None, found / max(len(es), 1)
+
+
+def evaluate_reranked(
+    pipeline: Pipeline,
+    es: EvalSet,
+    popularity: np.ndarray,
+    *,
+    diversity: float = 0.0,
+    popularity_calibration: float = 0.0,
+    n_candidates: int | None = None,
+    user_ids: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The served answer's metrics (through `Pipeline.recommend`, whole history excluded) with the
+    re-rank at these strengths (engine/rerank.py), plus ild@10: the top-10's intra-list diversity,
+    1 - the mean pairwise cosine of the item embeddings (needs the pipeline's item vectors).
+    `user_ids`: the users' external ids (per internal user), for a ranker with user features."""
+    k = max(*KS, 10)
+    report = RankingReport(KS, pipeline.n_items, popularity)
+    vectors = pipeline.reranker.item_vectors
+    ild_sum, ild_n = 0.0, 0
+    for s in range(0, len(es), 256):
+        hist = [es.history(j) - 1 for j in range(s, min(s + 256, len(es)))]  # tokens → rows
+        tgt = es.targets[s : s + len(hist)] - 1
+        repeats = sum(int(np.any(h == t)) for h, t in zip(hist, tgt))
+        users = None if user_ids is None else [str(x) for x in user_ids[es.users[s : s + len(hist)]]]
+        rec = pipeline.recommend(
+            hist,
+            k,
+            exclude=hist,
+            n_candidates=n_candidates,
+            user_ids=users,
+            diversity=diversity,
+            popularity_calibration=popularity_calibration,
+        )
+        report.add(rec.rows, tgt, hist, repeats)
+        if vectors is not None:
+            for rows in rec.rows[:, :10]:
+                rows = rows[rows >= 0]
+                if len(rows) > 1:
+                    u = np.asarray(vectors[rows], dtype=np.float64)
+                    u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+                    sim = u @ u.T
+                    ild_sum += 1.0 - (sim.sum() - np.trace(sim)) / (len(rows) * (len(rows) - 1))
+                    ild_n += 1
+    out = report.result()
+    if vectors is not None:
+        out["ild@10"] = ild_sum / max(ild_n, 1)
+    return out
 
 
 def evaluate_pipeline(
@@ -238,11 +287,16 @@ def evaluate_repo(
     )
 
 
+def _cells(m: dict[str, float], cols: list[str]) -> list[str]:
+    """Table cells; "–" for a figure an older report lacks."""
+    return [("–" if c not in m else f"{m[c]:.1f}" if c == "arp@10" else f"{m[c]:.4f}") for c in cols]
+
+
 def print_report(result: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
     p = result["protocol"]
     table = Table(title=f"{p['name']} · {p['users_evaluated']} users · {p['ranking']} · seen items excluded")
-    cols = ["hr@10", "ndcg@10", "hr@20", "ndcg@20", "coverage@10", "arp@10"]
+    cols = ["hr@10", "ndcg@10", "hr@20", "ndcg@20", "coverage@10", "arp@10", "gini@10", "long_tail@10", "popcal_js@10"]
     table.add_column("model / split")
     for c in cols:
         table.add_column(c.upper() if c.startswith(("hr", "ndcg")) else c, justify="right")
@@ -253,7 +307,7 @@ def print_report(result: dict[str, Any], console: Console | None = None) -> None
     for label, res in rows:
         for which in ("test", "valid"):
             m = res[which]
-            table.add_row(f"{label} · {which}", *(f"{m[c]:.4f}" if c != "arp@10" else f"{m[c]:.1f}" for c in cols))
+            table.add_row(f"{label} · {which}", *_cells(m, cols))
     console.print(table)
     if pipe:
         n = pipe["n_candidates"]

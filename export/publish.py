@@ -163,6 +163,7 @@ def publish(
             onnx_ranker,
             n_candidates=ranker_section.n_candidates if ranker_section is not None else 0,
             features=features,
+            item_vectors=vectors,
         )
         metrics = evaluate_pipeline(
             staged,

@@ -3,6 +3,13 @@
 Every item the user interacted with before the target is excluded from the ranking. If the
 target itself is a repeat of an earlier item it is therefore excluded too and counts as a miss:
 the protocol ranks new items only (`repeat_targets` counts such users so it never hides).
+
+Beside accuracy, exposure fairness over the users' top-10 lists (groups: engine/popularity.py):
+coverage@10 (items recommended to anyone), arp@10 (mean training count of recommended items),
+gini@10 (Gini coefficient of how often each catalogue item is recommended), long_tail@10 (share of
+the recommended slots that hold an item outside the 20% most popular) and popcal_js@10 (mean over
+users of the Jensen-Shannon divergence between the head/mid/tail mix of the user's history and of
+their top-10: 0 = the list has the history's popularity mix).
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
+
+from attnrec.engine.popularity import gini, group_mix, head_rows, history_mix, js_divergence, popularity_groups
 
 # Ranking chunks are sized to keep the (rows, n_items) score matrix near this many floats.
 _SCORE_BUDGET = 1 << 25
@@ -52,18 +61,32 @@ class RankingReport:
 
     def __post_init__(self) -> None:
         self.positions: list[np.ndarray] = []
-        self.recommended = np.zeros(self.n_items, dtype=bool)
+        self.exposure = np.zeros(self.n_items, dtype=np.int64)  # times each row is in someone's top 10
+        self.head = head_rows(self.popularity)
+        self.groups = popularity_groups(self.popularity)
         self.rec_pop_sum = 0.0
+        self.tail_slots = 0
+        self.calibration_sum = 0.0
+        self.calibrated_users = 0
         self.n = 0
         self.repeats = 0
 
-    def add(self, top: np.ndarray, targets: np.ndarray, repeats: int = 0) -> None:
+    def add(self, top: np.ndarray, targets: np.ndarray, histories: Sequence[np.ndarray], repeats: int = 0) -> None:
+        """top (B, k) catalogue rows (-1 = empty), targets (B,) rows, histories: B arrays of rows."""
         self.positions.append(hit_positions(top, targets))
         top10 = top[:, : min(10, top.shape[1])]
         valid = top10 >= 0
-        self.recommended[top10[valid]] = True
+        shown = top10[valid]
+        self.exposure += np.bincount(shown, minlength=self.n_items)
+        self.tail_slots += int((~self.head[shown]).sum())
         pops = np.where(valid, self.popularity[np.maximum(top10, 0)], 0.0)
         self.rec_pop_sum += float((pops.sum(axis=1) / np.maximum(valid.sum(axis=1), 1)).sum())
+        # Calibration needs both mixes: users with an empty history or list are left out of the mean.
+        both = valid.any(axis=1) & np.array([len(h) > 0 for h in histories], dtype=bool)
+        if both.any():
+            js = js_divergence(history_mix(histories, self.groups), group_mix(top10, self.groups))
+            self.calibration_sum += float(js[both].sum())
+            self.calibrated_users += int(both.sum())
         self.n += len(targets)
         self.repeats += repeats
 
@@ -76,9 +99,12 @@ class RankingReport:
             gains = np.zeros(len(pos))
             gains[hit] = 1.0 / np.log2(pos[hit] + 2.0)
             out[f"ndcg@{k}"] = float(gains.mean()) if len(pos) else 0.0
-        out["coverage@10"] = float(self.recommended.mean())
+        out["coverage@10"] = float((self.exposure > 0).mean())
         # Average recommendation popularity (ARP): mean training count of the recommended items.
         out["arp@10"] = self.rec_pop_sum / max(self.n, 1)
+        out["gini@10"] = gini(self.exposure)
+        out["long_tail@10"] = self.tail_slots / max(int(self.exposure.sum()), 1)
+        out["popcal_js@10"] = self.calibration_sum / max(self.calibrated_users, 1)
         out["users"] = self.n
         out["repeat_targets"] = self.repeats
         return out
@@ -95,7 +121,7 @@ def evaluate_full_ranking(
     batch_size: int = 256,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """HR/NDCG@k, coverage and ARP with exact scores `query(histories) @ item_vectors.T`.
+    """HR/NDCG@k and the exposure figures with exact scores `query(histories) @ item_vectors.T`.
 
     histories and targets hold tokens (catalogue row + 1, as the encoder reads them); `query`
     maps a list of histories to (B, D) vectors; item_vectors and popularity are indexed by row.
@@ -104,15 +130,16 @@ def evaluate_full_ranking(
     n_items = item_vectors.shape[0]
     report = RankingReport(ks, n_items, popularity)
     step = max(1, min(batch_size, _SCORE_BUDGET // max(n_items, 1)))
-    kmax = max(*ks, 10)  # coverage and ARP are read from the top 10
+    kmax = max(*ks, 10)  # the exposure figures are read from the top 10
     for s in range(0, len(targets), step):
         hist = list(histories[s : s + step])
         tgt = targets[s : s + step]
         q = np.asarray(query(hist), dtype=np.float32)
         scores = q @ item_vectors.T
         repeats = sum(int(np.any(h == t)) for h, t in zip(hist, tgt))
-        top = topk_excluding(scores, [h - 1 for h in hist], kmax)
-        report.add(top, tgt - 1, repeats)
+        rows = [h - 1 for h in hist]
+        top = topk_excluding(scores, rows, kmax)
+        report.add(top, tgt - 1, rows, repeats)
         if progress:
             progress(len(tgt))
     return report.result()

@@ -29,6 +29,7 @@ from attnrec.engine.index import RowMask
 from attnrec.engine.item_filter import ItemAttributes
 from attnrec.engine.pipeline import Pipeline, RuntimeOptions
 from attnrec.engine.repository import ArtifactError, Manifest
+from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
 
@@ -101,6 +102,7 @@ def output_schema(
     rank: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    rerank: RerankOptions = RerankOptions(),
 ) -> pa.Schema:
     filters = {"include_attributes": json.dumps(list(include)), "exclude_attributes": json.dumps(list(exclude))}
     return pa.schema(
@@ -118,6 +120,9 @@ def output_schema(
             "exclude_seen": "true",
             "ranked": "true" if rank else "false",  # scores are the ranker's, not inner products
             **(filters if include or exclude else {}),
+            # the order is the re-rank's (engine/rerank.py) when either is above 0; scores stay the model's
+            "diversity": str(rerank.diversity),
+            "popularity_calibration": str(rerank.popularity_calibration),
         },
     )
 
@@ -128,6 +133,7 @@ class BatchRetriever:
     Shared by the single-process job and the Ray actors, so both compute the same thing.
     With `rank`, FAISS fetches the ranker's N candidates and the ranker picks the top-n. `include` /
     `exclude`: business filters ("name=value" over the version's item attributes), applied in the search.
+    With an active `rerank`, the re-rank picks the top-n from that pool (engine/rerank.py).
     """
 
     def __init__(
@@ -141,13 +147,14 @@ class BatchRetriever:
         rank: bool = False,
         include: Sequence[str] = (),
         exclude: Sequence[str] = (),
+        rerank: RerankOptions = RerankOptions(),
     ) -> None:
         # The caller opened (and verified) the version: no second pass over the checksums.
         self.pipeline = Pipeline.load(version_dir, RuntimeOptions(intra_op_threads=threads), verify=False)
         if rank and self.pipeline.ranker is None:
             raise ArtifactError(f"{version_dir}: --rank needs a version with a ranker; this one has none")
         self.item_ids, self.schema, self.top_n, self.version = item_ids, schema, top_n, manifest.version
-        self.rank = rank
+        self.rank, self.rerank = rank, rerank
         self.mask = item_mask(version_dir, manifest, include, exclude)
 
     def __call__(self, user_ids: np.ndarray, histories: list[np.ndarray]) -> pa.Table:
@@ -155,7 +162,14 @@ class BatchRetriever:
         history is excluded (Pipeline.recommend does that), not only the most recent max_len
         that the encoder reads."""
         masks = None if self.mask is None else [self.mask] * len(histories)
-        rec = self.pipeline.recommend([h - 1 for h in histories], self.top_n, rank=self.rank, masks=masks)
+        rec = self.pipeline.recommend(
+            [h - 1 for h in histories],
+            self.top_n,
+            rank=self.rank,
+            masks=masks,
+            diversity=self.rerank.diversity,
+            popularity_calibration=self.rerank.popularity_calibration,
+        )
         found, scores = rec.rows, rec.scores
         ok = found >= 0  # a catalogue smaller than top-n + history leaves empty slots
         ranks = np.broadcast_to(np.arange(1, found.shape[1] + 1, dtype=np.int32), found.shape)
@@ -179,6 +193,7 @@ def plan(
     rank: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    rerank: RerankOptions = RerankOptions(),
 ) -> tuple[np.ndarray, list, pa.Schema]:
     """What both job runners start from: the users to serve (unknown requested ids warned
     about) and the output schema."""
@@ -190,7 +205,8 @@ def plan(
         log.warning("%d requested users have no interactions with known items and get no rows: %s", len(unknown), shown)
     if rank and manifest.files.ranker is None:
         raise ArtifactError(f"{manifest.name} version {manifest.version} has no ranker: retrieve without --rank")
-    return chosen, unknown, output_schema(data, manifest.name, manifest.version, top_n, rank, include, exclude)
+    schema = output_schema(data, manifest.name, manifest.version, top_n, rank, include, exclude, rerank)
+    return chosen, unknown, schema
 
 
 def retrieve(
@@ -207,17 +223,19 @@ def retrieve(
     progress: bool = True,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    rerank: RerankOptions = RerankOptions(),
 ) -> RetrieveReport:
     """Top-`top_n` items for each user in `data` (or the external ids in `users`), seen items
     excluded, written to `out` as Parquet: user_id, rank (1-based), item_id, score, model_version.
     With `rank`, stage one's candidates re-ordered by the version's ranker (scores are the ranker's).
-    `include` / `exclude`: "name=value" business filters over the version's item attributes.
+    `include` / `exclude`: "name=value" business filters over the version's item attributes; `rerank`:
+    diversity / popularity-calibration re-rank strengths (default: none).
 
     `data` must be built with the version's id map (build_sequences(log, item_vocab=...)).
     """
-    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude, rerank)
     item_ids = np.asarray(data.item_ids[1:])
-    step = BatchRetriever(version_dir, manifest, item_ids, schema, top_n, threads, rank, include, exclude)
+    step = BatchRetriever(version_dir, manifest, item_ids, schema, top_n, threads, rank, include, exclude, rerank)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.partial")

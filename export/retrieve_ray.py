@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from attnrec.engine.repository import Manifest, open_version
+from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
 from .retrieve import BatchRetriever, RetrieveReport, item_mask, plan
@@ -39,12 +40,22 @@ class _Actor:
         rank: bool,
         include: tuple[str, ...] = (),
         exclude: tuple[str, ...] = (),
+        rerank: RerankOptions = RerankOptions(),
     ) -> None:
         manifest = open_version(version_dir, verify=False)  # the driver verified the checksums
         # One ORT thread per actor: Ray gives each actor one CPU. The filters travel as strings (a FAISS
         # selector does not pickle) and each actor builds its own mask.
         self.step = BatchRetriever(
-            Path(version_dir), manifest, item_ids, schema, top_n, threads=1, rank=rank, include=include, exclude=exclude
+            Path(version_dir),
+            manifest,
+            item_ids,
+            schema,
+            top_n,
+            threads=1,
+            rank=rank,
+            include=include,
+            exclude=exclude,
+            rerank=rerank,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -69,13 +80,14 @@ def retrieve_ray(
     rank: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    rerank: RerankOptions = RerankOptions(),
 ) -> RetrieveReport:
     """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
-    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude)
+    chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude, rerank)
     item_mask(version_dir, manifest, include, exclude)  # a bad filter stops here, before Ray starts
     lengths = data.lengths[chosen]
     offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
@@ -107,6 +119,7 @@ def retrieve_ray(
                 "rank": rank,
                 "include": tuple(include),
                 "exclude": tuple(exclude),
+                "rerank": rerank,
             },
             batch_size=batch_size,
             batch_format="pyarrow",

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from attnrec.engine.client import RecommenderClient, request
+from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
 from .retrieve import RetrieveReport, output_schema, select_users
@@ -41,22 +42,32 @@ def retrieve_from_server(
     progress: bool = True,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    rerank: RerankOptions = RerankOptions(),
 ) -> RetrieveReport:
     """Top-`top_n` unseen items of each user of `data` (or of the external ids in `users`) from the
     server behind `client`, to Parquet at `out`. `data` is built from the log with its own id map.
-    `include` / `exclude`: the requests' business filters (the server also leaves out unavailable items)."""
+    `include` / `exclude`: the requests' business filters (the server also leaves out unavailable items);
+    `rerank`: the requests' diversity / popularity_calibration."""
     if top_n < 1:
         raise ValueError(f"top-n must be at least 1, got {top_n}")
     info = client.model_info()
     chosen, unknown = select_users(data, users)
-    schema = output_schema(data, info["model"], info["version"], top_n, info["has_ranker"], include, exclude)
+    schema = output_schema(data, info["model"], info["version"], top_n, info["has_ranker"], include, exclude, rerank)
     item_type = schema.field("item_id").type
     parse = int if pa.types.is_integer(item_type) else str
 
     def requests() -> Iterator:
         for n, u in enumerate(chosen):
             history = data.item_ids[data.sequence(u)].tolist()
-            yield request(history, top_n, request_id=str(n), include_attributes=include, exclude_attributes=exclude)
+            yield request(
+                history,
+                top_n,
+                request_id=str(n),
+                include_attributes=include,
+                exclude_attributes=exclude,
+                diversity=rerank.diversity,
+                popularity_calibration=rerank.popularity_calibration,
+            )
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,11 @@ def test_evaluate_json_matches_the_published_metrics(trained_repo, tmp_path):
     for split in ("test", "valid"):
         for key in ("hr@10", "ndcg@10", "hr@20", "ndcg@20"):
             assert 0.0 <= result[split][key] <= 1.0
+    for key in ("coverage@10", "gini@10", "long_tail@10", "popcal_js@10"):  # exposure fairness beside accuracy
+        assert 0.0 <= result["test"][key] <= 1.0 and 0.0 <= result["baselines"]["popularity"]["test"][key] <= 1.0
+    # popularity recommends the same few head items to everyone: more concentrated than the model
+    assert result["baselines"]["popularity"]["test"]["gini@10"] > result["test"]["gini@10"]
+    assert result["baselines"]["popularity"]["test"]["long_tail@10"] < result["test"]["long_tail@10"]
     published = open_version(repo / "seq" / "1").metrics
     assert result["test"] == pytest.approx(published.test)
     assert result["protocol"]["exclude_seen"] is True

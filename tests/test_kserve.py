@@ -151,6 +151,30 @@ def test_infer_raw_with_tritonclient_equals_the_session(client, served):
     np.testing.assert_array_equal(only.as_numpy("query"), expected["query"])
 
 
+def test_pipeline_rerank_inputs_with_tritonclient(client, served):
+    """The pipeline model's optional FP32 inputs diversity / popularity_calibration, over the wire."""
+    host = served[1]
+    meta = {i.name: i.datatype for i in client.get_model_metadata("pipeline").inputs}
+    assert meta["diversity"] == "FP32" and meta["popularity_calibration"] == "FP32"
+    ids = host.slot.current.item_keys
+    hist = np.array([[x.encode() for x in ids[[3, 9, 4]]], [x.encode() for x in ids[[7, 1, 2]]]], dtype=object)
+    strengths = {
+        "diversity": np.array([[0.8], [0.0]], np.float32),
+        "popularity_calibration": np.array([[0.0], [0.5]], np.float32),
+    }
+    inputs = [tc.InferInput("history", [2, 3], "BYTES")]
+    inputs[0].set_data_from_numpy(hist)
+    for name, value in strengths.items():
+        inputs.append(tc.InferInput(name, [2, 1], "FP32"))
+        inputs[-1].set_data_from_numpy(value)
+    got = client.infer("pipeline", inputs).as_numpy("items")
+    pipe = host.slot.current.compute
+    rows = [np.array([host.slot.current.rows_by_key[x.decode()] for x in h]) for h in hist]
+    want = pipe.recommend(rows, 10, diversity=strengths["diversity"][:, 0], popularity_calibration=[0.0, 0.5])
+    assert got.tolist() == [[ids[r].encode() for r in w] for w in want.rows]
+    assert got.tolist() != [[ids[r].encode() for r in w] for w in pipe.recommend(rows, 10).rows]
+
+
 def test_infer_typed_contents_with_our_stubs(stub, served):
     host = served[1]
     session = _session(host)

@@ -6,7 +6,7 @@ import pytest
 
 from attnrec.cli import main
 from attnrec.engine.encoder import OnnxEncoder
-from attnrec.engine.pipeline import encode, encode_histories, pad_histories, score
+from attnrec.engine.pipeline import Pipeline, encode, encode_histories, pad_histories, score
 from attnrec.engine.ranker import OnnxRanker
 from attnrec.engine.repository import newest_valid_version
 from attnrec.export import retrieve as retrieve_mod
@@ -114,6 +114,28 @@ def test_rank_gives_the_pipelines_ranked_answer(version, tmp_path):
         rows = [i for i, x in enumerate(table["user_id"]) if x == data.user_ids[u]]
         assert [table["item_id"][i] for i in rows] == ids[best].tolist()
         np.testing.assert_allclose([table["score"][i] for i in rows], np.sort(scores)[::-1][:10], rtol=1e-5, atol=1e-5)
+
+
+def test_rerank_flags_give_the_pipelines_reranked_answer(version, tmp_path):
+    data_path, repo, version_dir, manifest, data = version
+    out = tmp_path / "diverse.parquet"
+    flags = ("--top-n", "10", "--rank", "--diversity", "0.5", "--popularity-calibration", "0.25")
+    assert main(retrieve_args(repo, data_path, out, *flags)) == 0
+    table = pq.read_table(out)
+    assert table.schema.metadata[b"diversity"] == b"0.5"
+    assert table.schema.metadata[b"popularity_calibration"] == b"0.25"
+    table = table.to_pydict()
+    ids = load_item_ids(version_dir, manifest)
+    pipe = Pipeline.load(version_dir)
+    users = [0, 11, data.n_users - 1]
+    want = pipe.recommend([data.sequence(u) - 1 for u in users], 10, diversity=0.5, popularity_calibration=0.25)
+    plain = pipe.recommend([data.sequence(u) - 1 for u in users], 10)
+    assert want.rows.tolist() != plain.rows.tolist()
+    for u, w in zip(users, want.rows):
+        rows = [i for i, x in enumerate(table["user_id"]) if x == data.user_ids[u]]
+        assert [table["item_id"][i] for i in rows] == ids[w].tolist()
+    assert main(retrieve_args(repo, data_path, tmp_path / "bad.parquet", "--diversity", "1.5")) == 2
+    assert not (tmp_path / "bad.parquet").exists()
 
 
 def test_bad_top_n_is_refused(version, tmp_path):

@@ -89,6 +89,43 @@ def test_k_left_out_means_10_as_everywhere(served):
     assert not streamed[0].HasField("error")
 
 
+def test_rerank_options_over_grpc_and_the_pipeline_tensor_model(served, plain_repo):
+    """diversity / popularity_calibration (fields 11, 12) answer what Pipeline.recommend does offline:
+    stage one's top 200 re-ranked (no ranker in this version); 0 is the plain answer; outside 0..1 is refused."""
+    pipe = Pipeline.load(newest_valid_version(plain_repo, "seq")[0])
+    ids = pipe.item_ids.astype(str)
+    rng = np.random.default_rng(11)
+    host = served.server.models
+    with RecommenderClient(served.target) as client:
+        for d, c in ((0.0, 0.0), (0.6, 0.0), (0.0, 0.7), (0.4, 0.4)):
+            rows = rng.choice(len(ids), size=7, replace=False)
+            want = pipe.recommend([rows], 10, diversity=d, popularity_calibration=c)
+            r = client.recommend(list(ids[rows]), 10, diversity=d, popularity_calibration=c)
+            assert r.items == list(ids[want.rows[0]]), (d, c)
+            np.testing.assert_allclose(r.scores, want.scores[0], rtol=1e-5, atol=1e-5)
+            if d == c == 0:
+                assert r.items == client.recommend(list(ids[rows]), 10).items
+            hist = np.array([[x.encode() for x in ids[rows]]], dtype=object)
+            feeds = {"history": hist, "diversity": np.array([[d]], np.float32)}
+            feeds["popularity_calibration"] = np.array([[c]], np.float32)
+            out = served.call(host.get("pipeline").infer(feeds))
+            assert [x.decode() for x in out["items"][0]] == r.items
+        for field in ("diversity", "popularity_calibration"):
+            for bad in (1.5, -0.25, float("nan")):
+                with pytest.raises(grpc.RpcError) as err:
+                    client.recommend(list(ids[:3]), 5, **{field: bad})
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert f"{field} must be in 0..1" in err.value.details()
+                with pytest.raises(InvalidRequest, match=f"{field} must be in 0..1"):
+                    served.call(
+                        host.get("pipeline").infer(
+                            {"history": np.array([[b"1"]], dtype=object), field: np.array([[bad]], np.float32)}
+                        )
+                    )
+    with pytest.raises(InvalidRequest, match="'diversity' must be FP32"):
+        served.call(host.get("pipeline").infer({"history": np.array([[b"1"]], object), "diversity": np.array([[1]])}))
+
+
 def test_1000_concurrent_requests_with_distinct_histories_each_get_their_own_answer(served, plain_repo):
     pipe = Pipeline.load(newest_valid_version(plain_repo, "seq")[0])
     ids = pipe.item_ids.astype(str)

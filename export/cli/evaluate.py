@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from attnrec.engine.cli import add_client_args, connect
+from attnrec.engine.cli import add_client_args, add_rerank_args, connect
 
 from .data import add_data_args, load_log
 
@@ -47,10 +47,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_retrieve(args: argparse.Namespace) -> int:
+    from attnrec.engine.rerank import RerankOptions
+
     from ..data.sequences import build_sequences
     from ..retrieve import read_user_file, retrieve
 
     users = read_user_file(args.users) if args.users else None
+    rerank = RerankOptions(args.diversity, args.popularity_calibration)  # ValueError outside 0..1
     if args.server:
         from ..retrieve_server import retrieve_from_server
 
@@ -66,6 +69,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 include=args.include_attributes,
                 exclude=args.exclude_attributes,
+                rerank=rerank,
             )
         return 3 if report.unknown_users and args.strict_users else 0
     if args.repo is None or args.name is None:
@@ -84,6 +88,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         rank=args.rank,
         include=args.include_attributes,
         exclude=args.exclude_attributes,
+        rerank=rerank,
     )
     if args.ray is not None:
         from ..retrieve_ray import retrieve_ray
@@ -150,6 +155,7 @@ def _retrieve(p: argparse.ArgumentParser) -> None:
         help="re-order stage one's top-N (the version's n_candidates) with the version's ranker and keep the "
         "top-n: what the server answers (default: retrieval only, FAISS order and inner-product scores)",
     )
+    add_rerank_args(p)
     p.add_argument("--users", type=Path, metavar="FILE", help="only these users: one external user id per line")
     p.add_argument(
         "--include-attributes",

@@ -96,6 +96,75 @@ def _add_feature_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_privacy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "differential privacy (DP-SGD with Opacus; user-level: one clipped window per sampled user per step)"
+    )
+    g.add_argument(
+        "--dp-epsilon",
+        type=float,
+        metavar="E",
+        help="train the encoder with user-level DP-SGD to this epsilon for the whole run (the noise is calibrated "
+        "to it; `inf`: the same loop with clipping and no noise, not private); the manifest's training.privacy "
+        "records epsilon, delta, clip norm, noise multiplier and accountant, and which artifacts it does not cover. "
+        "Fixed length (--dp-epochs), no early stopping; --loss ce only; max-len 0 means 50 here",
+    )
+    g.add_argument(
+        "--dp-delta", type=float, default=0.0, metavar="D", help="delta (default: 0, meaning 1 / the number of users)"
+    )
+    g.add_argument(
+        "--dp-max-grad-norm",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="clip each sampled user's gradient to this L2 norm (default: 1.0)",
+    )
+    g.add_argument(
+        "--dp-epochs",
+        type=int,
+        default=10,
+        metavar="N",
+        help="expected passes over the users: steps = N / sampling rate (default: 10)",
+    )
+    g.add_argument(
+        "--dp-batch-users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="expected users per step; each user is sampled with probability N / users (Poisson) "
+        "(default: 0, a quarter of the users, at most 512)",
+    )
+    g.add_argument(
+        "--dp-lr",
+        type=float,
+        default=1e-2,
+        metavar="LR",
+        help="AdamW learning rate of DP training, in place of --lr (few noisy steps need larger ones) (default: 0.01)",
+    )
+    g.add_argument(
+        "--dp-accountant",
+        choices=["rdp", "prv"],
+        default="rdp",
+        help="Opacus privacy accountant that computes epsilon (default: rdp)",
+    )
+
+
+def _privacy_config(args: argparse.Namespace):
+    if args.dp_epsilon is None:
+        return None
+    from ..config import PrivacyConfig
+
+    return PrivacyConfig(
+        epsilon=args.dp_epsilon,
+        delta=args.dp_delta,
+        max_grad_norm=args.dp_max_grad_norm,
+        epochs=args.dp_epochs,
+        batch_users=args.dp_batch_users,
+        accountant=args.dp_accountant,
+        lr=args.dp_lr,
+    )
+
+
 def _column_roles(text: str) -> dict[str, str]:
     from ..data.features import parse_column_roles
 
@@ -126,10 +195,45 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ..train import train
 
+    privacy = _privacy_config(args)  # ValueError on a bad --dp-* value, before the data is read
+    if privacy is not None and args.resume:
+        raise ValueError("--resume is not available with --dp-epsilon (a DP run is one fixed-length pass)")
     split, info = with_cold_items(args, *load_split(args))
     features = _feature_tables(args, split)
     cfg = _train_config(args)
     content = content_of(args, features, threads=cfg.threads)
+    if privacy is not None:
+        from ..dp_train import train_dp
+
+        if args.ranker:
+            log.warning("--dp-epsilon: the ranker is trained without differential privacy (--no-ranker leaves it out)")
+        result, section = train_dp(split, cfg, privacy, progress=not args.quiet)
+        log.info(
+            "privacy: epsilon %s (target %s) at delta %.3g; clip norm %g, noise multiplier %.4f, %s accountant, "
+            "sampling rate %.4f over %d users, %d steps; not covered: %s",
+            "inf (no noise)" if section.epsilon is None else f"{section.epsilon:.3f}",
+            "inf" if section.target_epsilon is None else f"{section.target_epsilon:g}",
+            section.delta,
+            section.max_grad_norm,
+            section.noise_multiplier,
+            section.accountant,
+            section.sample_rate,
+            section.users,
+            section.steps,
+            "; ".join(section.not_covered),
+        )
+        training = TrainingSection(
+            config=asdict(result.config),
+            best_epoch=result.best_epoch,
+            epochs_run=result.epochs_run,
+            train_seconds=result.seconds,
+            best_valid_ndcg10=result.best_valid_ndcg10,
+            history=tuple(result.history),
+            note="DP-SGD: fixed length, the last weights are exported (best_valid_ndcg10 is the last epoch's)",
+            privacy=section,
+        )
+        publish_version(result.model, split, info, args, training, features=features, content=content)
+        return 0
     ckpt = args.checkpoint or (Path(args.out) / args.name / ".train" / "checkpoint.pt")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     result = train(split, cfg, checkpoint=ckpt, resume=args.resume, fresh=args.fresh, progress=not args.quiet)
@@ -182,6 +286,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     _add_feature_args(p)
     add_content_args(p)
     _add_train_args(p)
+    _add_privacy_args(p)
     add_publish_args(p)
     add_ranker_args(p)
     p.set_defaults(func=cmd_train)

@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id", "user_id", "include_attributes", "exclude_attributes")
+    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id", "user_id", "include_attributes", "exclude_attributes", "diversity", "popularity_calibration")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class RecommendRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
+    DIVERSITY_FIELD_NUMBER: _ClassVar[int]
+    POPULARITY_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     history: _containers.RepeatedScalarFieldContainer[str]
     k: int
     exclude: _containers.RepeatedScalarFieldContainer[str]
@@ -25,7 +27,9 @@ class RecommendRequest(_message.Message):
     user_id: str
     include_attributes: _containers.RepeatedScalarFieldContainer[str]
     exclude_attributes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., include_attributes: _Optional[_Iterable[str]] = ..., exclude_attributes: _Optional[_Iterable[str]] = ...) -> None: ...
+    diversity: float
+    popularity_calibration: float
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., include_attributes: _Optional[_Iterable[str]] = ..., exclude_attributes: _Optional[_Iterable[str]] = ..., diversity: _Optional[float] = ..., popularity_calibration: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "encoder_ms", "search_ms", "ranker_ms", "total_ms", "batch_size")
