@@ -178,6 +178,7 @@ class Server:
         self._metrics_http = None
         self._poller: asyncio.Task | None = None
         self._draining = False
+        self._warm = False  # start() finished warming up (and `before_serving` returned)
 
     def _names(self) -> list[str]:
         return [s.name for s in self.services]
@@ -230,6 +231,7 @@ class Server:
         except StoreUnavailable as exc:  # it may come up later; requests with their own history work meanwhile
             log.error("%s: requests with a user_id get UNAVAILABLE until it answers", exc)
         await self.before_serving()
+        self._warm = True
         await self._refresh_health()
         if s.poll_interval > 0:
             self._poller = asyncio.ensure_future(self.loader.poll(s.poll_interval))
@@ -244,7 +246,9 @@ class Server:
 
     async def _refresh_health(self) -> None:
         """Each service SERVING while the models it needs are loaded; "" (the server) while all are."""
-        if self._draining or self._stop.is_set():  # a stop asked for during warm-up: never SERVING
+        # Not before start() is done: the first load's swap calls this too, and a `--workers` worker
+        # must not say SERVING before the others are warm. Nor after a stop was asked for.
+        if not self._warm or self._draining or self._stop.is_set():
             return
         up = health_pb2.HealthCheckResponse.SERVING
         down = health_pb2.HealthCheckResponse.NOT_SERVING
