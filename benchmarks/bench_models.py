@@ -76,11 +76,10 @@ def bench_version(settings: Settings, kind: str, *, cache: Path | None = None) -
 
 
 def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
-    from dataclasses import asdict
 
     import torch
 
-    from attnrec.engine.repository import DataSection, TrainingSection
+    from attnrec.engine.repository import DataSection
     from attnrec.export.config import TrainConfig
     from attnrec.export.data.sequences import build_sequences, leave_one_out
     from attnrec.export.data.synthetic import SyntheticConfig, generate
@@ -117,13 +116,7 @@ def _build(shape: dict, root: Path, seed: int) -> BenchVersion:
         split,
         repo,
         name,
-        training=TrainingSection(
-            config=asdict(result.config),
-            best_epoch=result.best_epoch,
-            epochs_run=result.epochs_run,
-            train_seconds=result.seconds,
-            best_valid_ndcg10=result.best_valid_ndcg10,
-            history=tuple(result.history),
+        training=result.section(
             note=f"a benchmark model: {trained}",
         ),
         data=DataSection(source=log_.source, synthetic=True, users=split.data.n_users),

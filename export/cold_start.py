@@ -264,7 +264,6 @@ def cold_start_eval(
     rank the validation and test targets with the published version (ColdStartReport). `data`: the
     DataSection of the log."""
     from attnrec.engine.pipeline import Pipeline
-    from attnrec.engine.repository import TrainingSection
 
     from .publish import publish
     from .ranking_metrics import evaluate_full_ranking
@@ -279,13 +278,7 @@ def cold_start_eval(
         int(split.train_lengths().sum() - held_split.train_lengths().sum()),
     )
     result = train(held_split, train_config, progress=progress)
-    training = TrainingSection(
-        config=asdict(result.config),
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        train_seconds=result.seconds,
-        best_valid_ndcg10=result.best_valid_ndcg10,
-        history=tuple(result.history),
+    training = result.section(
         note=f"cold-start measurement: {len(held)} items with text held out of training (seed {seed})",
     )
     version_dir, manifest, _ = publish(

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from attnrec.engine.repository import TrainingSection
+
 from .config import TrainConfig
 from .data.sequences import LeaveOneOut
 from .model import SASRec
@@ -66,6 +68,18 @@ class TrainResult:
     epochs_run: int
     seconds: float
     history: list[dict] = field(default_factory=list)
+
+    def section(self, **extra) -> TrainingSection:
+        """The manifest's training section of this run; `extra`: its other fields (checkpoint, note, privacy)."""
+        return TrainingSection(
+            config=asdict(self.config),  # with what was chosen from the data
+            best_epoch=self.best_epoch,
+            epochs_run=self.epochs_run,
+            train_seconds=self.seconds,
+            best_valid_ndcg10=self.best_valid_ndcg10,
+            history=tuple(self.history),
+            **extra,
+        )
 
 
 def training_windows(split: LeaveOneOut, max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 from .content import add_content_args, content_of, with_cold_items
@@ -191,8 +191,6 @@ def _feature_tables(args: argparse.Namespace, split):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from attnrec.engine.repository import TrainingSection
-
     from ..train import train
 
     privacy = _privacy_config(args)  # ValueError on a bad --dp-* value, before the data is read
@@ -222,13 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             section.steps,
             "; ".join(section.not_covered),
         )
-        training = TrainingSection(
-            config=asdict(result.config),
-            best_epoch=result.best_epoch,
-            epochs_run=result.epochs_run,
-            train_seconds=result.seconds,
-            best_valid_ndcg10=result.best_valid_ndcg10,
-            history=tuple(result.history),
+        training = result.section(
             note="DP-SGD: fixed length, the last weights are exported (best_valid_ndcg10 is the last epoch's)",
             privacy=section,
         )
@@ -244,13 +236,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         result.epochs_run,
         result.seconds,
     )
-    training = TrainingSection(
-        config=asdict(result.config),  # with what was chosen from the data
-        best_epoch=result.best_epoch,
-        epochs_run=result.epochs_run,
-        train_seconds=result.seconds,
-        best_valid_ndcg10=result.best_valid_ndcg10,
-        history=tuple(result.history),
+    training = result.section(
         checkpoint=str(ckpt),
     )
     publish_version(result.model, split, info, args, training, features=features, content=content)
