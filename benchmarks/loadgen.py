@@ -55,24 +55,33 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # ── targets ────────────────────────────────────────────────────────────────────────────────
 @dataclass(frozen=True)
 class RecommendTarget:
-    """attnrec.v1 Recommend; `requests` are serialised RecommendRequest bytes (sent as they are)."""
+    """attnrec.v1 Recommend; `requests` are serialised RecommendRequest bytes (sent as they are).
+    `connections` > 1: that many channels, each its own TCP connection, requests spread over them
+    round-robin — what `attnrec serve --workers N` needs, since SO_REUSEPORT spreads connections,
+    not requests, over its workers."""
 
     address: str
     requests: list[bytes]
     timeout_s: float = 30.0
+    connections: int = 1
 
     async def open(self):
         import grpc
 
-        channel = grpc.aio.insecure_channel(self.address)
+        options = [("grpc.use_local_subchannel_pool", 1)] if self.connections > 1 else []
+        channels = [grpc.aio.insecure_channel(self.address, options=options) for _ in range(self.connections)]
         # No serializers: the pre-built bytes go out as they are and the reply is not parsed.
-        call = channel.unary_unary(RECOMMEND)
-        reqs, timeout = self.requests, self.timeout_s
+        calls = [channel.unary_unary(RECOMMEND) for channel in channels]
+        reqs, timeout, n = self.requests, self.timeout_s, len(calls)
 
         async def send(i: int) -> None:
-            await call(reqs[i % len(reqs)], timeout=timeout)
+            await calls[i % n](reqs[i % len(reqs)], timeout=timeout)
 
-        return send, channel.close
+        async def close() -> None:
+            for channel in channels:
+                await channel.close()
+
+        return send, close
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,9 @@ class Pipeline:
         self.encoder, self.index, self.ranker, self.path, self.manifest = encoder, index, ranker, path, manifest
         self.features = features
         self.faiss_threads = faiss_threads
+        # An IO-bound ranker reads the encoder's hidden states where they are (on the GPU): no round trip;
+        # decided here, once, so that a request never calls back into engine/ranker.py for it.
+        self._keep_hidden = ("hidden",) if ranker is not None and ranker.needs_hidden and ranker.binding else ()
         self.item_ids, self.popularity = np.asarray(item_ids), np.asarray(popularity)
         self.reranker = Reranker(self.popularity, item_vectors)
         # Most popular first; the fallback for histories with no known item.
@@ -357,9 +360,7 @@ class Pipeline:
         t0 = time.perf_counter()
         use_ranker = rank and self.ranker is not None
         tokens = pad_histories([histories[i][-self.max_len :] + 1 for i in active], self.max_len)
-        # An IO-bound ranker reads the encoder's hidden states where they are (on the GPU): no round trip.
-        keep = ("hidden",) if use_ranker and self.ranker.needs_hidden and self.ranker.binding else ()
-        outs = encode(self.encoder, tokens, keep)
+        outs = encode(self.encoder, tokens, self._keep_hidden if use_ranker else ())
         t1 = time.perf_counter()
         rerank = bool(((diversity[active] > 0) | (popularity_calibration[active] > 0)).any())
         if use_ranker:

@@ -139,6 +139,13 @@ def test_open_loop_keeps_a_low_rate_and_closed_loop_counts_add_up(echo):
         assert c["p50_ms"] <= c["p99_ms"]
 
 
+def test_requests_spread_over_several_connections(echo):
+    """What a --workers server needs from its client: SO_REUSEPORT spreads connections, not requests."""
+    with ClientPool(RecommendTarget(echo.address, _requests(), connections=3)) as clients:
+        p = run_point(clients, ClosedLoop(6), METHOD)
+    assert p["errors"] == 0 and p["requests"] > 0
+
+
 def test_errors_are_counted_by_status_code(echo):
     from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 

@@ -156,6 +156,6 @@ def test_one_recommend_crosses_at_most_four_files_and_never_goes_back(trained_re
     assert not (files["worker"] | files["compute"]) & ONLINE_STATE
     # side calls that return, off the main line: the request and the worker book per-model statistics
     # (engine/model_stats.py), the compute thread asks the ranker module for its inputs' defaults
-    # and IO bindings (engine/ranker.py) and the re-rank module whether to re-rank (engine/rerank.py)
+    # (engine/ranker.py) and the re-rank module whether to re-rank (engine/rerank.py)
     side = {"engine/model_stats.py", "engine/ranker.py", "engine/rerank.py"}
     assert ((files["request"] - ONLINE_STATE) | files["worker"] | files["compute"]) - side == set(path)

@@ -24,7 +24,8 @@ from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb
 from attnrec.engine.rpc.attnrec.v1 import recommender_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCAL = [("grpc.use_local_subchannel_pool", 1)]  # a channel of its own: a new connection, any worker
+LOCAL = [("grpc.use_local_subchannel_pool", 1)]
+RECOMMEND = "/attnrec.v1.Recommender/Recommend"  # a channel of its own: a new connection, any worker
 
 
 def _health(target: str) -> int | None:
@@ -51,10 +52,19 @@ def _workers(pid: int) -> list[int]:
     return sorted(out)
 
 
-def _cpu_s(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _recommends_served(pid: int) -> float:
+    """Recommend calls answered OK by one worker: its own prometheus-client multiprocess file, in the
+    folder the supervisor gave it (PROMETHEUS_MULTIPROC_DIR in the worker's environment)."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    env = dict(x.split(b"=", 1) for x in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in x)
+    path = Path(env[b"PROMETHEUS_MULTIPROC_DIR"].decode()) / f"counter_{pid}.db"
+    total = 0.0
+    for key, value, _, _ in MmapedDict.read_all_values_from_file(str(path)):
+        _, sample, labels, _ = json.loads(key)
+        if sample == "attnrec_requests_total" and labels == {"method": RECOMMEND, "code": "OK"}:
+            total += value
+    return total
 
 
 def _recommend_on_new_connections(target: str, ids: list[str], n: int) -> list[int]:
@@ -87,7 +97,7 @@ def test_two_workers_share_the_port_merge_metrics_follow_swaps_and_drain(trained
     target = f"127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(repo), "--workers", "2"]
     cmd += ["--address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics), "--intra-op-threads", "1"]
-    cmd += ["--history-store", f"file://{tmp_path / 'history.sqlite'}", "--shutdown-delay", "3", "--grace", "5"]
+    cmd += ["--history-store", f"file://{tmp_path / 'history.sqlite'}", "--shutdown-delay", "5", "--grace", "5"]
     cmd += ["--model-control"]  # every worker gets it: ReloadModel below is model control
     log = open(tmp_path / "serve.log", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -103,11 +113,10 @@ def test_two_workers_share_the_port_merge_metrics_follow_swaps_and_drain(trained
         assert all(_health(target) == health_pb2.HealthCheckResponse.SERVING for _ in range(8))
 
         # both serve: 40 connections of 5 requests each, spread by the kernel over the two
-        before = {w: _cpu_s(w) for w in workers}
         versions = _recommend_on_new_connections(target, ids, 40)
         assert versions == [1] * 200
-        used = {w: _cpu_s(w) - before[w] for w in workers}
-        assert all(s >= 0.02 for s in used.values()), used
+        served = {w: _recommends_served(w) for w in workers}
+        assert sum(served.values()) == 200 and all(n >= 5 for n in served.values()), served
 
         # one metrics endpoint for both, and ModelStatistics (from either worker) agrees with it
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read().decode()
@@ -149,8 +158,12 @@ def test_two_workers_share_the_port_merge_metrics_follow_swaps_and_drain(trained
 
         # SIGTERM: every worker reports NOT_SERVING during the shutdown delay, then all exit cleanly
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        statuses = [_health(target) for _ in range(8)]
+        deadline = time.monotonic() + 4  # within the shutdown delay (5 s), both workers say NOT_SERVING
+        while True:
+            statuses = [_health(target) for _ in range(8)]
+            if all(s == health_pb2.HealthCheckResponse.NOT_SERVING for s in statuses) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert all(s == health_pb2.HealthCheckResponse.NOT_SERVING for s in statuses), statuses
         assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()
         assert not any(Path(f"/proc/{w}").exists() for w in workers)

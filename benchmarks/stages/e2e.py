@@ -241,7 +241,8 @@ def run(settings: Settings, section: Section) -> None:
         name = f"attnrec --workers {workers}"
         with attnrec_serve(v.repo, v.name, logs, threads=1, providers=settings.providers, workers=workers) as server:
             probe = ServerProbe(server.pid, server.metrics_url)
-            with ClientPool(RecommendTarget(server.address, requests)) as clients:
+            # 4 connections per worker: the kernel spreads connections, not requests, over the workers
+            with ClientPool(RecommendTarget(server.address, requests, connections=4 * workers)) as clients:
                 for c in g["workers_levels"]:
                     settings.progress("e2e", f"{name} closed loop c={c}")
                     p = run_point(clients, ClosedLoop(c), method, probe)
