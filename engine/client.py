@@ -76,6 +76,7 @@ def request(
     user_id: str = "",
     include_attributes: Sequence[str] = (),
     exclude_attributes: Sequence[str] = (),
+    history_timestamps: Sequence[int] = (),
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         history=[str(x) for x in history],
@@ -87,6 +88,7 @@ def request(
         user_id=user_id,
         include_attributes=include_attributes,
         exclude_attributes=exclude_attributes,
+        history_timestamps=list(history_timestamps),
     )
 
 
@@ -148,6 +150,7 @@ class RecommenderClient:
         user_id: str = "",
         include_attributes: Sequence[str] = (),
         exclude_attributes: Sequence[str] = (),
+        history_timestamps: Sequence[int] = (),
     ) -> Recommendation:
         req = request(
             history,
@@ -158,6 +161,7 @@ class RecommenderClient:
             user_id=user_id,
             include_attributes=include_attributes,
             exclude_attributes=exclude_attributes,
+            history_timestamps=history_timestamps,
         )
         return Recommendation.from_reply(self.stub.Recommend(req, timeout=self.timeout, metadata=self.metadata))
 

@@ -9,14 +9,16 @@ KServe names (a wire contract):
     encoder   history INT64 (B, L) tokens (row + 1, left-padded with 0)
               → query FP32 (B, D) [+ hidden FP32 (B, L, D) when the encoder exports it]
     ranker    the ranker's own inputs (engine/ranker.py: history, hidden, candidates,
-              candidate_scores[, user_features: optional]) → scores FP32 (B, N); only when the
-              version has a ranker
+              candidate_scores[, user_features][, history_timestamps, request_time]: the last three
+              optional) → scores FP32 (B, N); only when the version has a ranker
     pipeline  the whole request path with external item ids:
               history BYTES (B, H) item ids, oldest first, "" = padding (skipped)
               k INT64 (B, 1) optional (default 10)
               exclude BYTES (B, E) optional, "" = padding
               n_candidates INT64 (B, 1) optional (0: the model's default)
               user_id BYTES (B, 1) optional: the stored history goes before `history` ("" = none)
+              history_timestamps INT64 (B, H) optional: Unix seconds of each `history` cell (0 =
+                unknown; padding cells are ignored); the request time is Recommend's rule
               include_attributes BYTES (B, A) optional, "name=value", "" = padding
               exclude_attributes BYTES (B, A) optional, "name=value", "" = padding
               → items BYTES (B, K) best first, "" where the catalogue ran out (K = the largest k)
@@ -33,6 +35,7 @@ engine/pipeline.py's run functions.
 from __future__ import annotations
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -179,6 +182,8 @@ _RANKER_SPECS = {
     "candidates": TensorSpec("candidates", "INT64", (-1, -1)),
     "candidate_scores": TensorSpec("candidate_scores", "FP32", (-1, -1)),
     "user_features": TensorSpec("user_features", "INT64", (-1, -1), optional=True),  # absent = unknown users
+    "history_timestamps": TensorSpec("history_timestamps", "INT64", (-1, -1), optional=True),  # absent = unknown
+    "request_time": TensorSpec("request_time", "INT64", (-1, 1), optional=True),  # absent = unknown
 }
 
 
@@ -207,7 +212,7 @@ class RankerModel(_Model):
         ranker = self._ranker(v)
         feeds: dict[str, np.ndarray] = {}
         for name in ranker.input_names:
-            if name == "user_features":
+            if name in ("user_features", "history_timestamps", "request_time"):
                 continue  # optional, filled in below once the batch size is known
             if name == "hidden":
                 x = np.asarray(inputs.get("hidden")) if "hidden" in inputs else None
@@ -237,6 +242,16 @@ class RankerModel(_Model):
                 feeds["user_features"] = x
             else:
                 feeds["user_features"] = ranker.default("user_features", len(feeds["candidates"]))
+        if ranker.reads_time:
+            batch, length = feeds["history"].shape
+            for name, shape in (("history_timestamps", (batch, length)), ("request_time", (batch, 1))):
+                if name in inputs:
+                    x = _int_tensor(inputs, name, self.name, 2)
+                    if x.shape != shape:
+                        raise InvalidRequest(f"ranker: {name} must be {shape} (as history's batch), got {x.shape}")
+                    feeds[name] = x
+                else:
+                    feeds[name] = ranker.default(name, batch, length)
         if "candidate_scores" in feeds and feeds["candidate_scores"].shape != feeds["candidates"].shape:
             raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
         if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
@@ -253,6 +268,8 @@ class _Query:
     k: int
     mask: RowMask | None = None  # the rows filters and availability allow (None: all)
     user_id: str = ""  # the ranker's user features (an id the version lacks, or "", is an unknown user)
+    times: np.ndarray | None = None  # seconds of each of `rows` (0 unknown); None: no time
+    request_time: int = 0  # seconds; 0: the time is unknown (no timestamp in the history)
 
 
 @dataclass
@@ -288,6 +305,7 @@ class RecommendModel(_Model):
             TensorSpec("exclude", "BYTES", (-1, -1), optional=True),
             TensorSpec("n_candidates", "INT64", (-1, 1), optional=True),
             TensorSpec("user_id", "BYTES", (-1, 1), optional=True),
+            TensorSpec("history_timestamps", "INT64", (-1, -1), optional=True),
             TensorSpec("include_attributes", "BYTES", (-1, -1), optional=True),
             TensorSpec("exclude_attributes", "BYTES", (-1, -1), optional=True),
         ]
@@ -313,19 +331,30 @@ class RecommendModel(_Model):
         user_id: str = "",
         include_attributes: Sequence[str] = (),
         exclude_attributes: Sequence[str] = (),
+        history_timestamps: Sequence[int] = (),
     ) -> Answer:
         """One user's top-k external ids. Unknown history ids are skipped and counted. With `user_id`,
-        the user's stored history goes before `history`; filters and availability shape the answer."""
+        the user's stored history goes before `history`; filters and availability shape the answer.
+        `history_timestamps`: seconds, one per `history` item (or none), for a ranker with time
+        features; the request time is the clock, or the newest timestamp when that is later."""
         if not 1 <= k <= self.max_k:
             raise InvalidRequest(f"k must be in 1..{self.max_k}, got {k}")
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
+        if history_timestamps and len(history_timestamps) != len(history):
+            raise InvalidRequest(
+                f"history_timestamps has {len(history_timestamps)} values for {len(history)} history items "
+                "(give one per item, or none)"
+            )
         v = self._pinned()
         stored: list[str] = []
+        stamps: Sequence[int] = history_timestamps
         mask = None
         if self.state is not None:
-            stored, avail = await self.state.read(user_id)
-            history = [*stored, *history] if stored else history
+            stored, stored_times, avail = await self.state.read_events(user_id)
+            if stored:
+                history = [*stored, *history]
+                stamps = [*stored_times, *(history_timestamps or [0] * (len(history) - len(stored)))]
             mask = v.filters.mask(include_attributes, exclude_attributes, avail.generation, avail.unavailable)
         elif user_id:
             raise Unavailable("this server has no history store: send the history with the request")
@@ -335,10 +364,12 @@ class RecommendModel(_Model):
         found = [lookup.get(x) for x in history]
         rows = np.array([r for r in found if r is not None], dtype=np.int64)
         excl = np.array([r for r in (lookup.get(x) for x in exclude) if r is not None], dtype=np.int64)
+        times, now = _times(stamps, found)
         p = v.compute
         # Requests batch together only on the same version and the same candidate count (it shapes the ranker's input).
         n = max(k, n_candidates or p.n_candidates) if p.ranker is not None else 0
-        done = await self.batcher.submit(_Query(rows, excl, k, mask, user_id), group=(p, n), deadline=deadline)
+        query = _Query(rows, excl, k, mask, user_id, times, now)
+        done = await self.batcher.submit(query, group=(p, n), deadline=deadline)
         out_rows, scores, timings = done.value
         keep = out_rows >= 0
         return Answer(
@@ -365,6 +396,7 @@ class RecommendModel(_Model):
         ks = _per_row(inputs, "k", b, DEFAULT_K)
         ncs = _per_row(inputs, "n_candidates", b, 0)
         users = [row[0] if row else "" for row in _optional_ids(inputs, "user_id", b)]
+        stamps = _history_timestamps(inputs, b)
         include = _optional_ids(inputs, "include_attributes", b)
         exclude_attrs = _optional_ids(inputs, "exclude_attributes", b)
         if len(exclude) != b:
@@ -380,6 +412,7 @@ class RecommendModel(_Model):
                     user_id=users[i],
                     include_attributes=include[i],
                     exclude_attributes=exclude_attrs[i],
+                    history_timestamps=stamps[i],
                 )
                 for i in range(b)
             )
@@ -398,6 +431,31 @@ class RecommendModel(_Model):
             "stored_events": np.array([[a.stored_events] for a in answers], dtype=np.int64).reshape(b, 1),
         }
         return self._filter(out, outputs, self.name)
+
+
+def _times(stamps: Sequence[int], found: list[int | None]) -> tuple[np.ndarray | None, int]:
+    """The seconds of the known history items (0 unknown) and the request time (0: no timestamp at
+    all, so the ranker's time is unknown): the clock, or the newest timestamp when that is later."""
+    if not stamps or max(stamps) <= 0:
+        return None, 0
+    times = np.array([t for t, r in zip(stamps, found) if r is not None], dtype=np.int64)
+    return times, max(int(time.time()), int(max(stamps)))
+
+
+def _history_timestamps(inputs: dict[str, np.ndarray], b: int) -> list[list[int]]:
+    """The pipeline's optional history_timestamps (B, H), per row the values of its non-padding history
+    cells (`history` has been checked by `_id_matrix`)."""
+    if "history_timestamps" not in inputs:
+        return [[] for _ in range(b)]
+    cells = [[bool(_text(s)) for s in row] for row in np.asarray(inputs["history"], dtype=object)]
+    x = np.asarray(inputs["history_timestamps"])
+    width = len(cells[0]) if cells else 0
+    if x.dtype.kind not in "iu" or x.shape != (b, width):
+        raise InvalidRequest(
+            f"pipeline: input 'history_timestamps' must be INT64 shaped like history ({b}, {width}), got {x.dtype} "
+            f"{x.shape}"
+        )
+    return [[int(t) for t, used in zip(row, keep) if used] for row, keep in zip(x.tolist(), cells)]
 
 
 def _id_matrix(x: np.ndarray, name: str) -> list[list[str]]:

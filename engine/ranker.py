@@ -10,6 +10,13 @@ The graph declares which of these inputs it reads (all batch-major, padded like 
                                          of the version's user table side by side (`user_feature_codes`);
                                          absent = all 0 = unknown, which is what serving sends until
                                          requests carry a user id
+    history_timestamps int64  (B, L)    optional: seconds (Unix time) of each `history` position,
+                                         aligned with it; ≤ 0 = unknown (padding, or an event without
+                                         a time); absent = all unknown
+    request_time      int64   (B, 1)     optional: the request's time in seconds, from which the
+                                         history's ages, the hour of day and the day of week (UTC)
+                                         are computed; ≤ 0 or absent = unknown, and then every time
+                                         feature is unknown (the ranker's "unknown time" path)
 
 and answers `scores` float32 (B, N), higher is better. A ranker that reads `hidden` needs an
 encoder exported with its hidden states; `Pipeline` checks that when it loads a version. Item
@@ -26,8 +33,18 @@ import numpy as np
 from .encoder import make_session
 from .features import CodedColumn, FeatureTable, FeatureTables, user_features
 
-RANKER_INPUTS = ("history", "hidden", "candidates", "candidate_scores", "user_features")
-OPTIONAL_INPUTS = ("user_features",)  # a caller may leave these out: `OnnxRanker.default` fills them
+RANKER_INPUTS = (
+    "history",
+    "hidden",
+    "candidates",
+    "candidate_scores",
+    "user_features",
+    "history_timestamps",
+    "request_time",
+)
+# A caller may leave these out: `OnnxRanker.default` fills them with "unknown".
+OPTIONAL_INPUTS = ("user_features", "history_timestamps", "request_time")
+TIME_INPUTS = ("history_timestamps", "request_time")  # a ranker reads both or neither
 
 
 def coded_matrix(table: FeatureTable | None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -65,6 +82,8 @@ class OnnxRanker:
                 if len(i.shape) != 2 or not isinstance(i.shape[1], int):
                     raise ValueError(f"{path}: `user_features` must be (batch, W) with a fixed W, got {i.shape}")
                 self.user_width = i.shape[1]
+        if len({n in self.input_names for n in TIME_INPUTS}) > 1:
+            raise ValueError(f"{path}: a ranker reads both of {TIME_INPUTS} or neither")
 
     @property
     def needs_hidden(self) -> bool:
@@ -74,8 +93,17 @@ class OnnxRanker:
     def reads_user_features(self) -> bool:
         return "user_features" in self.input_names
 
-    def default(self, name: str, batch: int) -> np.ndarray:
-        """The value of an optional input a caller left out: unknown for every row."""
-        if name != "user_features":
-            raise ValueError(f"ranker input {name!r} is required")
-        return np.zeros((batch, self.user_width), dtype=np.int64)
+    @property
+    def reads_time(self) -> bool:
+        return "request_time" in self.input_names
+
+    def default(self, name: str, batch: int, length: int = 0) -> np.ndarray:
+        """The value of an optional input a caller left out: unknown for every row (`length`: the
+        history's, for `history_timestamps`)."""
+        if name == "user_features":
+            return np.zeros((batch, self.user_width), dtype=np.int64)
+        if name == "history_timestamps":
+            return np.zeros((batch, length), dtype=np.int64)
+        if name == "request_time":
+            return np.zeros((batch, 1), dtype=np.int64)
+        raise ValueError(f"ranker input {name!r} is required")

@@ -102,6 +102,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             user_id=request.user_id,
             include_attributes=request.include_attributes,
             exclude_attributes=request.exclude_attributes,
+            history_timestamps=request.history_timestamps,
         )
         return self._reply(request, answer, start)
 
