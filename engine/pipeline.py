@@ -82,8 +82,15 @@ def encode_histories(encoder: OnnxEncoder, histories: Sequence[np.ndarray]) -> n
 def score(ranker: OnnxRanker, feeds: dict[str, np.ndarray]) -> np.ndarray:
     """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads, and may leave out
     (or set to None) its optional ones (engine/ranker.py), which are then unknown."""
-    batch, length = len(feeds["candidates"]), feeds["history"].shape[1]
-    x = {n: ranker.default(n, batch, length) if feeds.get(n) is None else feeds[n] for n in ranker.input_names}
+    sizes = {"batch": len(feeds["candidates"]), "length": feeds["history"].shape[1]}
+    x = {}
+    for name in ranker.input_names:
+        if feeds.get(name) is not None:
+            x[name] = feeds[name]
+        elif name in ranker.unknown_shapes:  # engine/ranker.py's unknown value, without a call into it
+            x[name] = np.zeros(tuple(sizes.get(d, d) for d in ranker.unknown_shapes[name]), dtype=np.int64)
+        else:
+            raise ValueError(f"ranker input {name!r} is required")
     return ranker.session.run(["scores"], x)[0]
 
 

@@ -84,6 +84,12 @@ class OnnxRanker:
                 self.user_width = i.shape[1]
         if len({n in self.input_names for n in TIME_INPUTS}) > 1:
             raise ValueError(f"{path}: a ranker reads both of {TIME_INPUTS} or neither")
+        self.reads_time = "request_time" in self.input_names
+        # What an optional input left out is: zeros (unknown) of these shapes, "batch" and "length" (the
+        # history's) resolved per call. Plain data, so the request path reads it without a call here.
+        shapes = {"user_features": ("batch", self.user_width), "history_timestamps": ("batch", "length")}
+        shapes["request_time"] = ("batch", 1)
+        self.unknown_shapes = {n: shapes[n] for n in self.input_names if n in OPTIONAL_INPUTS}
 
     @property
     def needs_hidden(self) -> bool:
@@ -93,17 +99,10 @@ class OnnxRanker:
     def reads_user_features(self) -> bool:
         return "user_features" in self.input_names
 
-    @property
-    def reads_time(self) -> bool:
-        return "request_time" in self.input_names
-
     def default(self, name: str, batch: int, length: int = 0) -> np.ndarray:
         """The value of an optional input a caller left out: unknown for every row (`length`: the
         history's, for `history_timestamps`)."""
-        if name == "user_features":
-            return np.zeros((batch, self.user_width), dtype=np.int64)
-        if name == "history_timestamps":
-            return np.zeros((batch, length), dtype=np.int64)
-        if name == "request_time":
-            return np.zeros((batch, 1), dtype=np.int64)
-        raise ValueError(f"ranker input {name!r} is required")
+        if name not in self.unknown_shapes:
+            raise ValueError(f"ranker input {name!r} is required")
+        sizes = {"batch": batch, "length": length}
+        return np.zeros(tuple(sizes.get(d, d) for d in self.unknown_shapes[name]), dtype=np.int64)
