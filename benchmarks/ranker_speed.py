@@ -5,7 +5,7 @@
 Feeds random tokens and hidden states of the version's shapes (the cost does not depend on
 the values), and the ranker's user features and timestamps when it reads them (all known);
 reports the median of `--repeats` calls after a warm-up, per batch size, and the
-encoder's cost at the same history length for scale. No torch.
+encoder's cost at the same history length (at most the version's max_len) for scale. No torch.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
         feeds.update(side_feeds(ranker, rng, batch, args.length))  # every feature known: the cost with them on
         feeds = {i.name: feeds[i.name] for i in ranker.get_inputs()}
         ms = median_ms(lambda: ranker.run(["scores"], feeds), args.repeats, warmup=10)
-        enc_ms = median_ms(lambda: encoder.run(None, {"history": history}), args.repeats, warmup=10)
+        # The encoder reads at most max_len items (its position table): a longer history is cut, as served.
+        tokens = history[:, -manifest.model.max_len :]
+        enc_ms = median_ms(lambda: encoder.run(None, {"history": tokens}), args.repeats, warmup=10)
         rows.append(
             {
                 "batch": batch,
