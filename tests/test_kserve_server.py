@@ -41,7 +41,15 @@ def test_server_lists_the_models_and_their_batching(client, served):
         assert config.max_batch_size == 8
         assert config.dynamic_batching.max_queue_delay_microseconds == 500
     optional = {i.name for i in client.get_model_config("pipeline").config.input if i.optional}
-    assert optional == {"k", "exclude", "n_candidates", "user_id", "include_attributes", "exclude_attributes"}
+    assert optional == {
+        "k",
+        "exclude",
+        "n_candidates",
+        "user_id",
+        "history_timestamps",
+        "include_attributes",
+        "exclude_attributes",
+    }
     meta = client.get_model_metadata("pipeline")
     assert meta.platform == "attnrec_pipeline" and meta.versions == [version]
     assert {t.name for t in meta.inputs} >= {"history", "k"}
