@@ -3,8 +3,9 @@
     python -m attnrec.benchmarks.ranker_speed REPO_DIR/MODEL_NAME/VERSION [--threads 1] [--batches 1,64]
 
 Feeds random tokens and hidden states of the version's shapes (the cost does not depend on
-the values); reports the median of `--repeats` calls after a warm-up, per batch size, and the
-encoder's cost at the same history length for scale. No torch.
+the values), and the ranker's user features and timestamps when it reads them (all known);
+reports the median of `--repeats` calls after a warm-up, per batch size, and the
+encoder's cost at the same history length (at most the version's max_len) for scale. No torch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ import onnxruntime as ort
 from attnrec.engine.encoder import make_session
 from attnrec.engine.repository import open_version
 from attnrec.engine.timing import median_ms
+
+
+def side_feeds(session, rng: np.random.Generator, batch: int, length: int) -> dict[str, np.ndarray]:
+    """A version ranker's optional inputs, every feature known (the cost with features on): user
+    feature codes 1, a timestamp per history position and a request time."""
+    out = {}
+    for i in session.get_inputs():
+        if i.name == "user_features":
+            out[i.name] = np.ones((batch, i.shape[1]), dtype=np.int64)
+        elif i.name == "request_time":
+            out[i.name] = np.full((batch, 1), 1_700_000_000, dtype=np.int64)
+        elif i.name == "history_timestamps":
+            ages = np.sort(rng.integers(1, 10**7, size=(batch, length)), axis=1)[:, ::-1]
+            out[i.name] = (1_700_000_000 - ages).astype(np.int64)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             "candidates": rng.integers(1, n_items + 1, size=(batch, args.candidates)),
             "candidate_scores": rng.normal(size=(batch, args.candidates)).astype(np.float32),
         }
-        for i in ranker.get_inputs():
-            if i.name == "user_features":  # every user known (code 1): the cost with features on
-                feeds[i.name] = np.ones((batch, i.shape[1]), dtype=np.int64)
+        feeds.update(side_feeds(ranker, rng, batch, args.length))  # every feature known: the cost with them on
         feeds = {i.name: feeds[i.name] for i in ranker.get_inputs()}
         ms = median_ms(lambda: ranker.run(["scores"], feeds), args.repeats, warmup=10)
-        enc_ms = median_ms(lambda: encoder.run(None, {"history": history}), args.repeats, warmup=10)
+        # The encoder reads at most max_len items (its position table): a longer history is cut, as served.
+        tokens = history[:, -manifest.model.max_len :]
+        enc_ms = median_ms(lambda: encoder.run(None, {"history": tokens}), args.repeats, warmup=10)
         rows.append(
             {
                 "batch": batch,

@@ -78,6 +78,7 @@ def request(
     exclude_attributes: Sequence[str] = (),
     diversity: float = 0.0,
     popularity_calibration: float = 0.0,
+    history_timestamps: Sequence[int] = (),
 ) -> pb.RecommendRequest:
     return pb.RecommendRequest(
         history=[str(x) for x in history],
@@ -91,6 +92,7 @@ def request(
         exclude_attributes=exclude_attributes,
         diversity=diversity,
         popularity_calibration=popularity_calibration,
+        history_timestamps=list(history_timestamps),
     )
 
 
@@ -154,6 +156,7 @@ class RecommenderClient:
         exclude_attributes: Sequence[str] = (),
         diversity: float = 0.0,
         popularity_calibration: float = 0.0,
+        history_timestamps: Sequence[int] = (),
     ) -> Recommendation:
         """`diversity` / `popularity_calibration`: re-rank strengths, 0..1 (RecommendRequest)."""
         req = request(
@@ -167,6 +170,7 @@ class RecommenderClient:
             exclude_attributes=exclude_attributes,
             diversity=diversity,
             popularity_calibration=popularity_calibration,
+            history_timestamps=history_timestamps,
         )
         return Recommendation.from_reply(self.stub.Recommend(req, timeout=self.timeout, metadata=self.metadata))
 

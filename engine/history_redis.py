@@ -52,7 +52,8 @@ class RedisHistoryStore(HistoryStore):
             return Read([], int(await self.client.get(self._generation) or 0))
         async with self.client.pipeline(transaction=False) as pipe:
             entries, gen = await pipe.lrange(self._history + user_id, 0, -1).get(self._generation).execute()
-        return Read([e.split(":", 1)[1] for e in entries], int(gen or 0))
+        events = [e.split(":", 1) for e in entries]
+        return Read([item for _, item in events], int(gen or 0), [int(t) for t, _ in events])
 
     async def append(self, user_id: str, items: Sequence[str], timestamps: Sequence[int], limit: int) -> int:
         key = self._history + user_id

@@ -86,15 +86,16 @@ class SqliteHistoryStore(HistoryStore):
     async def read(self, user_id: str | None) -> Read:
         cur = self._reader.cursor()
         items: list[str] = []
+        stamps: list[int] = []
         if user_id is not None:
             row = cur.execute(
-                "SELECT items, updated_at FROM histories WHERE namespace = ? AND user_id = ?",
+                "SELECT items, timestamps, updated_at FROM histories WHERE namespace = ? AND user_id = ?",
                 (self.namespace, user_id),
             ).fetchone()
-            if row is not None and row[1] >= self._live_since():
-                items = json.loads(row[0])
+            if row is not None and row[2] >= self._live_since():
+                items, stamps = json.loads(row[0]), json.loads(row[1])
         gen = cur.execute("SELECT generation FROM generations WHERE namespace = ?", (self.namespace,)).fetchone()
-        return Read(items, gen[0] if gen else 0)
+        return Read(items, gen[0] if gen else 0, stamps)
 
     async def unavailable(self) -> tuple[int, frozenset[str]]:
         cur = self._reader.cursor()

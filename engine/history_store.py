@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import abc
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 from urllib.parse import urlsplit, urlunsplit
 
@@ -38,10 +38,12 @@ class StoreUnavailable(Unavailable):
 
 @dataclass(frozen=True)
 class Read:
-    """What one request reads: the user's stored item ids (oldest first) and the availability generation."""
+    """What one request reads: the user's stored item ids (oldest first) and the availability generation;
+    the stored events' timestamps (seconds, one per item) for the ranker's time features."""
 
     items: list[str]
     generation: int
+    timestamps: list[int] = field(default_factory=list)
 
 
 class HistoryStore(abc.ABC):

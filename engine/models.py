@@ -9,14 +9,16 @@ KServe names (a wire contract):
     encoder   history INT64 (B, L) tokens (row + 1, left-padded with 0)
               → query FP32 (B, D) [+ hidden FP32 (B, L, D) when the encoder exports it]
     ranker    the ranker's own inputs (engine/ranker.py: history, hidden, candidates,
-              candidate_scores[, user_features: optional]) → scores FP32 (B, N); only when the
-              version has a ranker
+              candidate_scores[, user_features][, history_timestamps, request_time]: the last three
+              optional) → scores FP32 (B, N); only when the version has a ranker
     pipeline  the whole request path with external item ids:
               history BYTES (B, H) item ids, oldest first, "" = padding (skipped)
               k INT64 (B, 1) optional (default 10)
               exclude BYTES (B, E) optional, "" = padding
               n_candidates INT64 (B, 1) optional (0: the model's default)
               user_id BYTES (B, 1) optional: the stored history goes before `history` ("" = none)
+              history_timestamps INT64 (B, H) optional: Unix seconds of each `history` cell (0 =
+                unknown; padding cells are ignored); the request time is Recommend's rule
               include_attributes BYTES (B, A) optional, "name=value", "" = padding
               exclude_attributes BYTES (B, A) optional, "name=value", "" = padding
               diversity FP32 (B, 1) optional, 0..1 (default 0: no diversity re-rank)
@@ -254,6 +256,8 @@ _RANKER_SPECS = {
     "candidates": TensorSpec("candidates", "INT64", (-1, -1)),
     "candidate_scores": TensorSpec("candidate_scores", "FP32", (-1, -1)),
     "user_features": TensorSpec("user_features", "INT64", (-1, -1), optional=True),  # absent = unknown users
+    "history_timestamps": TensorSpec("history_timestamps", "INT64", (-1, -1), optional=True),  # absent = unknown
+    "request_time": TensorSpec("request_time", "INT64", (-1, 1), optional=True),  # absent = unknown
 }
 
 
@@ -283,7 +287,7 @@ class RankerModel(_Model):
             ranker = self._ranker(v)
             feeds: dict[str, np.ndarray] = {}
             for name in ranker.input_names:
-                if name == "user_features":
+                if name in ("user_features", "history_timestamps", "request_time"):
                     continue  # optional, filled in below once the batch size is known
                 if name == "hidden":
                     x = np.asarray(inputs.get("hidden")) if "hidden" in inputs else None
@@ -314,6 +318,16 @@ class RankerModel(_Model):
                     feeds["user_features"] = x
                 else:
                     feeds["user_features"] = ranker.default("user_features", len(feeds["candidates"]))
+            if ranker.reads_time:
+                batch, length = feeds["history"].shape
+                for name, shape in (("history_timestamps", (batch, length)), ("request_time", (batch, 1))):
+                    if name in inputs:
+                        x = _int_tensor(inputs, name, self.name, 2)
+                        if x.shape != shape:
+                            raise InvalidRequest(f"ranker: {name} must be {shape} (as history's batch), got {x.shape}")
+                        feeds[name] = x
+                    else:
+                        feeds[name] = ranker.default(name, batch, length)
             if "candidate_scores" in feeds and feeds["candidate_scores"].shape != feeds["candidates"].shape:
                 raise InvalidRequest("ranker: candidate_scores must have the shape of candidates")
             if "hidden" in feeds and "history" in feeds and feeds["hidden"].shape[1] != feeds["history"].shape[1]:
@@ -335,6 +349,8 @@ class _Query:
     user_id: str = ""  # the ranker's user features (an id the version lacks, or "", is an unknown user)
     diversity: float = 0.0  # re-rank strengths, 0..1 (engine/rerank.py)
     popularity_calibration: float = 0.0
+    times: np.ndarray | None = None  # seconds of each of `rows` (0 unknown); None: no time
+    request_time: int = 0  # seconds; 0: the time is unknown (no timestamp in the history)
 
 
 @dataclass
@@ -370,6 +386,7 @@ class RecommendModel(_Model):
             TensorSpec("exclude", "BYTES", (-1, -1), optional=True),
             TensorSpec("n_candidates", "INT64", (-1, 1), optional=True),
             TensorSpec("user_id", "BYTES", (-1, 1), optional=True),
+            TensorSpec("history_timestamps", "INT64", (-1, -1), optional=True),
             TensorSpec("include_attributes", "BYTES", (-1, -1), optional=True),
             TensorSpec("exclude_attributes", "BYTES", (-1, -1), optional=True),
             TensorSpec("diversity", "FP32", (-1, 1), optional=True),
@@ -399,10 +416,13 @@ class RecommendModel(_Model):
         exclude_attributes: Sequence[str] = (),
         diversity: float = 0.0,
         popularity_calibration: float = 0.0,
+        history_timestamps: Sequence[int] = (),
     ) -> Answer:
         """One user's top-k external ids. Unknown history ids are skipped and counted. With `user_id`,
         the user's stored history goes before `history`; filters and availability shape the answer;
         `diversity` / `popularity_calibration` (0..1) re-rank it (engine/rerank.py).
+        `history_timestamps`: seconds, one per `history` item (or none), for a ranker with time
+        features; the request time is the clock, or the newest timestamp when that is later.
         One inference request of the serving version (Recommend's)."""
         v = self._pinned()
         with self._counted(v) as counted:
@@ -419,6 +439,7 @@ class RecommendModel(_Model):
                 exclude_attributes=exclude_attributes,
                 diversity=diversity,
                 popularity_calibration=popularity_calibration,
+                history_timestamps=history_timestamps,
             )
 
     async def _row(
@@ -436,6 +457,7 @@ class RecommendModel(_Model):
         exclude_attributes: Sequence[str],
         diversity: float = 0.0,
         popularity_calibration: float = 0.0,
+        history_timestamps: Sequence[int] = (),
     ) -> Answer:
         """One row of a request (its batch and queue charged to `counted`)."""
         if not 1 <= k <= self.max_k:
@@ -445,11 +467,19 @@ class RecommendModel(_Model):
         for name, value in (("diversity", diversity), ("popularity_calibration", popularity_calibration)):
             if not 0.0 <= value <= 1.0:  # NaN fails this too
                 raise InvalidRequest(f"{name} must be in 0..1, got {value}")
+        if history_timestamps and len(history_timestamps) != len(history):
+            raise InvalidRequest(
+                f"history_timestamps has {len(history_timestamps)} values for {len(history)} history items "
+                "(give one per item, or none)"
+            )
         stored: list[str] = []
+        stamps: Sequence[int] = history_timestamps
         mask = None
         if self.state is not None:
-            stored, avail = await self.state.read(user_id)
-            history = [*stored, *history] if stored else history
+            stored, stored_times, avail = await self.state.read_events(user_id)
+            if stored:
+                history = [*stored, *history]
+                stamps = [*stored_times, *(history_timestamps or [0] * (len(history) - len(stored)))]
             mask = v.filters.mask(include_attributes, exclude_attributes, avail.generation, avail.unavailable)
         elif user_id:
             raise Unavailable("this server has no history store: send the history with the request")
@@ -459,6 +489,7 @@ class RecommendModel(_Model):
         found = [lookup.get(x) for x in history]
         rows = np.array([r for r in found if r is not None], dtype=np.int64)
         excl = np.array([r for r in (lookup.get(x) for x in exclude) if r is not None], dtype=np.int64)
+        times, now = _times(stamps, found)
         p = v.compute
         # Requests batch together only on the same version and the same candidate count (it shapes the ranker's
         # input, and without a ranker it is the re-rank's pool: 0 = no re-rank, FAISS's top-k as it was).
@@ -467,7 +498,9 @@ class RecommendModel(_Model):
             n = max(k, n_candidates or p.n_candidates)
         else:
             n = max(k, n_candidates or DEFAULT_CANDIDATES) if rerank else 0
-        query = _Query(rows, excl, k, mask, user_id, float(diversity), float(popularity_calibration))
+        query = _Query(
+            rows, excl, k, mask, user_id, float(diversity), float(popularity_calibration), times=times, request_time=now
+        )
         done = await self.batcher.submit(query, group=(p, n), deadline=deadline, stats=counted.stats)
         counted.add(done)
         out_rows, scores, timings = done.value
@@ -510,6 +543,7 @@ class RecommendModel(_Model):
         ks = _per_row(inputs, "k", b, DEFAULT_K)
         ncs = _per_row(inputs, "n_candidates", b, 0)
         users = [row[0] if row else "" for row in _optional_ids(inputs, "user_id", b)]
+        stamps = _history_timestamps(inputs, b)
         include = _optional_ids(inputs, "include_attributes", b)
         exclude_attrs = _optional_ids(inputs, "exclude_attributes", b)
         div = _per_row_float(inputs, "diversity", b)
@@ -531,6 +565,7 @@ class RecommendModel(_Model):
                     exclude_attributes=exclude_attrs[i],
                     diversity=float(div[i]),
                     popularity_calibration=float(cal[i]),
+                    history_timestamps=stamps[i],
                 )
                 for i in range(b)
             )
@@ -549,6 +584,31 @@ class RecommendModel(_Model):
             "stored_events": np.array([[a.stored_events] for a in answers], dtype=np.int64).reshape(b, 1),
         }
         return self._filter(out, outputs, self.name)
+
+
+def _times(stamps: Sequence[int], found: list[int | None]) -> tuple[np.ndarray | None, int]:
+    """The seconds of the known history items (0 unknown) and the request time (0: no timestamp at
+    all, so the ranker's time is unknown): the clock, or the newest timestamp when that is later."""
+    if not stamps or max(stamps) <= 0:
+        return None, 0
+    times = np.array([t for t, r in zip(stamps, found) if r is not None], dtype=np.int64)
+    return times, max(int(time.time()), int(max(stamps)))
+
+
+def _history_timestamps(inputs: dict[str, np.ndarray], b: int) -> list[list[int]]:
+    """The pipeline's optional history_timestamps (B, H), per row the values of its non-padding history
+    cells (`history` has been checked by `_id_matrix`)."""
+    if "history_timestamps" not in inputs:
+        return [[] for _ in range(b)]
+    cells = [[bool(_text(s)) for s in row] for row in np.asarray(inputs["history"], dtype=object)]
+    x = np.asarray(inputs["history_timestamps"])
+    width = len(cells[0]) if cells else 0
+    if x.dtype.kind not in "iu" or x.shape != (b, width):
+        raise InvalidRequest(
+            f"pipeline: input 'history_timestamps' must be INT64 shaped like history ({b}, {width}), got {x.dtype} "
+            f"{x.shape}"
+        )
+    return [[int(t) for t, used in zip(row, keep) if used] for row, keep in zip(x.tolist(), cells)]
 
 
 def _id_matrix(x: np.ndarray, name: str) -> list[list[str]]:

@@ -39,16 +39,21 @@ class OnlineState:
     async def read(self, user_id: str) -> tuple[list[str], Availability]:
         """A request's stored history ('' = no user: none) and the availability to apply. With a
         user, a store failure raises StoreUnavailable; without, the last availability read is used."""
+        items, _, availability = await self.read_events(user_id)
+        return items, availability
+
+    async def read_events(self, user_id: str) -> tuple[list[str], list[int], Availability]:
+        """`read`, with the stored events' timestamps (seconds, one per item)."""
         if user_id:
             got = await self.store.read(user_id)
         elif time.monotonic() < self._skip_until:
-            return [], self.availability
+            return [], [], self.availability
         else:
             try:
                 got = await self.store.read(None)
             except StoreUnavailable as exc:
                 self._store_failed(exc)
-                return [], self.availability
+                return [], [], self.availability
         if got.generation != self.availability.generation:
             try:
                 await self.refresh()
@@ -56,7 +61,7 @@ class OnlineState:
                 if user_id:
                     raise
                 self._store_failed(exc)
-        return got.items, self.availability
+        return got.items, got.timestamps, self.availability
 
     def _store_failed(self, exc: StoreUnavailable) -> None:
         self._skip_until = time.monotonic() + self.retry_after_s

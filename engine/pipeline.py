@@ -121,8 +121,15 @@ def encode_histories(encoder: OnnxEncoder, histories: Sequence[np.ndarray]) -> n
 def score(ranker: OnnxRanker, feeds: dict) -> np.ndarray:
     """(B, N) ranker scores; `feeds` may hold more inputs than the graph reads (and `hidden` as an OrtValue),
     and may leave out (or set to None) its optional ones (engine/ranker.py), which are then unknown."""
-    batch = len(feeds["candidates"])
-    x = {n: ranker.default(n, batch) if feeds.get(n) is None else feeds[n] for n in ranker.input_names}
+    sizes = {"batch": len(feeds["candidates"]), "length": feeds["history"].shape[1]}
+    x = {}
+    for name in ranker.input_names:
+        if feeds.get(name) is not None:
+            x[name] = feeds[name]
+        elif name in ranker.unknown_shapes:  # engine/ranker.py's unknown value, without a call into it
+            x[name] = np.zeros(tuple(sizes.get(d, d) for d in ranker.unknown_shapes[name]), dtype=np.int64)
+        else:
+            raise ValueError(f"ranker input {name!r} is required")
     return run_session(ranker.session, x, ["scores"], ranker.binding)[0]
 
 
@@ -327,6 +334,8 @@ class Pipeline:
         user_ids: Sequence[str] | None = None,
         diversity: float | Sequence[float] | np.ndarray | None = None,
         popularity_calibration: float | Sequence[float] | np.ndarray | None = None,
+        history_times: Sequence[np.ndarray | None] | None = None,
+        request_times: Sequence[int] | None = None,
     ) -> Recommendations:
         """Top-k rows per history (rows, most recent last), never a row of the history or of `exclude`,
         and, with `masks`, only rows the history's mask allows (business filters, availability).
@@ -338,6 +347,9 @@ class Pipeline:
         `diversity` / `popularity_calibration` (0..1, one for all or one per history; default 0)
         re-rank the ranker's order (or FAISS's n_candidates, default 200, without a ranker) into the
         top-k (engine/rerank.py), within the masks; 0 leaves the answer as it was.
+        `history_times` (int seconds per history item, ≤ 0 unknown; None for a history without) and
+        `request_times` (seconds per history, ≤ 0 unknown) give a ranker that reads time its inputs;
+        without them the time is unknown (engine/ranker.py).
         """
         t = {"encoder": 0.0, "search": 0.0, "ranker": 0.0}
         diversity = strengths(diversity, len(histories), "diversity")
@@ -386,6 +398,20 @@ class Pipeline:
             }
             if user_ids is not None and self.ranker.reads_user_features and self.features.user is not None:
                 feeds["user_features"] = user_feature_codes(self.features, [str(user_ids[i]) for i in active])
+            if request_times is not None and self.ranker.reads_time:
+                if history_times is not None and any(
+                    x is not None and len(x) != len(histories[i]) for i, x in enumerate(history_times)
+                ):
+                    raise ValueError("history_times must give one time per history item")
+                stamps = [
+                    np.zeros(len(histories[i]), np.int64)
+                    if history_times is None or history_times[i] is None
+                    # the same most recent max_len positions as the tokens
+                    else np.asarray(history_times[i], dtype=np.int64)[-self.max_len :]
+                    for i in active
+                ]
+                feeds["history_timestamps"] = pad_histories(stamps, self.max_len)
+                feeds["request_time"] = np.array([[request_times[i]] for i in active], dtype=np.int64)
             ranked = np.where(cand_rows >= 0, score(self.ranker, feeds), -np.inf).astype(np.float32)
             order = np.argsort(-ranked, axis=1, kind="stable")[:, : None if rerank else k]
             cand_rows = np.take_along_axis(cand_rows, order, axis=1)
@@ -464,7 +490,7 @@ def run_ranker(p: Pipeline, items: Sequence[dict[str, np.ndarray]]) -> BatchOutp
     for name in items[0]:
         parts = [it[name] for it in items]
         width = max(part.shape[1] for part in parts)
-        if name in ("history", "hidden"):  # left-padded: pad on the left to the longest
+        if name in ("history", "hidden", "history_timestamps"):  # left-padded: pad on the left to the longest
             parts = [np.pad(x, [(0, 0), (width - x.shape[1], 0)] + [(0, 0)] * (x.ndim - 2)) for x in parts]
         else:  # candidate slots: pad on the right with empty slots (token 0, score 0)
             parts = [np.pad(x, ((0, 0), (0, width - x.shape[1]))) for x in parts]
@@ -481,9 +507,9 @@ def run_ranker(p: Pipeline, items: Sequence[dict[str, np.ndarray]]) -> BatchOutp
 
 
 def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
-    """Queries (rows, exclude, k, mask, user_id, diversity, calibration) of several users → per user
-    (rows, scores, timings), top k first. `group` is the version's pipeline and the candidate count its
-    batch shares."""
+    """Queries (rows, exclude, k, mask, user_id, diversity, calibration, times, request_time) of several
+    users → per user (rows, scores, timings), top k first. `group` is the version's pipeline and the
+    candidate count its batch shares."""
     p, n = group
     t0 = time.perf_counter()
     histories, exclude, k = [q.rows for q in items], [q.exclude for q in items], max(q.k for q in items)
@@ -491,6 +517,9 @@ def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
     users = [q.user_id for q in items] if any(q.user_id for q in items) else None
     diversity = np.array([q.diversity for q in items])
     calibration = np.array([q.popularity_calibration for q in items])
+    times = {}
+    if any(q.request_time > 0 for q in items):
+        times = {"history_times": [q.times for q in items], "request_times": [q.request_time for q in items]}
     t1 = time.perf_counter()
     recs = p.recommend(
         histories,
@@ -501,6 +530,7 @@ def run_recommend(group: tuple[Pipeline, int], items: Sequence) -> BatchOutput:
         user_ids=users,
         diversity=diversity,
         popularity_calibration=calibration,
+        **times,
     )
     t2 = time.perf_counter()
     values = [(recs.rows[i, : q.k], recs.scores[i, : q.k], recs.timings) for i, q in enumerate(items)]

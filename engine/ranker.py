@@ -10,6 +10,13 @@ The graph declares which of these inputs it reads (all batch-major, padded like 
                                          of the version's user table side by side (`user_feature_codes`);
                                          absent = all 0 = unknown, which is what serving sends until
                                          requests carry a user id
+    history_timestamps int64  (B, L)    optional: seconds (Unix time) of each `history` position,
+                                         aligned with it; ≤ 0 = unknown (padding, or an event without
+                                         a time); absent = all unknown
+    request_time      int64   (B, 1)     optional: the request's time in seconds, from which the
+                                         history's ages, the hour of day and the day of week (UTC)
+                                         are computed; ≤ 0 or absent = unknown, and then every time
+                                         feature is unknown (the ranker's "unknown time" path)
 
 and answers `scores` float32 (B, N), higher is better. A ranker that reads `hidden` needs an
 encoder exported with its hidden states; `Pipeline` checks that when it loads a version. Item
@@ -26,8 +33,18 @@ import numpy as np
 from .encoder import binding_device, make_session
 from .features import CodedColumn, FeatureTable, FeatureTables, user_features
 
-RANKER_INPUTS = ("history", "hidden", "candidates", "candidate_scores", "user_features")
-OPTIONAL_INPUTS = ("user_features",)  # a caller may leave these out: `OnnxRanker.default` fills them
+RANKER_INPUTS = (
+    "history",
+    "hidden",
+    "candidates",
+    "candidate_scores",
+    "user_features",
+    "history_timestamps",
+    "request_time",
+)
+# A caller may leave these out: `OnnxRanker.default` fills them with "unknown".
+OPTIONAL_INPUTS = ("user_features", "history_timestamps", "request_time")
+TIME_INPUTS = ("history_timestamps", "request_time")  # a ranker reads both or neither
 
 
 def coded_matrix(table: FeatureTable | None, rows: np.ndarray | None = None) -> np.ndarray:
@@ -66,6 +83,14 @@ class OnnxRanker:
                 if len(i.shape) != 2 or not isinstance(i.shape[1], int):
                     raise ValueError(f"{path}: `user_features` must be (batch, W) with a fixed W, got {i.shape}")
                 self.user_width = i.shape[1]
+        if len({n in self.input_names for n in TIME_INPUTS}) > 1:
+            raise ValueError(f"{path}: a ranker reads both of {TIME_INPUTS} or neither")
+        self.reads_time = "request_time" in self.input_names
+        # What an optional input left out is: zeros (unknown) of these shapes, "batch" and "length" (the
+        # history's) resolved per call. Plain data, so the request path reads it without a call here.
+        shapes = {"user_features": ("batch", self.user_width), "history_timestamps": ("batch", "length")}
+        shapes["request_time"] = ("batch", 1)
+        self.unknown_shapes = {n: shapes[n] for n in self.input_names if n in OPTIONAL_INPUTS}
 
     @property
     def needs_hidden(self) -> bool:
@@ -75,8 +100,10 @@ class OnnxRanker:
     def reads_user_features(self) -> bool:
         return "user_features" in self.input_names
 
-    def default(self, name: str, batch: int) -> np.ndarray:
-        """The value of an optional input a caller left out: unknown for every row."""
-        if name != "user_features":
+    def default(self, name: str, batch: int, length: int = 0) -> np.ndarray:
+        """The value of an optional input a caller left out: unknown for every row (`length`: the
+        history's, for `history_timestamps`)."""
+        if name not in self.unknown_shapes:
             raise ValueError(f"ranker input {name!r} is required")
-        return np.zeros((batch, self.user_width), dtype=np.int64)
+        sizes = {"batch": batch, "length": length}
+        return np.zeros(tuple(sizes.get(d, d) for d in self.unknown_shapes[name]), dtype=np.int64)

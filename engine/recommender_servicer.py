@@ -102,6 +102,7 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
             exclude_attributes=request.exclude_attributes,
             diversity=request.diversity,
             popularity_calibration=request.popularity_calibration,
+            history_timestamps=request.history_timestamps,
         )
         return self._reply(request, answer, start)
 

@@ -113,6 +113,8 @@ class RankerConfig:
     # Off by default: it doubles training time and did not beat the old sampling on validation.
     holdout: int = 0
     serve_encoder: str = "full"  # with holdout: serve the encoder trained on everything ("full") or that one
-    features: str = "item,user"  # side-feature groups the ranker reads when the version has them ("" = none)
+    # Feature groups the ranker reads when the version has them: item, user (side-feature files), time
+    # (the log's timestamps) ("" or "none" = none).
+    features: str = "item,user,time"
     feature_dim: int = 16
-    feature_dropout: float = 0.3  # share of training samples scored without item / without user features
+    feature_dropout: float = 0.3  # share of training samples scored without item / user / time features

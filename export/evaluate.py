@@ -107,8 +107,9 @@ def _run_pipeline(
     pipeline: Pipeline, es: EvalSet, popularity: np.ndarray, n: int, label: str, progress: bool, user_ids: np.ndarray
 ) -> tuple[dict[str, float], dict[str, float] | None, float]:
     """(b) ann and (c) ranked metrics (None without a ranker), and stage one's recall@n, through
-    `Pipeline.recommend` with each user's whole history excluded (the protocol's seen items) and
-    the users' external ids (`user_ids`, per internal user) for a ranker with user features."""
+    `Pipeline.recommend` with each user's whole history excluded (the protocol's seen items), the
+    users' external ids (`user_ids`, per internal user) for a ranker with user features, and the log's
+    timestamps (the history's, the target's as the request time) for a ranker with time features."""
     k = max(*KS, 10)
     ann = RankingReport(KS, pipeline.n_items, popularity)
     ranked = RankingReport(KS, pipeline.n_items, popularity) if pipeline.ranker is not None else None
@@ -124,7 +125,12 @@ def _run_pipeline(
             found += int((top_n == tgt[:, None]).any(axis=1).sum())
             if ranked is not None:
                 users = [str(x) for x in user_ids[es.users[s : s + len(hist)]]]
-                rec = pipeline.recommend(hist, k, exclude=hist, n_candidates=n, user_ids=users)
+                times = {}
+                if es.hist_times is not None:  # the request time of a target is its timestamp, as in training
+                    stamps = [np.floor(es.history_times(j)).astype(np.int64) for j in range(s, s + len(hist))]
+                    now = np.floor(es.target_times[s : s + len(hist)]).astype(np.int64)
+                    times = {"history_times": stamps, "request_times": now}
+                rec = pipeline.recommend(hist, k, exclude=hist, n_candidates=n, user_ids=users, **times)
                 ranked.add(rec.rows, tgt, hist, repeats)
             bar.advance(task, len(hist))
     return ann.result(), ranked.result() if ranked else None, found / max(len(es), 1)

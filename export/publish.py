@@ -230,7 +230,7 @@ def publish(
     return version_dir, open_version(version_dir), metrics
 
 
-FEATURE_GROUPS = ("item", "user")
+FEATURE_GROUPS = ("item", "user", "time")
 
 
 def check_ranker_config(cfg: RankerConfig) -> None:
@@ -309,6 +309,9 @@ def _ship_ranker(
     groups = feature_groups(cfg)
     item_table = features.item if "item" in groups else None
     user_table = features.user if "user" in groups else None
+    timed = "time" in groups and split.data.timed
+    if "time" in groups and not timed:
+        log.warning("ranker: no time features (the log has no timestamp column; its row order is its time order)")
     shape = RankerShape(
         model.cfg.n_items,
         model.cfg.dim,
@@ -320,6 +323,7 @@ def _ship_ranker(
         user_columns=coded_columns(user_table),
         feature_dim=cfg.feature_dim,
         feature_dropout=cfg.feature_dropout,
+        time=timed,
     )
     served = StageOne(functools.partial(encode, encoder), model.cfg.max_len, index, vectors)
     holdout = None
@@ -368,6 +372,10 @@ def _ship_ranker(
         "user_features": TensorEntry(
             "int64", ("batch", shape.user_width), "optional: the user's feature codes (engine/ranker.py); 0 = unknown"
         ),
+        "history_timestamps": TensorEntry(
+            "int64", ("batch", "length"), "optional: seconds of each history position; <= 0 = unknown"
+        ),
+        "request_time": TensorEntry("int64", ("batch", 1), "optional: the request's time in seconds; <= 0 = unknown"),
     }
     return RankerSection(
         type="target_attention",

@@ -20,10 +20,19 @@ a token-indexed table, like popularity, and added to the ranker's item represent
 projection that starts at zero: candidates and the attended history both carry them. User
 features arrive as the optional input `user_features` (engine/ranker.py; all zeros = unknown):
 projected to the item width, they enter the MLP alone and times the candidate. Training drops
-either group per sample (`feature_dropout`), so a request without them scores sensibly. Not
-used: the time since the previous interaction (the serving contract carries no timestamps) and
-the recency of the candidate in the history (seen items are never candidates: stage one
-excludes them).
+either group per sample (`feature_dropout`), so a request without them scores sensibly.
+
+Time and context (`RankerShape.time`, from the optional inputs `history_timestamps` (B, L) and
+`request_time` (B, 1), seconds; ≤ 0 = unknown): each history item's age at the request time,
+log-bucketed (`time_codes`), is embedded into the attention keys beside the recency embedding, so
+a candidate can attend more to what the user did an hour ago than to what they did a year ago at
+the same position; the time since the previous interaction (the newest item's age), the hour of
+day and the day of week of the request (UTC) are embedded, projected to the item width and enter
+the MLP alone and times the candidate (like user features). Everything is integer arithmetic on
+int64 seconds (no float32 rounding of 1.7e9, exact ONNX/torch parity). Training drops the whole
+group per sample, and separately only the history's timestamps (`feature_dropout`), so a request
+without timestamps, or with the clock only, scores as trained. Not used: the recency of the
+candidate in the history (seen items are never candidates: stage one excludes them).
 """
 
 from __future__ import annotations
@@ -37,6 +46,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 _BLOCKED = -1e9  # finite, as in the encoder: a row of padding keys stays NaN-free
+TIME_BUCKETS = 32  # age codes 1..31 = 1 + floor(log2(1 + seconds)), capped at 2**30 s (34 years); 0 = unknown
+SECONDS_PER_DAY, SECONDS_PER_HOUR = 86_400, 3_600
+EPOCH_WEEKDAY = 3  # 1970-01-01 was a Thursday (Monday = 0)
 
 
 def features(shape: "RankerShape") -> list[str]:
@@ -47,6 +59,11 @@ def features(shape: "RankerShape") -> list[str]:
         side.append(f"item side features ({', '.join(c.name for c in shape.item_columns)}), baked into the graph")
     if shape.user_columns:
         side.append(f"user side features ({', '.join(c.name for c in shape.user_columns)}), optional input")
+    if shape.time:
+        side += [
+            "age of each history item at the request time (log2 buckets), in the attention keys; optional input",
+            "time since the previous interaction, hour of day and day of week (UTC) of the request; optional input",
+        ]
     return [
         f"target attention of the candidate over the {shape.attend_last} most recent history items "
         + ("(the ranker's own item embeddings)" if own else "(the encoder's hidden states)")
@@ -107,6 +124,50 @@ class CodedEmbedding(nn.Module):
         return pooled.flatten(-2)
 
 
+def time_codes(seconds: torch.Tensor, known: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Log2 bucket of non-negative int64 `seconds` (1 + floor(log2(1 + s)), capped), 0 where not `known`:
+    comparisons with integer edges 2**k - 1, so torch and onnxruntime agree exactly."""
+    bucket = 1 + (seconds.unsqueeze(-1) >= edges).long().sum(-1)
+    return torch.where(known, bucket, torch.zeros_like(bucket))
+
+
+class TimeContext(nn.Module):
+    """history_timestamps (B, L) and request_time (B, 1), int64 seconds (≤ 0 unknown) → the age
+    embedding of each history position (B, L, D), for the attention keys, and the request's context
+    (B, 1, D): the previous interaction's age, hour of day, day of week. Unknown parts embed to 0."""
+
+    def __init__(self, dim: int, feature_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("edges", torch.tensor([2**k - 1 for k in range(1, TIME_BUCKETS - 1)], dtype=torch.long))
+        self.age = nn.Embedding(TIME_BUCKETS, dim, padding_idx=0)
+        self.gap = nn.Embedding(TIME_BUCKETS, feature_dim, padding_idx=0)
+        self.hour = nn.Embedding(25, feature_dim, padding_idx=0)
+        self.weekday = nn.Embedding(8, feature_dim, padding_idx=0)
+        self.proj = nn.Linear(3 * feature_dim, dim)
+        for emb, std in ((self.age, 0.02), (self.gap, 0.1), (self.hour, 0.1), (self.weekday, 0.1)):
+            nn.init.normal_(emb.weight, std=std)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+
+    def codes(self, history_timestamps: torch.Tensor, request_time: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(ages (B, L), gap (B, 1), hour (B, 1), weekday (B, 1)) codes, 0 = unknown: each position's age
+        bucket, the newest position's (the time since the previous interaction), 1 + the hour of day
+        and 1 + the day of week (Monday = 1) of the request, UTC."""
+        now = request_time.clamp(min=0)  # (B, 1)
+        known = request_time > 0
+        ages = time_codes((now - history_timestamps).clamp(min=0), known & (history_timestamps > 0), self.edges)
+        day = torch.div(now, SECONDS_PER_DAY, rounding_mode="trunc")
+        hour = torch.div(now - day * SECONDS_PER_DAY, SECONDS_PER_HOUR, rounding_mode="trunc")
+        weekday = day + EPOCH_WEEKDAY - torch.div(day + EPOCH_WEEKDAY, 7, rounding_mode="trunc") * 7
+        zero = torch.zeros_like(now)
+        return ages, ages[:, -1:], torch.where(known, hour + 1, zero), torch.where(known, weekday + 1, zero)
+
+    def forward(self, history_timestamps: torch.Tensor, request_time: torch.Tensor):
+        ages, gap, hour, weekday = self.codes(history_timestamps, request_time)
+        context = torch.cat([self.gap(gap), self.hour(hour), self.weekday(weekday)], dim=-1)  # (B, 1, 3F)
+        return self.age(ages), self.proj(context)
+
+
 @dataclass
 class RankerShape:
     n_items: int
@@ -118,7 +179,8 @@ class RankerShape:
     item_columns: tuple[FeatureColumn, ...] = ()  # coded item features (baked, token-indexed)
     user_columns: tuple[FeatureColumn, ...] = ()  # coded user features (the optional input)
     feature_dim: int = 16  # embedding size of each feature column
-    feature_dropout: float = 0.0  # training: share of samples scored without item / without user features
+    feature_dropout: float = 0.0  # training: share of samples scored without item / user / time features
+    time: bool = False  # time and context features (history_timestamps, request_time)
 
     @property
     def user_width(self) -> int:
@@ -127,6 +189,7 @@ class RankerShape:
     def to_dict(self) -> dict:
         """Flat, for the manifest: each feature group as "name:codes x width,..." ("" = none)."""
         out = asdict(self)
+        out["time"] = int(self.time)  # the manifest's shape holds numbers and strings
         for group in ("item_columns", "user_columns"):
             out[group] = ",".join(f"{c.name}:{c.n_codes}x{c.width}" for c in getattr(self, group))
         return out
@@ -165,6 +228,9 @@ class TargetAttentionRanker(nn.Module):
         if shape.user_columns:
             self.user_side = CodedEmbedding(shape.user_columns, shape.feature_dim)
             self.user_proj = nn.Linear(self.user_side.out_dim, d)
+            n_in += 2 * d
+        self.time_side = TimeContext(d, shape.feature_dim) if shape.time else None
+        if self.time_side is not None:
             n_in += 2 * d
         self.mlp = nn.Sequential(
             nn.Linear(n_in, shape.mlp_dim),
@@ -207,18 +273,33 @@ class TargetAttentionRanker(nn.Module):
         candidates: torch.Tensor,
         candidate_scores: torch.Tensor,
         user_features: torch.Tensor | None = None,
+        history_timestamps: torch.Tensor | None = None,
+        request_time: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """history (B, L) tokens, hidden (B, L, D), candidates (B, N) tokens (0 = empty), candidate_scores (B, N),
-        user_features (B, W) codes (None or zeros: unknown) → scores (B, N)."""
+        user_features (B, W) codes (None or zeros: unknown), history_timestamps (B, L) and request_time
+        (B, 1) seconds (None or ≤ 0: unknown) → scores (B, N)."""
         k = self.shape.attend_last
         p = self.shape.feature_dropout if self.training else 0.0
         b = candidates.shape[0]
         drop_item = torch.rand(b) < p if p > 0 and self.item_side is not None else None
+        context = None
+        if self.time_side is not None:
+            if history_timestamps is None:
+                history_timestamps = torch.zeros_like(history)
+            if request_time is None:
+                request_time = torch.zeros(b, 1, dtype=torch.long, device=candidates.device)
+            if p > 0:  # the whole group, and separately the history's timestamps only (a request with the clock only)
+                request_time = request_time.masked_fill((torch.rand(b) < p)[:, None], 0)
+                history_timestamps = history_timestamps.masked_fill((torch.rand(b) < p)[:, None], 0)
+            ages, context = self.time_side(history_timestamps[:, -k:], request_time)
         history = history[:, -k:]  # slicing past the start keeps everything
         t = history.shape[1]
         pos = torch.arange(k - t, k, device=history.device)
         values = hidden[:, -k:] if self.shape.keys == "hidden" else self.items(history, drop_item)  # (B, L, D)
         keys = values + self.recency(pos)
+        if context is not None:
+            keys = keys + ages
         v = self.items(candidates, drop_item)  # (B, N, D)
         att = (self.w_att(v) @ keys.transpose(1, 2)) * self.scale  # (B, N, L)
         att = att.masked_fill((history == 0).unsqueeze(1), _BLOCKED)
@@ -241,5 +322,7 @@ class TargetAttentionRanker(nn.Module):
                 user_features = user_features.masked_fill((torch.rand(b) < p)[:, None], 0)
             u = self.user_proj(self.user_side(user_features)).unsqueeze(1)  # (B, 1, D)
             parts += [u.expand(-1, v.shape[1], -1), v * u]
-        x = torch.cat([*parts, scalars], dim=-1)  # (B, N, 3D or 4D, + 3)
+        if context is not None:
+            parts += [context.expand(-1, v.shape[1], -1), v * context]
+        x = torch.cat([*parts, scalars], dim=-1)  # (B, N, 3D or 4D (+ 2D per side group), + 3)
         return s + self.mlp(x).squeeze(-1)

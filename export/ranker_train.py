@@ -20,6 +20,10 @@ scored below stage one's cut-off, which the ranker learns to spot and which neve
 serving; it measurably hurt validation NDCG on MovieLens.) A target that
 already occurs in its prefix is skipped: serving never ranks seen items.
 
+With timestamps in the log, every sample carries its history's timestamps and a request time, the
+target's timestamp (the moment the user came back for the next item), for a ranker with time
+features; validation does the same with the validation target's timestamp.
+
 Validation runs the pipeline that will be served: the validation users' histories through
 stage one's top-N and the ranker, NDCG@10 of the re-ordered list. Epoch 0 (before any step)
 is stage one's own order, since the ranker starts as retrieval; the best epoch is kept.
@@ -57,7 +61,9 @@ class CandidateSets:
     candidates/scores: (S, W) tokens / inner-product scores, 0 / 0.0 in empty slots;
     target_slot: (S,) the slot of the true item, or -1 when it is not among them;
     users: (S,) the internal user of each set;
-    user_features: (S, F) the user's side-feature codes (None without user features).
+    user_features: (S, F) the user's side-feature codes (None without user features);
+    times / request_time: (S, K) int64 seconds of the positions of `tokens` (0 at padding) / (S, 1)
+    the request's time, the target's timestamp (None when the log has no timestamps).
     """
 
     tokens: np.ndarray
@@ -67,13 +73,15 @@ class CandidateSets:
     target_slot: np.ndarray
     users: np.ndarray | None = None
     user_features: np.ndarray | None = None
+    times: np.ndarray | None = None
+    request_time: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target_slot)
 
     def take(self, idx: np.ndarray) -> "CandidateSets":
         parts = (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot)
-        rest = (self.users, self.user_features)
+        rest = (self.users, self.user_features, self.times, self.request_time)
         return CandidateSets(*(a[idx] for a in parts), *(None if a is None else a[idx] for a in rest))
 
     def with_user_features(self, user_codes: np.ndarray) -> "CandidateSets":
@@ -118,6 +126,11 @@ def training_prefixes(split: LeaveOneOut, samples_per_user: int) -> tuple[np.nda
     return np.asarray(users, dtype=np.int64), np.asarray(cuts, dtype=np.int64)
 
 
+def seconds(timestamps: np.ndarray) -> np.ndarray:
+    """The log's float64 timestamps as the ranker's int64 seconds (≤ 0 reads as unknown)."""
+    return np.floor(np.asarray(timestamps, dtype=np.float64)).astype(np.int64)
+
+
 Encode = Callable[[np.ndarray], dict[str, np.ndarray]]  # tokens (B, L) → {"query": (B, D), "hidden": (B, L, D)}
 
 
@@ -143,11 +156,14 @@ def stage_one(
     attend_last: int,
     *,
     batch_size: int = 256,
+    history_times: list[np.ndarray] | None = None,
+    request_times: np.ndarray | None = None,
 ) -> CandidateSets:
     """Top-n candidates of each history (tokens), the whole history excluded, as the pipeline does.
 
     `encode` is the frozen encoder with its hidden states (the ONNX one at publish time: the
-    very numbers the server computes).
+    very numbers the server computes). `history_times` (seconds per history item) and
+    `request_times` (per history) give the sets their `times` and `request_time`.
     """
     width = n
     size = len(targets)
@@ -155,6 +171,7 @@ def stage_one(
     scores = np.zeros((size, width), dtype=np.float32)
     slot = np.full(size, -1, dtype=np.int64)
     tokens = np.zeros((size, attend_last), dtype=np.int64)
+    times = None if history_times is None else np.zeros((size, attend_last), dtype=np.int64)
     hidden = None
     for s in range(0, size, batch_size):
         hist = full_histories[s : s + batch_size]
@@ -168,6 +185,9 @@ def stage_one(
             hidden = np.zeros((size, attend_last, h.shape[2]), dtype=np.float32)
         t = min(attend_last, padded.shape[1])
         tokens[sl, attend_last - t :] = padded[:, -t:]
+        if times is not None:
+            stamps = pad_histories([seconds(x) for x in history_times[s : s + batch_size]], max_len)
+            times[sl, attend_last - t :] = stamps[:, -t:]
         hidden[sl, attend_last - t :] = np.where(padded[:, -t:, None] > 0, h[:, -t:], 0.0)
         sc, rows = search(index, q, n, exclude=[x - 1 for x in hist])
         ok = rows >= 0
@@ -179,7 +199,8 @@ def stage_one(
         slot[sl] = np.where(found, hit.argmax(axis=1), -1)
     if hidden is None:
         hidden = np.zeros((0, attend_last, item_vectors.shape[1]), dtype=np.float32)
-    return CandidateSets(tokens, hidden, cands, scores, slot)
+    now = None if request_times is None else seconds(request_times).reshape(-1, 1)
+    return CandidateSets(tokens, hidden, cands, scores, slot, times=times, request_time=now)
 
 
 def training_samples(
@@ -199,7 +220,12 @@ def training_samples(
     hist = [split.data.items[a : a + t] for a, t in zip(starts, cuts)]
     targets = split.data.items[starts + cuts]
     n, k = cfg.n_candidates, cfg.attend_last
-    sets = dataclasses.replace(stage_one(encode, max_len, index, item_vectors, hist, targets, n, k), users=users)
+    times = {}
+    if split.data.timed:  # the request time of a sample is its target's timestamp
+        ts = split.data.timestamps
+        times = {"history_times": [ts[a : a + t] for a, t in zip(starts, cuts)], "request_times": ts[starts + cuts]}
+    sets = stage_one(encode, max_len, index, item_vectors, hist, targets, n, k, **times)
+    sets = dataclasses.replace(sets, users=users)
     return sets.take(np.flatnonzero(sets.target_slot >= 0)), len(sets)
 
 
@@ -208,11 +234,15 @@ def eval_candidates(
 ) -> CandidateSets:
     hist = [es.history(j) for j in range(len(es))]
     n, k = cfg.n_candidates, cfg.attend_last
-    return dataclasses.replace(stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k), users=es.users)
+    times = {}
+    if es.hist_times is not None:
+        times = {"history_times": [es.history_times(j) for j in range(len(es))], "request_times": es.target_times}
+    sets = stage_one(encode, max_len, index, item_vectors, hist, es.targets, n, k, **times)
+    return dataclasses.replace(sets, users=es.users)
 
 
 def _batch(sets: CandidateSets, idx: np.ndarray) -> tuple[torch.Tensor | None, ...]:
-    parts = (sets.tokens, sets.hidden, sets.candidates, sets.scores, sets.user_features)
+    parts = (sets.tokens, sets.hidden, sets.candidates, sets.scores, sets.user_features, sets.times, sets.request_time)
     return tuple(None if a is None else torch.from_numpy(a[idx]) for a in parts)
 
 
@@ -224,8 +254,9 @@ def ranked_ndcg(ranker: TargetAttentionRanker, sets: CandidateSets, k: int = 10)
     gains = []
     for s in range(0, len(sets), 256):
         idx = np.arange(s, min(s + 256, len(sets)))
-        tokens, hidden, cands, scores, users = _batch(sets, idx)
-        out = ranker(tokens, hidden, cands, scores, users).masked_fill(cands == 0, float("-inf"))
+        out = ranker(*_batch(sets, idx))
+        cands = torch.from_numpy(sets.candidates[idx])
+        out = out.masked_fill(cands == 0, float("-inf"))
         order = torch.argsort(out, dim=1, descending=True, stable=True)[:, :k].numpy()
         slot = sets.target_slot[idx]
         pos = np.where((order == slot[:, None]) & (slot[:, None] >= 0))
@@ -296,6 +327,11 @@ def train_ranker(
         if user_codes is None:
             raise ValueError("a ranker with user columns needs the user feature codes")
         samples, val_sets = samples.with_user_features(user_codes), val_sets.with_user_features(user_codes)
+    if shape.time and (samples.times is None or val_sets.times is None):
+        raise ValueError("a ranker with time features needs a log with timestamps")
+    if not shape.time:  # what the ranker does not read stays out of its batches
+        samples = dataclasses.replace(samples, times=None, request_time=None)
+        val_sets = dataclasses.replace(val_sets, times=None, request_time=None)
     retrieved = len(samples) / max(n_prefixes, 1)
     log.info(
         "ranker: %d training samples (%s; kept: target in stage one's top-%d, %.1f%%), %d validation users; %.0fs",
@@ -322,8 +358,8 @@ def train_ranker(
         total = 0.0
         for b in range(n_batches):
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            tokens, hidden, cands, scores, users = _batch(samples, idx)
-            logits = ranker(tokens, hidden, cands, scores, users).masked_fill(cands == 0, float("-inf"))
+            batch = _batch(samples, idx)
+            logits = ranker(*batch).masked_fill(batch[2] == 0, float("-inf"))
             loss = F.cross_entropy(logits, torch.from_numpy(samples.target_slot[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()

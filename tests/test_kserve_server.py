@@ -46,6 +46,7 @@ def test_server_lists_the_models_and_their_batching(client, served):
         "exclude",
         "n_candidates",
         "user_id",
+        "history_timestamps",
         "include_attributes",
         "exclude_attributes",
         "diversity",

@@ -163,7 +163,10 @@ def test_publish_trains_the_ranker_leak_free_with_features_and_evaluates_with_us
         features=tables,
     )
     section = manifest.ranker
-    assert list(section.inputs) == ["history", "candidates", "candidate_scores", "user_features"]
+    # The log has timestamps, so the default feature groups include time.
+    time_inputs = ["history_timestamps", "request_time"]
+    assert list(section.inputs) == ["history", "candidates", "candidate_scores", "user_features", *time_inputs]
+    assert section.shape["time"] == 1
     assert section.training.config["holdout"] == 2 and section.shape["user_columns"].startswith("occupation:")
     # The held-out interactions of each user with at least 3 training items, those stage one found.
     assert 0 < section.training.samples <= 2 * small_split.data.n_users

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from attnrec.export.data.synthetic import SyntheticConfig, generate, write
+from attnrec.export.data.synthetic import (
+    HOUR_BLOCKS,
+    SyntheticConfig,
+    attributes,
+    generate,
+    generate_with_attributes,
+    write,
+    write_attributes,
+)
 
 SMALL = SyntheticConfig(n_users=2000, n_items=1000, mean_length=20.0, seed=0)
 
@@ -122,3 +130,65 @@ def test_tiny_and_moderate_sizes_complete():
     log = generate(SyntheticConfig(n_users=20_000, n_items=200_000, mean_length=20.0, seed=1))
     assert log.item.max() <= 200_000 and log.user.max() == 20_000
     assert len(np.unique(log.item)) > 50_000
+
+
+def test_default_output_is_unchanged_by_the_attribute_mode(small_log):
+    """The digest of SMALL's arrays from before the attribute mode existed: off, it draws what it drew."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in (small_log.user, small_log.item, small_log.timestamp):
+        h.update(a.tobytes())
+    assert h.hexdigest() == "c7f3fdbe82eec6139ffb536586fd705c574d4552dd552da762ab6161ea7c233f"
+
+
+def _chi2(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's chi-square statistic of the contingency table of two code arrays."""
+    t = np.zeros((x.max() + 1, y.max() + 1))
+    np.add.at(t, (x, y), 1)
+    e = t.sum(1, keepdims=True) * t.sum(0, keepdims=True) / t.sum()
+    return float(((t - e) ** 2 / np.where(e > 0, e, 1)).sum())
+
+
+def _category_tables(log, attrs):
+    order = np.argsort(attrs.item_ids)
+    category = attrs.category[order][log.item - 1]  # item ids are 1..n_items
+    _, cat = np.unique(category, return_inverse=True)
+    hour_block = (log.timestamp.astype(np.int64) % 86_400) // (86_400 // HOUR_BLOCKS)
+    _, segment = np.unique(attrs.segment[log.user - 1], return_inverse=True)
+    return cat, hour_block, segment
+
+
+def test_segment_and_hour_of_day_drive_which_categories_users_pick(tmp_path):
+    """Category share by hour block and by user segment differ far beyond what the same generator shows
+    with both effects at 0 (interactions of one user are not independent, so the control is the
+    reference, not a chi-square table); the files read as side features."""
+    from attnrec.export.data.features import feature_tables
+    from attnrec.export.data.sequences import build_sequences
+
+    cfg = SyntheticConfig(n_users=2000, n_items=1000, mean_length=20.0, seed=0, n_categories=8)
+    log, attrs = generate_with_attributes(cfg)
+    control_log, control_attrs = generate_with_attributes(
+        SyntheticConfig(**{**cfg.__dict__, "segment_effect": 0.0, "hour_effect": 0.0})
+    )
+    cat, hour, segment = _category_tables(log, attrs)
+    c_cat, c_hour, c_segment = _category_tables(control_log, control_attrs)
+    assert _chi2(hour, cat) > 10 * _chi2(c_hour, c_cat)
+    assert _chi2(segment, cat) > 10 * _chi2(c_segment, c_cat)
+    # The size of the effect: some category's share moves by more than 5 points between hour blocks.
+    share = np.array([np.bincount(cat[hour == b], minlength=8) / (hour == b).sum() for b in range(HOUR_BLOCKS)])
+    assert (share.max(0) - share.min(0)).max() > 0.05
+    # Deterministic, attributes recomputable on their own, the walk's ids are still a permutation.
+    again, same = generate_with_attributes(cfg)
+    assert again.item.tobytes() == log.item.tobytes() and (same.segment == attrs.segment).all()
+    assert (attributes(cfg).category == attrs.category).all()
+    assert sorted(attrs.item_ids.tolist()) == list(range(1, 1001))
+    items, users = tmp_path / "items.csv", tmp_path / "users.csv"
+    write_attributes(attrs, items, users)
+    data = build_sequences(log)
+    tables = feature_tables(data.item_ids[1:], data.user_ids, item_path=items, user_path=users)
+    assert [(c.name, c.role) for c in tables.item.columns] == [("category", "categorical"), ("price", "numeric")]
+    assert [(c.name, c.role) for c in tables.user.columns] == [("segment", "categorical")]
+    assert tables.item.unknown == 0 and tables.user.unknown == 0
+    with pytest.raises(ValueError, match="n_categories"):
+        attributes(SMALL)

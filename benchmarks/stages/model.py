@@ -17,6 +17,7 @@ import numpy as np
 
 from ..flops import sasrec_flops, target_attention_flops
 from ..machine import matmul_roofline
+from ..ranker_speed import side_feeds
 from ..report import Section, fmt_spread
 from ..settings import Settings
 from ..timing import measure
@@ -183,6 +184,7 @@ def run(settings: Settings, section: Section) -> None:
                 "candidates": rng.integers(1, cfg.n_items + 1, size=(batch, N_CANDIDATES), dtype=np.int64),
                 "candidate_scores": rng.standard_normal((batch, N_CANDIDATES), dtype=np.float32),
             }
+            feeds.update(side_feeds(rk_session, rng, batch, length))
             flops = target_attention_flops(batch, length, N_CANDIDATES, dim=cfg.dim, mlp_dim=RANKER_MLP)
             if ranker is not None:
                 args = [feeds["history"], feeds["candidates"], feeds["candidate_scores"]]

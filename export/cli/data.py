@@ -96,7 +96,7 @@ def load_split(args: argparse.Namespace):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from ..data.synthetic import SyntheticConfig, generate, write
+    from ..data.synthetic import SyntheticConfig, generate, generate_with_attributes, write, write_attributes
 
     cfg = SyntheticConfig(
         n_users=args.users,
@@ -104,9 +104,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
         mean_length=args.mean_length,
         seed=args.seed,
         popularity_exponent=args.popularity_exponent,
+        n_categories=args.categories,
+        n_segments=args.segments,
+        context_rate=args.context_rate,
+        segment_effect=args.segment_effect,
+        hour_effect=args.hour_effect,
     )
     t = time.perf_counter()
-    log_ = generate(cfg, progress=not args.quiet)
+    if cfg.n_categories:
+        log_, attrs = generate_with_attributes(cfg, progress=not args.quiet)
+        stem = args.out.with_suffix("")
+        items = args.item_features_out or stem.with_name(stem.name + "-items.csv")
+        users = args.user_features_out or stem.with_name(stem.name + "-users.csv")
+        write_attributes(attrs, items, users)
+        log.info("wrote item features to %s and user features to %s", items, users)
+    else:
+        if args.item_features_out or args.user_features_out:
+            raise ValueError("--item-features-out and --user-features-out need --categories N (> 0)")
+        log_ = generate(cfg, progress=not args.quiet)
     write(log_, args.out)
     log.info(
         "wrote %s interactions (%d users, %d items) to %s in %.1fs",
@@ -138,6 +153,37 @@ def _synth(p: argparse.ArgumentParser) -> None:
         help="Zipf exponent of item popularity; lower spreads interactions over more items (default: 0.8)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated log (default: 0)")
+    g = p.add_argument_group(
+        "attributes and context (off unless --categories > 0; see export/data/synthetic.py): item categories "
+        "and prices, user segments, and topic switches that pick a category by segment and hour of day"
+    )
+    g.add_argument("--categories", type=int, default=0, help="item categories, one per topic (default: 0, off)")
+    g.add_argument("--segments", type=int, default=4, help="user segments (default: 4)")
+    g.add_argument(
+        "--context-rate",
+        type=float,
+        default=0.6,
+        help="chance a topic switch picks its topic by category, from the user's segment and the hour (default: 0.6)",
+    )
+    g.add_argument(
+        "--segment-effect", type=float, default=2.0, help="weight of the segment's category preferences (default: 2)"
+    )
+    g.add_argument(
+        "--hour-effect",
+        type=float,
+        default=2.0,
+        help="weight of the hour block's (6 h, UTC) category preferences (default: 2)",
+    )
+    g.add_argument(
+        "--item-features-out",
+        type=Path,
+        help="item features CSV: item_id,category,price (default: beside --out, NAME-items.csv)",
+    )
+    g.add_argument(
+        "--user-features-out",
+        type=Path,
+        help="user features CSV: user_id,segment (default: beside --out, NAME-users.csv)",
+    )
     p.set_defaults(func=cmd_synth)
 
 

@@ -28,11 +28,14 @@ _RANKER_HELP = {
     "candidates, which it was trained on",
     "serve_encoder": "with --ranker-holdout: publish the encoder trained on everything (full) or the hold-out one "
     "(holdout)",
-    "features": "side-feature groups the ranker reads when the version has them: item, user, both (item,user) "
-    "or none; item features are baked into the ranker, user features are its optional input",
-    "feature_dim": "embedding size of each side-feature column in the ranker",
-    "feature_dropout": "share of ranker training samples scored without item and, separately, without user "
-    "features, so requests without them (no user id) score sensibly",
+    "features": "feature groups the ranker reads when the version has them, comma separated: item, user "
+    "(--item-features/--user-features), time (the log's timestamps: each history item's age, the time since "
+    "the previous interaction, hour of day and day of week of the request), or none; item features are baked "
+    "into the ranker, user and time features are its optional inputs",
+    "feature_dim": "embedding size of each side-feature (and time) column in the ranker",
+    "feature_dropout": "share of ranker training samples scored without item, without user and without time "
+    "features (each separately; and as many again without the history's timestamps only), so requests without "
+    "them (no user id, no timestamps) score sensibly",
 }
 
 

@@ -17,13 +17,15 @@ class InteractionLog:
 
     `user` and `item` hold external ids (int64 or str arrays: whatever the source had);
     `timestamp` is float64 seconds, or the row's position for formats that are in time order
-    without timestamps. Rows are in file order; sorting happens when sequences are built.
+    without timestamps (then `timed` is False: the ranker's time features need real seconds).
+    Rows are in file order; sorting happens when sequences are built.
     """
 
     user: np.ndarray  # (N,)
     item: np.ndarray  # (N,)
     timestamp: np.ndarray  # (N,) float64
     source: str  # a path or a description, for messages
+    timed: bool = True  # False: `timestamp` is the row's position, not seconds
 
     def __post_init__(self) -> None:
         n = len(self.user)
@@ -37,4 +39,4 @@ class InteractionLog:
         return len(self.user)
 
     def take(self, mask: np.ndarray) -> "InteractionLog":
-        return InteractionLog(self.user[mask], self.item[mask], self.timestamp[mask], self.source)
+        return InteractionLog(self.user[mask], self.item[mask], self.timestamp[mask], self.source, self.timed)

@@ -242,7 +242,7 @@ def _to_log(path, user, item, time, where: Where) -> InteractionLog:
     users = _ids(_single(user), path, "user", where)
     items = _ids(_single(item), path, "item", where)
     times = np.arange(n, dtype=np.float64) if time is None else _timestamps(_single(time), path, where)
-    return InteractionLog(users, items, times, str(path))
+    return InteractionLog(users, items, times, str(path), timed=time is not None)
 
 
 def _ids(arr: pa.Array, path, what, where: Where) -> np.ndarray:

@@ -27,6 +27,7 @@ class SequenceData:
     offsets: np.ndarray  # (U+1,) int64; user u's items are items[offsets[u]:offsets[u+1]]
     items: np.ndarray  # (N,) int64 internal item ids
     timestamps: np.ndarray  # (N,) float64
+    timed: bool = True  # False: the log had no time column and `timestamps` are row positions
 
     @property
     def n_users(self) -> int:
@@ -94,6 +95,7 @@ def build_sequences(log_: InteractionLog, item_vocab: np.ndarray | None = None) 
         offsets=offsets,
         items=iidx[order].astype(np.int64),
         timestamps=np.asarray(log_.timestamp, dtype=np.float64)[order],
+        timed=log_.timed,
     )
 
 
@@ -105,6 +107,10 @@ class EvalSet:
     targets: np.ndarray  # (E,) internal item ids
     hist_offsets: np.ndarray  # (E+1,) CSR offsets into hist_items
     hist_items: np.ndarray  # (H,) the history in time order; also the items excluded from ranking
+    # Seconds (the log's timestamps) of each history item and of each target (the request time of
+    # the ranker's time features); None when the log had no time column.
+    hist_times: np.ndarray | None = None  # (H,) float64
+    target_times: np.ndarray | None = None  # (E,) float64
 
     def __len__(self) -> int:
         return len(self.users)
@@ -112,13 +118,22 @@ class EvalSet:
     def history(self, j: int) -> np.ndarray:
         return self.hist_items[self.hist_offsets[j] : self.hist_offsets[j + 1]]
 
+    def history_times(self, j: int) -> np.ndarray | None:
+        """Seconds of history `j`'s items (None without timestamps)."""
+        return None if self.hist_times is None else self.hist_times[self.hist_offsets[j] : self.hist_offsets[j + 1]]
+
     def subset(self, idx: np.ndarray) -> "EvalSet":
         """The targets at positions `idx` (e.g. a sample of users), in that order."""
         hists = [self.history(j) for j in idx]
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum([len(h) for h in hists], out=offsets[1:])
         items = np.concatenate(hists) if hists else np.zeros(0, dtype=np.int64)
-        return EvalSet(users=self.users[idx], targets=self.targets[idx], hist_offsets=offsets, hist_items=items)
+        times = target_times = None
+        if self.hist_times is not None:
+            parts = [self.history_times(j) for j in idx]
+            times = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float64)
+            target_times = self.target_times[idx]
+        return EvalSet(self.users[idx], self.targets[idx], offsets, items, times, target_times)
 
 
 @dataclass(frozen=True)
@@ -163,7 +178,8 @@ def _eval_set(data: SequenceData, users: np.ndarray, drop_last: int) -> EvalSet:
     hist_offsets = np.zeros(len(users) + 1, dtype=np.int64)
     np.cumsum(hist_len, out=hist_offsets[1:])
     idx = np.repeat(starts, hist_len) + (np.arange(hist_offsets[-1]) - np.repeat(hist_offsets[:-1], hist_len))
-    return EvalSet(users=users, targets=targets, hist_offsets=hist_offsets, hist_items=data.items[idx])
+    times = (data.timestamps[idx], data.timestamps[ends - 1]) if data.timed else (None, None)
+    return EvalSet(users, targets, hist_offsets, data.items[idx], *times)
 
 
 def leave_one_out(data: SequenceData) -> LeaveOneOut:
@@ -221,6 +237,7 @@ def extend_catalogue(data: SequenceData, extra_ids: np.ndarray) -> SequenceData:
         offsets=data.offsets,
         items=lookup[data.items],
         timestamps=data.timestamps,
+        timed=data.timed,
     )
 
 
@@ -241,5 +258,7 @@ def hold_out_items(split: LeaveOneOut, rows: np.ndarray) -> LeaveOneOut:
     dropped = np.bincount(user[~keep], minlength=data.n_users)
     train_offsets = np.zeros(data.n_users + 1, dtype=np.int64)
     np.cumsum(train_len - dropped, out=train_offsets[1:])
-    held_data = SequenceData(data.user_ids, data.item_ids, offsets, data.items[keep], data.timestamps[keep])
+    held_data = SequenceData(
+        data.user_ids, data.item_ids, offsets, data.items[keep], data.timestamps[keep], timed=data.timed
+    )
     return LeaveOneOut(held_data, train_offsets, split.valid, split.test, split.n_train_only)

@@ -38,6 +38,22 @@ the marginal popularity is long-tailed. External ids: users ``1..n_users``; item
 seeded permutation of ``1..n_items``, so id order carries no signal. Timestamps are
 integer seconds (stored as float64), strictly increasing per user.
 
+Attributes and context (off unless ``n_categories`` > 0; the default output is unchanged)
+------------------------------------------------------------------------------------------
+Each topic gets a **category** (``n_categories`` of them, at random), which its items share, and
+each item a **price** (a per-category base price times log-normal noise, so price says a little
+about category). Each user gets a **segment** (``n_segments``, uniform). At a topic switch, with
+probability ``context_rate`` the new topic is drawn by category instead of by the home/graph rule:
+the category from softmax(``segment_effect`` · S[segment] + ``hour_effect`` · H[hour block]) (S and
+H fixed random normal tables; hour blocks of 6 hours, UTC, of the interaction's own timestamp),
+then a topic of that category by topic popularity, entered at a Zipf position. So what a user
+picks at a switch depends on who they are and when, which neither the item ids of the history
+(the segment only shows through a handful of past switches) nor an ids-only model (no time) can
+see, and a ranker with user and time features can. `attributes` returns the categories, prices
+and segments; `write_attributes` writes them as CSV files that `attnrec train --item-features /
+--user-features` read. In this mode timestamps are drawn before the walk (from their own random
+stream), since the walk reads their hours.
+
 Generation is vectorised over users: the loop runs over steps (at most the longest
 sequence), users sorted by length so the active users at any step are a prefix.
 Same config and seed → the same arrays, bit for bit.
@@ -75,6 +91,12 @@ class SyntheticConfig:
     home_rate: float = 0.2  # chance a topic switch returns to a home topic
     n_home_topics: int = 2  # preferred topics per user
     mean_gap_s: float = 3600.0  # mean seconds between a user's interactions
+    # Attributes and context (module docstring); all off with n_categories = 0.
+    n_categories: int = 0  # item categories (one per topic); 0: no attributes, the original generator
+    n_segments: int = 4  # user segments
+    context_rate: float = 0.6  # chance a topic switch picks its topic by category (segment and hour)
+    segment_effect: float = 2.0  # weight of the segment's category preferences
+    hour_effect: float = 2.0  # weight of the hour block's category preferences
 
     def topics(self) -> int:
         """The number of topics actually used (never more than n_items)."""
@@ -95,6 +117,12 @@ class SyntheticConfig:
             raise ValueError("popularity_exponent must be >= 0")
         if self.topic_out_degree < 1 or self.n_home_topics < 1:
             raise ValueError("topic_out_degree and n_home_topics must be >= 1")
+        if self.n_categories < 0 or (self.n_categories and self.n_categories > self.topics()):
+            raise ValueError(f"n_categories must be in 0..{self.topics()} (the topics), got {self.n_categories}")
+        if self.n_categories and self.n_segments < 1:
+            raise ValueError(f"n_segments must be >= 1, got {self.n_segments}")
+        if not 0.0 <= self.context_rate <= 1.0:
+            raise ValueError(f"context_rate must be in [0, 1], got {self.context_rate}")
 
 
 # ---------------------------------------------------------------------------- the world
@@ -178,6 +206,54 @@ def _build_world(cfg: SyntheticConfig, rng: np.random.Generator) -> _World:
     return _World(start, size, topic_weight, succ, successor_cdf, item_cdf, item_ids)
 
 
+HOUR_BLOCKS = 4  # 6-hour blocks of the day (UTC): night, morning, afternoon, evening
+
+
+@dataclass(frozen=True)
+class _Context:
+    """Categories, prices, segments and the category preferences of the attribute mode."""
+
+    topic_category: np.ndarray  # (T,) category of each topic
+    item_price: np.ndarray  # (n_items,) price of each internal item index
+    segment: np.ndarray  # (n_users,) segment of each user (user-major, like the lengths)
+    category_cdf: np.ndarray  # (n_segments, HOUR_BLOCKS, C) cumulative P(category | segment, hour block)
+    topic_key: np.ndarray  # (T,) sorted: category + cumulative share of the topic within its category
+    topic_order: np.ndarray  # (T,) topics in `topic_key` order
+
+
+def _build_context(cfg: SyntheticConfig, world: _World, rng: np.random.Generator) -> _Context:
+    n_topics, c = len(world.size), cfg.n_categories
+    # Every category gets at least one topic; the rest at random.
+    topic_category = rng.permutation(np.concatenate([np.arange(c), rng.integers(c, size=n_topics - c)]))
+    base = np.exp(rng.normal(3.0, 1.0, size=c))
+    topic_of = np.repeat(np.arange(n_topics), world.size)
+    item_price = np.round(base[topic_category[topic_of]] * np.exp(rng.normal(0.0, 0.3, size=cfg.n_items)), 2)
+    segment = rng.integers(cfg.n_segments, size=cfg.n_users)
+    logits = cfg.segment_effect * rng.normal(size=(cfg.n_segments, 1, c)) + cfg.hour_effect * rng.normal(
+        size=(1, HOUR_BLOCKS, c)
+    )
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    category_cdf = np.cumsum(p / p.sum(axis=-1, keepdims=True), axis=-1)
+    # Topics within a category by popularity: key = category + cumulative share, one sorted array.
+    order = np.lexsort((np.arange(n_topics), topic_category))
+    w = world.topic_weight[order]
+    cats = topic_category[order]
+    totals = np.bincount(cats, weights=w, minlength=c)
+    within = np.cumsum(w) - np.concatenate([[0.0], np.cumsum(totals)])[cats]
+    return _Context(topic_category, item_price, segment, category_cdf, cats + within / totals[cats], order)
+
+
+def _context_topics(ctx: _Context, rng: np.random.Generator, segment: np.ndarray, block: np.ndarray) -> np.ndarray:
+    """Topics drawn by category: the category from P(category | segment, hour block), then a topic of it
+    by popularity."""
+    cdf = ctx.category_cdf[segment, block]  # (n, C)
+    category = np.minimum((cdf < rng.random(len(segment))[:, None]).sum(axis=1), cdf.shape[1] - 1)
+    at = np.searchsorted(ctx.topic_key, category + rng.random(len(segment)), side="left")
+    at = np.minimum(at, len(ctx.topic_key) - 1)
+    at = np.where(np.floor(ctx.topic_key[at]) > category, at - 1, at)  # float rounding at the top of a category
+    return ctx.topic_order[at]
+
+
 # ---------------------------------------------------------------------------- the walks
 
 
@@ -216,8 +292,10 @@ def _walk(
     rng: np.random.Generator,
     lengths: np.ndarray,
     progress: bool,
+    context: tuple[_Context, np.ndarray, np.random.Generator] | None = None,
 ) -> np.ndarray:
-    """Internal item indices of all interactions, user-major, in time order."""
+    """Internal item indices of all interactions, user-major, in time order. `context`: the attribute
+    mode's context, the hour block of every interaction (user-major) and its own random stream."""
     a = cfg.popularity_exponent
     order = np.argsort(-lengths, kind="stable")  # longest first: active users are a prefix
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
@@ -240,6 +318,11 @@ def _walk(
             leave = (rng.random(n) >= cfg.stay_prob) | (new_pos >= world.size[topic])
             idx = np.flatnonzero(leave)  # only the leavers need a new topic (~20%)
             topic[idx] = _switch_topics(cfg, world, rng, topic[idx], home[idx])
+            if context is not None:
+                ctx, blocks, crng = context
+                by_context = idx[crng.random(len(idx)) < cfg.context_rate]
+                users = order[by_context]
+                topic[by_context] = _context_topics(ctx, crng, ctx.segment[users], blocks[offsets[by_context] + s])
             new_pos[idx] = _entry_positions(world.size[topic[idx]], a, rng.random(len(idx)))
             pos = new_pos
         emitted = world.start[topic] + pos
@@ -274,17 +357,89 @@ def _timestamps(cfg: SyntheticConfig, rng: np.random.Generator, lengths: np.ndar
 # ---------------------------------------------------------------------------- public API
 
 
+@dataclass(frozen=True)
+class SyntheticAttributes:
+    """The attribute mode's side features, by external id."""
+
+    item_ids: np.ndarray  # (n_items,) external ids
+    category: np.ndarray  # (n_items,) str, e.g. "c03"
+    price: np.ndarray  # (n_items,) float64
+    user_ids: np.ndarray  # (n_users,) external ids
+    segment: np.ndarray  # (n_users,) str, e.g. "s1"
+
+
 def generate(config: SyntheticConfig, *, progress: bool = False) -> InteractionLog:
     """The synthetic log for `config`: rows user-major, each user's rows in time order."""
+    return _generate(config, progress)[0]
+
+
+def attributes(config: SyntheticConfig) -> SyntheticAttributes:
+    """The item categories and prices and the user segments that `generate(config)` used
+    (`config.n_categories` > 0)."""
+    if not config.n_categories:
+        raise ValueError("the generator has attributes only with n_categories > 0")
+    config.validate()
+    rng = np.random.default_rng(config.seed)
+    world = _build_world(config, rng)
+    return _attributes(config, world, _build_context(config, world, np.random.default_rng([config.seed, 1])))
+
+
+def _attributes(config: SyntheticConfig, world: _World, ctx: _Context) -> SyntheticAttributes:
+    topic_of = np.repeat(np.arange(len(world.size)), world.size)
+    width = len(str(config.n_categories - 1))
+    names = np.array([f"c{c:0{width}d}" for c in range(config.n_categories)])
+    return SyntheticAttributes(
+        item_ids=world.item_ids,
+        category=names[ctx.topic_category[topic_of]],
+        price=ctx.item_price,
+        user_ids=np.arange(1, config.n_users + 1, dtype=np.int64),
+        segment=np.array([f"s{g}" for g in ctx.segment]),
+    )
+
+
+def _generate(config: SyntheticConfig, progress: bool) -> tuple[InteractionLog, SyntheticAttributes | None]:
     config.validate()
     rng = np.random.default_rng(config.seed)
     world = _build_world(config, rng)
     lengths = _lengths(config, rng)
-    items = _walk(config, world, rng, lengths, progress)
-    timestamp = _timestamps(config, rng, lengths)
+    attrs = None
+    if not config.n_categories:
+        items = _walk(config, world, rng, lengths, progress)
+        timestamp = _timestamps(config, rng, lengths)
+    else:
+        # Own streams (the original draws stay as they were): the context, then the timestamps,
+        # drawn before the walk since it reads their hours.
+        crng = np.random.default_rng([config.seed, 1])
+        ctx = _build_context(config, world, crng)
+        timestamp = _timestamps(config, np.random.default_rng([config.seed, 2]), lengths)
+        blocks = (timestamp.astype(np.int64) % 86_400) // (86_400 // HOUR_BLOCKS)
+        items = _walk(config, world, rng, lengths, progress, (ctx, blocks, crng))
+        attrs = _attributes(config, world, ctx)
     user = np.repeat(np.arange(1, config.n_users + 1, dtype=np.int64), lengths)
     source = f"synthetic(n_users={config.n_users}, n_items={config.n_items}, seed={config.seed})"
-    return InteractionLog(user, world.item_ids[items], timestamp, source)
+    return InteractionLog(user, world.item_ids[items], timestamp, source), attrs
+
+
+def generate_with_attributes(
+    config: SyntheticConfig, *, progress: bool = False
+) -> tuple[InteractionLog, SyntheticAttributes]:
+    """The log and its attributes in one pass (`config.n_categories` > 0)."""
+    if not config.n_categories:
+        raise ValueError("the generator has attributes only with n_categories > 0")
+    log, attrs = _generate(config, progress)
+    return log, attrs
+
+
+def write_attributes(attrs: SyntheticAttributes, item_path: str | Path, user_path: str | Path) -> None:
+    """CSV files for `attnrec train --item-features / --user-features`: item_id,category,price and
+    user_id,segment."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    pacsv.write_csv(
+        pa.table({"item_id": attrs.item_ids, "category": attrs.category, "price": attrs.price}), str(item_path)
+    )
+    pacsv.write_csv(pa.table({"user_id": attrs.user_ids, "segment": attrs.segment}), str(user_path))
 
 
 def write(log: InteractionLog, path: str | Path) -> None:

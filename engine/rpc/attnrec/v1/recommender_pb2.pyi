@@ -6,13 +6,14 @@ from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Map
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id", "user_id", "include_attributes", "exclude_attributes", "diversity", "popularity_calibration")
+    __slots__ = ("history", "k", "exclude", "n_candidates", "include_timings", "request_id", "history_timestamps", "user_id", "include_attributes", "exclude_attributes", "diversity", "popularity_calibration")
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     N_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TIMINGS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_TIMESTAMPS_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ATTRIBUTES_FIELD_NUMBER: _ClassVar[int]
@@ -24,12 +25,13 @@ class RecommendRequest(_message.Message):
     n_candidates: int
     include_timings: bool
     request_id: str
+    history_timestamps: _containers.RepeatedScalarFieldContainer[int]
     user_id: str
     include_attributes: _containers.RepeatedScalarFieldContainer[str]
     exclude_attributes: _containers.RepeatedScalarFieldContainer[str]
     diversity: float
     popularity_calibration: float
-    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., include_attributes: _Optional[_Iterable[str]] = ..., exclude_attributes: _Optional[_Iterable[str]] = ..., diversity: _Optional[float] = ..., popularity_calibration: _Optional[float] = ...) -> None: ...
+    def __init__(self, history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., n_candidates: _Optional[int] = ..., include_timings: bool = ..., request_id: _Optional[str] = ..., history_timestamps: _Optional[_Iterable[int]] = ..., user_id: _Optional[str] = ..., include_attributes: _Optional[_Iterable[str]] = ..., exclude_attributes: _Optional[_Iterable[str]] = ..., diversity: _Optional[float] = ..., popularity_calibration: _Optional[float] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_ms", "encoder_ms", "search_ms", "ranker_ms", "total_ms", "batch_size")
