@@ -20,7 +20,8 @@ Its `schema_version` is "MAJOR.MINOR": a reader refuses another major version, i
 newer minor version added, and upgrades schema 1 (the untyped manifests of earlier releases).
 Schema 2.1 added the optional `features` section (a 2.0 reader ignores it, and the features with it);
 2.2 the optional `content` section (a 2.1 reader ignores it and still serves the version: the cold
-items' mapped vectors are already in item_embeddings.npy, the index and the encoder).
+items' mapped vectors are already in item_embeddings.npy, the index and the encoder); 2.3 the ranker
+training's `valid_gain_z` and `rejected_epoch` (why a trained ranker shipped as stage one's order).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any, Iterator, Union
 
 log = logging.getLogger(__name__)
 
-SCHEMA_MAJOR, SCHEMA_MINOR = 2, 2
+SCHEMA_MAJOR, SCHEMA_MINOR = 2, 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 MANIFEST = "manifest.json"
 _STAGING_PREFIX = ".staging-"
@@ -177,6 +178,8 @@ class RankerTraining(_Section):
     samples_target_retrieved: float
     seconds: float
     history: tuple[dict[str, float], ...] = ()  # per epoch: loss, validation NDCG@10
+    valid_gain_z: float | None = None  # the best epoch's paired validation gain, in standard errors (2.3)
+    rejected_epoch: int = 0  # the best epoch, when that gain was below the threshold and stage one shipped (2.3)
 
 
 @dataclass(frozen=True)

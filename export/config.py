@@ -105,6 +105,9 @@ class RankerConfig:
     batch_size: int = 128  # training prefixes per batch (each with its n_candidates candidates)
     epochs: int = 20
     patience: int = 2  # epochs without a better two-stage validation NDCG@10 before stopping
+    # The best epoch ships only when its paired per-user validation gain over stage one is at least
+    # this many standard errors (0: any gain ships); else the ranker is stage one's order.
+    min_gain_z: float = 2.0
     val_users: int = 5000  # validation users sampled for early stopping (all if fewer)
     seed: int = 0
     threads: int = 0  # torch CPU threads (0: torch's default)

@@ -397,5 +397,7 @@ def _ship_ranker(
             samples_target_retrieved=result.samples_target_retrieved,
             seconds=result.seconds,
             history=tuple(result.history),
+            valid_gain_z=result.valid_gain_z,
+            rejected_epoch=result.rejected_epoch,
         ),
     )

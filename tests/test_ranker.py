@@ -17,7 +17,14 @@ from attnrec.export.index_build import build_index
 from attnrec.export.onnx_export import ParityError
 from attnrec.export.ranker_export import check_ranker_parity, export_ranker
 from attnrec.export.ranker_model import RankerShape, TargetAttentionRanker
-from attnrec.export.ranker_train import eval_candidates, torch_encode, training_prefixes, training_samples
+from attnrec.export.ranker_train import (
+    eval_candidates,
+    gain_z,
+    torch_encode,
+    train_ranker,
+    training_prefixes,
+    training_samples,
+)
 from attnrec.export.ranking_metrics import topk_excluding
 
 
@@ -75,6 +82,34 @@ def test_validation_candidates_never_include_the_answer_by_construction(small_sp
     assert (sets.target_slot == -1).any()  # validation keeps every user, found or not
     found = sets.target_slot >= 0
     np.testing.assert_array_equal(sets.candidates[found, sets.target_slot[found]], small_split.valid.targets[found])
+
+
+def test_gain_z_is_the_paired_mean_over_its_standard_error():
+    base = np.array([0.0, 0.5, 0.0, 1.0])
+    gains = base + np.array([0.5, 0.0, 0.25, 0.25])
+    # reference: mean 0.25, sample std sqrt(0.125 / 3), standard error that / 2
+    assert gain_z(gains, base) == pytest.approx(0.25 / (np.sqrt(0.125 / 3) / 2))
+    assert gain_z(base, base) == 0.0
+    assert gain_z(base + 0.25, base) == np.inf and gain_z(base - 0.25, base) == -np.inf
+    assert gain_z(base - np.array([0.5, 0.0, 0.25, 0.25]), base) < 0
+
+
+def test_a_ranker_whose_validation_gain_is_not_significant_ships_as_stage_one(small_split, tiny_model, stage_one):
+    vectors, index = stage_one
+    shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=8, mlp_dim=32)
+    common = dict(n_candidates=20, samples_per_user=3, attend_last=8, mlp_dim=32, epochs=3, patience=3, lr=3e-3)
+    args = (small_split, torch_encode(tiny_model), 20, index, vectors)
+    free = train_ranker(*args, RankerConfig(**common, min_gain_z=-np.inf), shape)
+    assert free.best_epoch >= 1 and free.rejected_epoch == 0  # any improvement ships without the test
+    strict = train_ranker(*args, RankerConfig(**common, min_gain_z=np.inf), shape)
+    # the same training, so the same best epoch and z, rejected: the shipped ranker is stage one's order
+    assert strict.rejected_epoch == free.best_epoch and strict.valid_gain_z == pytest.approx(free.valid_gain_z)
+    assert strict.best_epoch == 0 and strict.best_valid_ndcg10 == strict.stage1_valid_ndcg10
+    tokens = torch.from_numpy(pad_histories([small_split.valid.history(0)], 20))
+    cands, scores = torch.tensor([[3, 9, 1, 0]]), torch.tensor([[2.0, 1.5, -1.0, 0.0]])
+    with torch.no_grad():
+        torch.testing.assert_close(strict.ranker(tokens, tiny_model.hidden(tokens), cands, scores), scores)
+        assert not torch.allclose(free.ranker(tokens, tiny_model.hidden(tokens), cands, scores), scores)
 
 
 def _trained_like_ranker(tiny_model, small_split, keys, attend_last=8):

@@ -22,6 +22,9 @@ _RANKER_HELP = {
     "batch_size": "ranker training prefixes per batch",
     "epochs": "maximum ranker epochs",
     "patience": "stop after this many epochs without a better two-stage validation NDCG@10",
+    "min_gain_z": "ship the ranker only when its best epoch's validation NDCG@10 gain over stage one is at "
+    "least this many standard errors of the paired per-user gain (0 = any gain); else the version ships stage "
+    "one's order",
     "val_users": "validation users sampled for the ranker's early stopping (all when fewer)",
     "holdout": "leak-free samples: each user's last N training interactions, with the candidates of a second "
     "encoder trained without them (same settings); 0 = recent training prefixes with the served encoder's "
