@@ -108,6 +108,10 @@ def run_seed(
                 "identity": rk["training"]["best_epoch"] == 0,
                 "best_epoch": rk["training"]["best_epoch"],
                 "ranker_valid_ndcg10": rk["training"]["best_valid_ndcg10"],
+                # the best trained epoch, also when its gain was not significant and stage one shipped
+                "rejected_epoch": rk["training"].get("rejected_epoch", 0),
+                "valid_gain_z": rk["training"].get("valid_gain_z"),
+                "trained_valid_ndcg10": _trained_valid(rk["training"]),
                 "stage1_valid_ndcg10": rk["training"]["stage1_valid_ndcg10"],
                 "ranker_inputs": list(rk["inputs"]),
                 "ranker_features": rk["features"],
@@ -138,6 +142,24 @@ def _mean_sd(values: list[float], digits: int = 4) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def _trained_valid(training: dict) -> float:
+    """The validation NDCG@10 of the best trained epoch (the shipped one, or the one rejected as not significant)."""
+    epoch = training.get("rejected_epoch") or training["best_epoch"]
+    return next(
+        (h["valid_ndcg@10"] for h in training.get("history", ()) if h["epoch"] == epoch),
+        training["best_valid_ndcg10"],
+    )
+
+
+def _epoch(row: dict) -> str:
+    rejected = row.get("rejected_epoch", 0)
+    return f"{row['best_epoch']} ({rejected} rejected)" if rejected else str(row["best_epoch"])
+
+
+def _z(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Ranker feature ablation ({report['date']})",
@@ -145,9 +167,10 @@ def markdown(report: dict) -> str:
         "Protocol: leave-one-out by time, full ranking over all items for the exact row, the served pipeline "
         "(FAISS top-N re-ordered by the ranker) for the served row, seen items excluded; test NDCG@10. One encoder "
         "per seed (`attnrec train --no-ranker`), one ranker per feature group on that checkpoint (`attnrec export "
-        "--checkpoint --ranker-features GROUP`). Identity: no ranker epoch beat stage one on validation, so the "
-        "shipped ranker is stage one's order. Ranker ms: onnxruntime, batch 1, 200 candidates, history 200, "
-        "features on, measured at export on this (shared) machine.",
+        "--checkpoint --ranker-features GROUP`). Identity: no ranker epoch beat stage one on validation by "
+        "`--ranker-min-gain-z` standard errors of the paired per-user gain (z; the best epoch, rejected when below, "
+        "in brackets), so the shipped ranker is stage one's order. Ranker ms: onnxruntime, batch 1, 200 "
+        "candidates, history 200, features on, measured at export on this (shared) machine.",
         "",
         f"Machine: {report['machine']}. Train args: `{' '.join(report['train_args']) or '(defaults)'}`; export "
         f"args: `{' '.join(report['export_args']) or '(defaults)'}`.",
@@ -175,15 +198,17 @@ def markdown(report: dict) -> str:
             )
         lines += [
             "",
-            "| seed | group | exact | served | ratio | identity | best epoch | valid: stage one → ranker | "
-            "ranker ms | ranker inputs |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| seed | group | exact | served | ratio | identity | best epoch | valid: stage one → ranker (trained) | "
+            "gain z | ranker ms | ranker inputs |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             lines.append(
                 f"| {r['seed']} | {r['group']} | {r['exact_test_ndcg10']:.4f} | {r['served_test_ndcg10']:.4f} | "
-                f"{r['ratio']:.3f} | {'yes' if r['identity'] else 'no'} | {r['best_epoch']} | "
-                f"{r['stage1_valid_ndcg10']:.4f} → {r['ranker_valid_ndcg10']:.4f} | {r['ranker_ms_batch1']:.3f} | "
+                f"{r['ratio']:.3f} | {'yes' if r['identity'] else 'no'} | {_epoch(r)} | "
+                f"{r['stage1_valid_ndcg10']:.4f} → {r['ranker_valid_ndcg10']:.4f} "
+                f"({r.get('trained_valid_ndcg10', r['ranker_valid_ndcg10']):.4f}) | {_z(r.get('valid_gain_z'))} | "
+                f"{r['ranker_ms_batch1']:.3f} | "
                 f"{', '.join(r['ranker_inputs'])} |"
             )
         lines.append("")
