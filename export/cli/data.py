@@ -104,6 +104,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         mean_length=args.mean_length,
         seed=args.seed,
         popularity_exponent=args.popularity_exponent,
+        stay_prob=args.stay_prob,
         n_categories=args.categories,
         n_segments=args.segments,
         context_rate=args.context_rate,
@@ -151,6 +152,13 @@ def _synth(p: argparse.ArgumentParser) -> None:
         type=float,
         default=0.8,
         help="Zipf exponent of item popularity; lower spreads interactions over more items (default: 0.8)",
+    )
+    p.add_argument(
+        "--stay-prob",
+        type=float,
+        default=0.85,
+        help="chance a step stays in the current topic; lower means more topic switches, where the context "
+        "(--categories) decides (default: 0.85)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed of the generated log (default: 0)")
     g = p.add_argument_group(
