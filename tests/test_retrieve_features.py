@@ -27,7 +27,7 @@ from attnrec.export.evaluate import load_item_ids
 from attnrec.export.retrieve_server import retrieve_from_server
 
 AS_OF = 1_616_000_000  # inside the synthetic log's span: some users' newest timestamp is later
-FUTURE = 4_102_444_800 - 1_700_000_000  # a shift that puts the log after 2100-01-01: later than any clock
+FUTURE = 2_400_000_000  # a shift that puts the 2020 log in the 2090s: later than the clock
 
 
 def publish_with_features(src: Path, repo: Path, ranker_file: Path, tables) -> Path:  # noqa: F811
@@ -120,6 +120,8 @@ def test_rank_gives_the_ranker_each_users_features_and_times_as_of_a_fixed_time(
     no_time = pipe.recommend(hist, 10, user_ids=ids)
     assert _differs(want, no_user) > 0 and _differs(want, no_time) > 0
     assert main(retrieve_args(repo, data_path, tmp_path / "bad.parquet", "--rank", "--as-of", "0")) == 2
+    server = ["-q", "retrieve", "--server", "localhost:1", "--data", str(data_path), "--out", str(out), "--as-of", "5"]
+    assert main(server) == 2  # refused before connecting: the server's clock is its request time
 
 
 def test_without_as_of_the_request_time_is_the_jobs_clock(featured, item_ids, tmp_path):
@@ -175,7 +177,7 @@ def test_ray_actors_give_the_single_process_rows_with_features_and_times(feature
 
 def test_server_path_sends_the_histories_timestamps_and_no_user_id(featured, item_ids, tmp_path):
     _, repo, version_dir, manifest, data, pipe = featured
-    # The log moved after 2100, so each user's newest timestamp, not the server's clock, is the request time.
+    # The log moved to the 2090s, so each user's newest timestamp, not the server's clock, is the request time.
     data = dataclasses.replace(data, timestamps=data.timestamps + FUTURE)
     out = tmp_path / "server.parquet"
     with RunningServer(settings(repo)) as s, RecommenderClient(s.target) as client:
