@@ -2,7 +2,10 @@
 
 Each Ray actor loads the version's pipeline (ONNX encoder, FAISS index, ranker) once (from the repository
 path, which every node must see) and runs the very `BatchRetriever` of the single-process
-job on its batches, so both give the same rows. Ray is an optional extra: `attnrec[ray]`.
+job on its batches, so both give the same rows. In a ranked job on a timed log whose ranker reads time,
+each user's history timestamps travel beside the history (a `history_timestamps` list<int64> column)
+and the driver fixes the request time once (`as_of`, default its clock), so every actor ranks at the
+same time. Ray is an optional extra: `attnrec[ray]`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from attnrec.engine.repository import Manifest, open_version
 from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
-from .retrieve import BatchRetriever, RetrieveReport, item_mask, plan
+from .retrieve import BatchRetriever, RetrieveReport, history_seconds, item_mask, job_clock, plan, ranker_reads_time
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,7 @@ class _Actor:
         include: tuple[str, ...] = (),
         exclude: tuple[str, ...] = (),
         rerank: RerankOptions = RerankOptions(),
+        as_of: int | None = None,
     ) -> None:
         manifest = open_version(version_dir, verify=False)  # the driver verified the checksums
         # One ORT thread per actor: Ray gives each actor one CPU. The filters travel as strings (a FAISS
@@ -56,14 +60,28 @@ class _Actor:
             include=include,
             exclude=exclude,
             rerank=rerank,
+            as_of=as_of,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        hist = batch.column("history").combine_chunks()
-        offsets, values = hist.offsets.to_numpy(), hist.values.to_numpy()
-        histories = [values[offsets[i] : offsets[i + 1]] for i in range(len(hist))]
+        histories = _lists(batch.column("history"))
+        times = _lists(batch.column("history_timestamps")) if "history_timestamps" in batch.column_names else None
         user_ids = batch.column("user_id").to_numpy(zero_copy_only=False)
-        return self.step(user_ids, histories)
+        return self.step(user_ids, histories, times)
+
+
+def _lists(column: pa.ChunkedArray) -> list[np.ndarray]:
+    """A list<int64> column as one numpy array per row."""
+    arr = column.combine_chunks()
+    offsets, values = arr.offsets.to_numpy(), arr.values.to_numpy()
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(arr))]
+
+
+def _list_column(parts: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64()))
 
 
 def retrieve_ray(
@@ -81,24 +99,25 @@ def retrieve_ray(
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     rerank: RerankOptions = RerankOptions(),
+    as_of: int | None = None,
 ) -> RetrieveReport:
-    """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete."""
+    """Write a Parquet dataset (a folder of files) at `out`; it appears only when complete.
+    `as_of`: as in `retrieve` (default: the driver's clock when the job starts)."""
     try:
         import ray
     except ImportError as exc:
         raise RuntimeError("--ray needs Ray: pip install 'attnrec[ray]'") from exc
     chosen, unknown, schema = plan(data, manifest, users, top_n, rank, include, exclude, rerank)
     item_mask(version_dir, manifest, include, exclude)  # a bad filter stops here, before Ray starts
-    lengths = data.lengths[chosen]
-    offsets = np.zeros(len(chosen) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate([data.sequence(u) for u in chosen]) if len(chosen) else np.zeros(0, np.int64)
-    table = pa.table(
-        {
-            "user_id": pa.array(data.user_ids[chosen], type=schema.field("user_id").type),
-            "history": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, type=pa.int64())),
-        }
-    )
+    reads_time = rank and ranker_reads_time(version_dir, manifest)
+    as_of, schema = job_clock(as_of, data, reads_time, schema)
+    columns = {
+        "user_id": pa.array(data.user_ids[chosen], type=schema.field("user_id").type),
+        "history": _list_column([data.sequence(u) for u in chosen]),
+    }
+    if data.timed and reads_time:
+        columns["history_timestamps"] = _list_column([history_seconds(data, u) for u in chosen])
+    table = pa.table(columns)
 
     started_here = not ray.is_initialized()
     if started_here:
@@ -120,6 +139,7 @@ def retrieve_ray(
                 "include": tuple(include),
                 "exclude": tuple(exclude),
                 "rerank": rerank,
+                "as_of": as_of,
             },
             batch_size=batch_size,
             batch_format="pyarrow",

@@ -5,7 +5,11 @@ one row group per batch of users; renamed into place when complete) from the ser
 each user's whole history goes out as external item ids, k = top-n, and the server excludes the
 history and encodes its most recent max-length items, exactly as the single-process job does.
 Users none of whose items the serving version knows get no rows (the single-process job never
-sees them either); they are reported like unknown users.
+sees them either); they are reported like unknown users. When the log has timestamps, each request
+carries the history's (`history_timestamps`, Unix seconds, floored), so a ranker with time features
+gets them; the request time is then the server's clock (or the newest timestamp). No `user_id` goes
+out: on a server it names a stored history (refused without a history store), so a ranker's user
+features see every user as unknown here.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from attnrec.engine.client import RecommenderClient, request
 from attnrec.engine.rerank import RerankOptions
 
 from .data.sequences import SequenceData
-from .retrieve import RetrieveReport, output_schema, select_users
+from .retrieve import RetrieveReport, history_seconds, output_schema, select_users
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,7 @@ def retrieve_from_server(
     def requests() -> Iterator:
         for n, u in enumerate(chosen):
             history = data.item_ids[data.sequence(u)].tolist()
+            stamps = history_seconds(data, u).tolist() if data.timed else ()
             yield request(
                 history,
                 top_n,
@@ -67,6 +72,7 @@ def retrieve_from_server(
                 exclude_attributes=exclude,
                 diversity=rerank.diversity,
                 popularity_calibration=rerank.popularity_calibration,
+                history_timestamps=stamps,
             )
 
     out = Path(out)

@@ -41,8 +41,9 @@ def tables(tmp_path_factory, small_split):
     )
 
 
-def _ranker(tables, n_items, dim, keys="items", item_vectors=None, seed=0):
-    """A ranker with both feature groups whose every weight is non-zero (trained-like)."""
+def _ranker(tables, n_items, dim, keys="items", item_vectors=None, seed=0, time=False):
+    """A ranker with both feature groups (and, with `time`, the time features) whose every weight is
+    non-zero (trained-like)."""
     shape = RankerShape(
         n_items,
         dim,
@@ -52,6 +53,7 @@ def _ranker(tables, n_items, dim, keys="items", item_vectors=None, seed=0):
         item_columns=coded_columns(tables.item),
         user_columns=coded_columns(tables.user),
         feature_dim=4,
+        time=time,
     )
     ranker = TargetAttentionRanker(shape, item_vectors, None, coded_matrix(tables.item)).eval()
     torch.manual_seed(seed)

@@ -57,6 +57,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     if args.server:
         from ..retrieve_server import retrieve_from_server
 
+        if args.as_of is not None:
+            raise ValueError("--as-of is not for --server: a request's time is the server's clock")
         log_, _ = load_log(args)
         with connect(args) as client:
             report = retrieve_from_server(
@@ -89,6 +91,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         include=args.include_attributes,
         exclude=args.exclude_attributes,
         rerank=rerank,
+        as_of=args.as_of,
     )
     if args.ray is not None:
         from ..retrieve_ray import retrieve_ray
@@ -154,6 +157,15 @@ def _retrieve(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="re-order stage one's top-N (the version's n_candidates) with the version's ranker and keep the "
         "top-n: what the server answers (default: retrieval only, FAISS order and inner-product scores)",
+    )
+    p.add_argument(
+        "--as-of",
+        type=int,
+        metavar="SECONDS",
+        help="with --rank and a ranker with time features: the request time, in Unix seconds, from which "
+        "the history's ages, hour and day of week are computed (a user whose newest timestamp is later gets "
+        "that one, the server's rule); give it when backfilling an old log, which the clock would make "
+        "decades old (default: the job's clock at its start; not with --server, whose clock it is)",
     )
     add_rerank_args(p)
     p.add_argument("--users", type=Path, metavar="FILE", help="only these users: one external user id per line")
