@@ -106,6 +106,7 @@ class RayServe:
         self.work_dir = Path(work_dir or Path(".cache") / "rayserve-run")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.work_dir / f"rayserve-{self.ports['grpc']}.log"
+        self.serve_logs = self.work_dir / f"rayserve-{self.ports['grpc']}-serve-logs"  # copied there by stop()
         self.temp_dir: str | None = None
         self.process: subprocess.Popen | None = None
 
@@ -147,7 +148,7 @@ class RayServe:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"Ray Serve's driver exited with {self.process.returncode}:\n{self.log_tail()}")
-            if "READY" in self.log_tail(5):
+            if "READY" in log_tail(self.log_path, 5):
                 break
             time.sleep(0.3)
         else:
@@ -166,7 +167,7 @@ class RayServe:
         )
 
     def log_tail(self, n: int = 30) -> str:
-        return log_tail(self.log_path, n)
+        return log_tail(self.log_path, n) + f"\n(Serve's own logs: {self.serve_logs})"
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to the driver (serve.shutdown, ray.shutdown), then SIGKILL to its process group and
@@ -189,6 +190,10 @@ class RayServe:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+            # Serve's own logs (controller, proxy, replica) outlive the session folder: what a failure shows.
+            serve_logs = Path(self.temp_dir) / "session_latest" / "logs" / "serve"
+            if serve_logs.is_dir():
+                shutil.copytree(serve_logs, self.serve_logs, dirs_exist_ok=True)
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             self.temp_dir = None
 

@@ -26,20 +26,28 @@ import threading
 from pathlib import Path
 
 # A loaded host starts Ray's Python agents slowly: its raylet's wait for the dashboard agent's port
-# (it gave up after about 20 s on a loaded 2-core host) must not end the start. Set before Ray starts its processes.
+# (it gave up after about 20 s on a loaded 2-core host) must not end the start. Set before Ray
+# starts its processes, which inherit them.
 os.environ.setdefault("RAY_agent_register_timeout_ms", "300000")
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
+# Serve's controller kills a proxy not ready in 5 s (three times over): its start imports uvicorn,
+# starlette and grpc, which takes longer than that on a loaded host.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "120")
+os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 
+from attnrec.benchmarks.peer import rayserve_grpc  # noqa: E402, F401 - the messages' pickle alias
 from attnrec.engine.pipeline import Pipeline, RuntimeOptions  # noqa: E402
 from attnrec.engine.rpc.attnrec.v1 import recommender_pb2 as pb  # noqa: E402
 
 APP = "attnrec"
-SERVICER = "attnrec.engine.rpc.attnrec.v1.recommender_pb2_grpc.add_RecommenderServicer_to_server"
+# Our generated servicer function, through a module that makes its messages picklable between Ray's
+# processes (see there).
+SERVICER = "attnrec.benchmarks.peer.rayserve_grpc.add_RecommenderServicer_to_server"
 DEFAULT_K = 10  # as attnrec serve: proto3 cannot tell k=0 from unset
 
 
@@ -47,6 +55,8 @@ class RecommenderDeployment:
     """One replica: the version's Pipeline and id maps; `Recommend` batched by Ray Serve."""
 
     def __init__(self, version_dir: str, intra_op_threads: int, max_batch_size: int, batch_wait_s: float) -> None:
+        import attnrec.benchmarks.peer.rayserve_grpc  # noqa: F401 - this replica's process needs the alias too
+
         options = RuntimeOptions(("CPUExecutionProvider",), intra_op_threads=intra_op_threads, faiss_gpu=False)
         self.pipeline = Pipeline.load(version_dir, options)
         self.keys = [str(x) for x in self.pipeline.item_ids.tolist()]
