@@ -198,7 +198,8 @@ class RayServe:
             self.temp_dir = None
 
     def __enter__(self) -> "RayServe":
-        return self.start()
+        # `with server.start(timeout):` enters a server already started: never a second cluster
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
