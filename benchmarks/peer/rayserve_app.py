@@ -57,7 +57,11 @@ class RecommenderDeployment:
     def __init__(self, version_dir: str, intra_op_threads: int, max_batch_size: int, batch_wait_s: float) -> None:
         import attnrec.benchmarks.peer.rayserve_grpc  # noqa: F401 - this replica's process needs the alias too
 
-        options = RuntimeOptions(("CPUExecutionProvider",), intra_op_threads=intra_op_threads, faiss_gpu=False)
+        # attnrec serve's defaults (--ort-spinning off): spinning onnxruntime threads would take the
+        # cores Ray's own processes need on a small host
+        options = RuntimeOptions(
+            ("CPUExecutionProvider",), intra_op_threads=intra_op_threads, faiss_gpu=False, allow_spinning=False
+        )
         self.pipeline = Pipeline.load(version_dir, options)
         self.keys = [str(x) for x in self.pipeline.item_ids.tolist()]
         self.rows_by_key = {k: i for i, k in enumerate(self.keys)}
