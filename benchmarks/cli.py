@@ -69,7 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-peer-setup",
         action="store_true",
-        help="the peer stage never creates MLServer's environment (pip); without one its MLServer rows are skipped",
+        help="the peer stage never creates a peer's environment (pip); a peer without one has its rows skipped",
+    )
+    p.add_argument(
+        "--peers",
+        default="mlserver,rayserve",
+        help="the peer stage's peers, comma-separated: mlserver (encoder, V2 ModelInfer), rayserve (pipeline, "
+        "Recommend) (default: both)",
     )
     p.add_argument("--tiny", action="store_true", help="the --quick code paths on tiny models and catalogues (tests)")
 
@@ -94,7 +100,19 @@ def settings_from(args: argparse.Namespace):
         work_dir=args.work_dir,
         seed=args.seed,
         peer_setup=not args.no_peer_setup,
+        peers=peers_from(args.peers),
     )
+
+
+PEERS = ("mlserver", "rayserve")
+
+
+def peers_from(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in PEERS]
+    if unknown:
+        raise SystemExit(f"--peers: unknown peer(s) {', '.join(unknown)} (known: {', '.join(PEERS)})")
+    return names
 
 
 def run(args: argparse.Namespace, prelude=None) -> int:

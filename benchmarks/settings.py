@@ -32,7 +32,8 @@ class Settings:
     model_path: Path | None = None  # a repository version folder to take shapes/weights from; None = synthetic
     work_dir: Path = Path(".cache/bench")  # exported synthetic models go here
     seed: int = 0
-    peer_setup: bool = True  # the peer stage may create MLServer's virtual environment (pip) when absent
+    peer_setup: bool = True  # the peer stage may create its peers' virtual environments (pip) when absent
+    peers: tuple[str, ...] = ("mlserver", "rayserve")  # the peer stage's peers (benchmarks/peer/)
     log: Callable[[str], None] = field(default=_print, compare=False, repr=False)
     started: float = field(default_factory=time.perf_counter, compare=False, repr=False)
 
@@ -58,4 +59,5 @@ class Settings:
             "model_path": str(self.model_path) if self.model_path else None,
             "seed": self.seed,
             "peer_setup": self.peer_setup,
+            "peers": list(self.peers),
         }

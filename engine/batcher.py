@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from .errors import DeadlineExpired, InvalidRequest, QueueFull, Unavailable
+from .errors import BatchFailed, DeadlineExpired, InvalidRequest, QueueFull, ServingError, Unavailable
 from .model_stats import ModelStats
 
 if TYPE_CHECKING:
@@ -59,6 +59,14 @@ class _Pending:
     enqueued: float  # time.monotonic()
     future: asyncio.Future
     stats: ModelStats | None  # where its batch's execution is counted (the group's version's)
+
+
+def _failed(name: str, n: int, exc: Exception) -> BatchFailed:
+    """What the requests of a batch that failed unexpectedly are told: which model's batcher, how many
+    requests, the exception's type (its text and traceback are the server log's: no internals leak)."""
+    error = BatchFailed(f"{name}: a batch of {n} request(s) failed ({type(exc).__name__}); the server logged why")
+    error.__cause__ = exc
+    return error
 
 
 # run(group, items) -> BatchOutput (engine/pipeline.py): one value per item, in order, and the
@@ -128,8 +136,9 @@ class Batcher:
         self._arrived.set()
         return await fut
 
-    async def _collect(self) -> list[_Pending]:
-        """Wait for a first request, up to max_queue_delay for more, then take one group's batch."""
+    async def _collect(self, batch: list[_Pending]) -> None:
+        """Wait for a first request, up to max_queue_delay for more, then take one group's batch into
+        `batch` (filled as taken: if this fails, the worker knows whose requests to answer)."""
         while not self._queue:
             self._arrived.clear()
             await self._arrived.wait()
@@ -143,7 +152,6 @@ class Batcher:
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except asyncio.TimeoutError:
                     break
-        batch: list[_Pending] = []
         rows, now = 0, time.monotonic()
         while self._queue:
             p = self._queue[0]
@@ -158,42 +166,66 @@ class Batcher:
                 break
             batch.append(self._queue.popleft())
             rows += p.rows
-        return batch
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
+        """One worker: batch after batch, whatever fails. An exception that escapes a batch (a run
+        function's answer that does not fit its batch, a failing metric) fails that batch's requests
+        with BatchFailed, and the worker takes the next; no queued request is left waiting on a
+        worker that died."""
         while True:
-            batch = await self._collect()
-            if not batch:
-                continue
-            start = time.monotonic()
-            rows = sum(p.rows for p in batch)
-            queue_s = [start - p.enqueued for p in batch]
+            batch: list[_Pending] = []
             try:
-                out = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
-                error = None
-            except Exception as exc:  # noqa: BLE001 - every waiting request gets the error
-                out, error = None, exc
-                if not getattr(exc, "code", None):
-                    log.exception("%s: batch of %d failed", self.name, len(batch))
-            end = time.monotonic()
-            phases = self._account(batch, rows, start, end, out)
-            self._batches += 1
-            number = self._batches
-            if self.telemetry is not None:  # prometheus_client directly: no hand-written hop per batch
-                self._histogram("batch").observe(rows)
-                queue_hist = self._histogram("queue")
-                for q in queue_s:
-                    queue_hist.observe(q)
-                for stage, seconds in out.stages.items() if out is not None else ():
-                    self._histogram(stage).observe(seconds)
-            for i, p in enumerate(batch):
-                if p.future.done():
-                    continue
-                if error is not None:
-                    p.future.set_exception(error)
-                else:
-                    p.future.set_result(Completed(out.values[i], queue_s[i], len(batch), *phases, number))
+                await self._collect(batch)
+                if batch:
+                    await self._run_batch(batch)
+            except asyncio.CancelledError:  # close(): what it took from the queue is answered too
+                self._fail(batch, Unavailable(f"{self.name}: the server is shutting down"))
+                raise
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any one batch
+                log.exception("%s: the batcher failed on a batch of %d requests", self.name, len(batch))
+                if not batch and self._queue:  # it failed on the queue's head: answer that one and move on
+                    batch = [self._queue.popleft()]
+                self._fail(batch, _failed(self.name, len(batch), exc))
+
+    @staticmethod
+    def _fail(batch: list[_Pending], error: Exception) -> None:
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(error)
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        start = time.monotonic()
+        rows = sum(p.rows for p in batch)
+        queue_s = [start - p.enqueued for p in batch]
+        try:
+            out = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
+            if len(out.values) != len(batch):
+                raise RuntimeError(f"the run function returned {len(out.values)} results for {len(batch)} requests")
+            error = None
+        except ServingError as exc:  # the request's own fault (or its deadline): every request of the batch gets it
+            out, error = None, exc
+        except Exception as exc:  # noqa: BLE001 - a bug: every waiting request gets what failed, in words
+            log.exception("%s: batch of %d failed", self.name, len(batch))
+            out, error = None, _failed(self.name, len(batch), exc)
+        end = time.monotonic()
+        phases = self._account(batch, rows, start, end, out)
+        self._batches += 1
+        number = self._batches
+        if self.telemetry is not None:  # prometheus_client directly: no hand-written hop per batch
+            self._histogram("batch").observe(rows)
+            queue_hist = self._histogram("queue")
+            for q in queue_s:
+                queue_hist.observe(q)
+            for stage, seconds in out.stages.items() if out is not None else ():
+                self._histogram(stage).observe(seconds)
+        for i, p in enumerate(batch):
+            if p.future.done():
+                continue
+            if error is not None:
+                p.future.set_exception(error)
+            else:
+                p.future.set_result(Completed(out.values[i], queue_s[i], len(batch), *phases, number))
 
     def _histogram(self, stage: str):
         """The prometheus_client child of `stage` ("batch": the batch-size histogram), looked up once."""

@@ -49,6 +49,13 @@ class PermissionDenied(ServingError):
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
+class BatchFailed(ServingError):
+    """A batch failed for a reason no request caused (a bug in its run function or in the batcher):
+    every request of that batch gets this, saying what failed, and the batcher goes on serving."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 class StartupError(Exception):
     """The server cannot start as configured (a port in use, no repository): one line for the
     operator, naming the flag, and exit status 2 (attnrec/cli.py)."""

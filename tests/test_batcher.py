@@ -1,14 +1,16 @@
-"""The dynamic batcher: own rows back, queue limits, deadlines (expired requests not computed), groups."""
+"""The dynamic batcher: own rows back, queue limits, deadlines (expired requests not computed), groups, and
+a batch that fails unexpectedly: its requests get the error, the worker goes on."""
 
 import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from attnrec.engine.batcher import Batcher, BatchSettings
-from attnrec.engine.errors import DeadlineExpired, QueueFull
+from attnrec.engine.errors import BatchFailed, DeadlineExpired, QueueFull
 from attnrec.engine.model_stats import ModelStats
 from attnrec.engine.pipeline import BatchOutput
 
@@ -123,3 +125,86 @@ def test_run_functions_times_are_accounted_and_observed():
     assert sample("attnrec_batch_size_sum", model="m") == 8
     assert sample("attnrec_stage_seconds_count", model="m", stage="queue") == 8
     assert sample("attnrec_stage_seconds_sum", model="m", stage="encoder") == pytest.approx(n * 0.004)
+
+
+def _misbehaving(group, items):
+    """A run function with bugs on cue: b"raise" raises, b"short" answers fewer results than requests,
+    b"escape" answers a BatchOutput the worker cannot book (stages None: the error is raised in the
+    worker itself, outside the run function, which used to end the worker and strand the queue)."""
+    if b"raise" in items:
+        raise RuntimeError("a secret internal detail")
+    if b"short" in items:
+        return BatchOutput([], 0.0, 0.0, {})
+    if b"escape" in items:
+        return BatchOutput([x.upper() for x in items], 0.0, 0.0, None)
+    return BatchOutput([x.upper() for x in items], 0.0, 0.0, {})
+
+
+def test_a_failing_batch_fails_its_requests_in_words_and_the_worker_serves_the_next():
+    from attnrec.engine.telemetry import Telemetry
+
+    async def main():
+        # telemetry on: the stage histograms are where a bad BatchOutput breaks the worker itself
+        b = Batcher("m", _misbehaving, BatchSettings(max_batch_size=8), ThreadPoolExecutor(1), Telemetry())
+        results = {}
+        for item in (b"raise", b"ok1", b"short", b"ok2", b"escape", b"ok3"):
+            try:
+                results[item] = (await asyncio.wait_for(b.submit(item), 10)).value
+            except Exception as exc:  # noqa: BLE001
+                results[item] = exc
+        # a batch of several requests that fails: each of them gets the error, none waits forever
+        crowd = await asyncio.wait_for(
+            asyncio.gather(*(b.submit(x) for x in (b"a", b"escape", b"c")), return_exceptions=True), 10
+        )
+        after = (await asyncio.wait_for(b.submit(b"ok4"), 10)).value
+        await b.close()
+        return results, crowd, after
+
+    results, crowd, after = run(main())
+    assert (results[b"ok1"], results[b"ok2"], results[b"ok3"], after) == (b"OK1", b"OK2", b"OK3", b"OK4")
+    for item, kind in ((b"raise", "RuntimeError"), (b"short", "RuntimeError"), (b"escape", "AttributeError")):
+        err = results[item]
+        assert isinstance(err, BatchFailed) and err.code == grpc.StatusCode.INTERNAL
+        assert str(err) == f"m: a batch of 1 request(s) failed ({kind}); the server logged why"
+    assert all(isinstance(e, BatchFailed) for e in crowd)
+    assert len({str(e) for e in crowd}) == 1 and "a batch of" in str(crowd[0])
+
+
+def test_a_failing_batch_reaches_the_client_as_a_status_with_its_message():
+    """Through a real grpc.aio server with the interceptors: INTERNAL with the batcher's words (never
+    UNKNOWN, never the exception's own text), and the next call on the same batcher succeeds."""
+    from attnrec.engine.interceptors import ErrorInterceptor
+    from attnrec.engine.telemetry import Telemetry
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    async def start():
+        batcher = Batcher("encoder", _misbehaving, BatchSettings(), ThreadPoolExecutor(1), Telemetry())
+
+        async def unary(request: bytes, context) -> bytes:
+            return (await batcher.submit(request)).value
+
+        s = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        handlers = {"U": grpc.unary_unary_rpc_method_handler(unary)}
+        s.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
+        port = s.add_insecure_port("127.0.0.1:0")
+        await s.start()
+        return s, port, batcher
+
+    s, port, batcher = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/t.T/U")
+            for item, kind in ((b"escape", "AttributeError"), (b"raise", "RuntimeError")):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(item, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INTERNAL
+                assert err.value.details() == f"encoder: a batch of 1 request(s) failed ({kind}); the server logged why"
+                assert call(b"next", timeout=10) == b"NEXT"
+    finally:
+        asyncio.run_coroutine_threadsafe(batcher.close(), loop).result(30)
+        asyncio.run_coroutine_threadsafe(s.stop(None), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

@@ -31,7 +31,10 @@ METHOD = Method(duration_s=0.4, warmup_s=0.1, repeats=2)
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-e2e")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # MLServer only: Ray Serve starts a Ray cluster (minutes on a loaded 2-core machine); its own test
+    # (tests/test_rayserve.py) talks to it, and test_peer_report_* below checks its rows in the report.
     cmd = [sys.executable, "-m", "benchmarks", "--stages", "e2e,peer", "--tiny", "--no-peer-setup", "--date", DATE]
+    cmd += ["--peers", "mlserver"]
     cmd += ["--duration", "0.3", "--warmup", "0.1", "--repeats", "2", "--threads", "1"]
     cmd += ["--out", str(out / "results"), "--work-dir", str(out / "work")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -100,16 +103,18 @@ def test_e2e_stage_reports_consistent_points(bench_run):
 def test_peer_stage_rows_for_both_servers(bench_run):
     data = _load(bench_run, "peer")["data"]
     pts = data["points"]
-    assert {p["concurrency"] for p in pts if p["server"] == "attnrec"} == {1, 4}
+    for rpc in ("ModelInfer", "Recommend"):  # attnrec's encoder and its whole pipeline
+        assert {p["concurrency"] for p in pts if p["server"] == "attnrec" and p["rpc"] == rpc} == {1, 4}
+    assert not any(p["server"] == "Ray Serve" for p in pts) and data["peers"] == ["mlserver"]
     for p in pts:
         _check_point(p, 0.3)
     if not mlserver.venv_ready():
-        assert "no MLServer environment" in data["skipped"]
+        assert "no MLServer environment" in data["skipped"]["MLServer"]
         pytest.skip(
             f"no MLServer environment at {mlserver.DEFAULT_VENV}: python -m attnrec.benchmarks.peer.mlserver --setup"
         )
     assert {p["concurrency"] for p in pts if p["server"] == "MLServer"} == {1, 4}
-    assert data["checks"]["throughput_ratio"] > 0
+    assert data["checks"]["MLServer"]["throughput_ratio"] > 0
 
 
 @pytest.fixture(scope="module")
@@ -196,12 +201,14 @@ def test_a_server_that_completes_nothing_is_measured_as_zero_with_its_errors():
     assert p["errors"] > 0 and set(p["errors_by_code"]) == {"UNAVAILABLE"}
 
 
-def _point(server: str, c: int, rps: float, p50: float, p99: float, errors: dict | None = None) -> dict:
+def _point(
+    server: str, c: int, rps: float, p50: float, p99: float, errors: dict | None = None, rpc: str = "ModelInfer"
+) -> dict:
     from attnrec.benchmarks.timing import aggregate
 
     window = {"requests": int(rps * 0.3), "errors": sum((errors or {}).values()), "throughput_rps": rps,
               "p50_ms": p50, "p90_ms": p99, "p95_ms": p99, "p99_ms": p99, "client_cpu_cores": 0.5}  # fmt: skip
-    return {"server": server, "mode": "closed", "concurrency": c, **aggregate([window, window]),
+    return {"server": server, "rpc": rpc, "mode": "closed", "concurrency": c, **aggregate([window, window]),
             "errors_by_code": errors or {}, "load": f"c={c}"}  # fmt: skip
 
 
@@ -215,7 +222,8 @@ def test_peer_report_when_the_peer_completed_no_request():
               _point("MLServer", 32, 0.0, nan, nan, {"UNAVAILABLE": 7000, "DEADLINE_EXCEEDED": 3})]  # fmt: skip
     section = Section("peer", "peer")
     peer.report(section, points, {"closed": (1, 32), "history": 50})
-    assert section.data["checks"]["met"] is None and section.data["checks"]["throughput_ratio"] is None
+    check = section.data["checks"]["MLServer"]
+    assert check["met"] is None and check["throughput_ratio"] is None
     target = section.tables[-1]
     assert (
         target.rows[0][-1]
@@ -223,6 +231,39 @@ def test_peer_report_when_the_peer_completed_no_request():
     )
     rows = {(r[0], r[1]): r for r in section.tables[0].rows}
     assert rows[("MLServer", 32)][6].startswith("0 ") and "UNAVAILABLE 7000" in rows[("MLServer", 32)][7]
+
+
+def test_peer_report_has_ray_serve_rows_and_both_targets():
+    """attnrec, MLServer and Ray Serve rows at c=1, 32, 128; MLServer's target is 2.5× at c=32 (p99 no
+    worse), Ray Serve's 2× at c=32 with a lower p50 at c=1; a Ray Serve that completed nothing at c=128
+    is a 0 req/s row with its errors."""
+    from attnrec.benchmarks.report import Section
+    from attnrec.benchmarks.stages import peer
+
+    nan = float("nan")
+    points = [_point("attnrec", 1, 900.0, 1.0, 2.0), _point("attnrec", 32, 3000.0, 9.0, 20.0),
+              _point("attnrec", 128, 3100.0, 40.0, 60.0),
+              _point("MLServer", 1, 500.0, 1.8, 3.0), _point("MLServer", 32, 1300.0, 20.0, 30.0),
+              _point("MLServer", 128, 1300.0, 90.0, 99.0),
+              _point("attnrec", 1, 400.0, 2.4, 4.0, rpc="Recommend"),
+              _point("attnrec", 32, 1000.0, 30.0, 50.0, rpc="Recommend"),
+              _point("attnrec", 128, 1000.0, 120.0, 150.0, rpc="Recommend"),
+              _point("Ray Serve", 1, 150.0, 6.5, 9.0, rpc="Recommend"),
+              _point("Ray Serve", 32, 400.0, 75.0, 99.0, rpc="Recommend"),
+              _point("Ray Serve", 128, 0.0, nan, nan, {"DEADLINE_EXCEEDED": 128}, rpc="Recommend")]  # fmt: skip
+    section = Section("peer", "peer")
+    peer.report(section, points, {"closed": (1, 32, 128), "history": 50})
+    encoder, pipeline, targets = section.tables
+    assert {(r[0], r[1]) for r in encoder.rows} == {(s, c) for s in ("attnrec", "MLServer") for c in (1, 32, 128)}
+    assert {(r[0], r[1]) for r in pipeline.rows} == {(s, c) for s in ("attnrec", "Ray Serve") for c in (1, 32, 128)}
+    ray_128 = next(r for r in pipeline.rows if r[:2] == ["Ray Serve", 128])
+    assert ray_128[6].startswith("0 ") and ray_128[7] == "128 (DEADLINE_EXCEEDED 128)"
+    ml, ray = section.data["checks"]["MLServer"], section.data["checks"]["Ray Serve"]
+    assert ml["throughput_ratio"] == pytest.approx(3000 / 1300) and ml["target_ratio"] == 2.5 and ml["met"] is False
+    assert ray["throughput_ratio"] == pytest.approx(2.5) and ray["target_ratio"] == 2.0 and ray["met"] is True
+    assert (ray["attnrec_p50_c1_ms"], ray["peer_p50_c1_ms"]) == (2.4, 6.5)
+    assert [r[-1] for r in targets.rows] == ["MISSED", "met"]
+    assert targets.rows[1][5] == "2.50×" and targets.rows[1][6] == "p50 at c=1 2.40 vs 6.50 ms"
 
 
 def test_e2e_targets_are_invalid_when_floors_exceed_the_server():

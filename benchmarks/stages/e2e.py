@@ -126,7 +126,9 @@ def ceiling_calls(version: Path, rows: list[np.ndarray], settings: Settings) -> 
     return calls
 
 
-def interleaved(settings: Settings, jobs: list[tuple[str, Callable[[Method], dict]]]) -> dict[str, dict]:
+def interleaved(
+    settings: Settings, jobs: list[tuple[str, Callable[[Method], dict]]], stage: str = "e2e"
+) -> dict[str, dict]:
     """Floors and the server they bound, measured under the same conditions: `method.repeats` rounds,
     each running every job's one window in turn, so a load that comes and goes hits them alike.
     Returns each job's point: the median over rounds with [min, max], as `timing.aggregate` makes it."""
@@ -140,7 +142,7 @@ def interleaved(settings: Settings, jobs: list[tuple[str, Callable[[Method], dic
     labels: dict[str, str] = {}
     for r in range(settings.method.repeats):
         for name, job in jobs:
-            settings.progress("e2e", f"round {r + 1}/{settings.method.repeats}: {name}")
+            settings.progress(stage, f"round {r + 1}/{settings.method.repeats}: {name}")
             p = job(one)
             windows[name] += p["repeats"]
             errors[name].update(p.get("errors_by_code", {}))
