@@ -35,7 +35,7 @@ from ..timing import Method
 TITLE = "End to end over gRPC: attnrec serve vs echo floor, in-process ceiling and naive torch servicer"
 K = 10
 TARGET_FRACTION = 0.60  # of the in-process ceiling's throughput at concurrency 32
-TARGET_P50_SLACK_MS = 1.0  # p50 at c=1 within this of echo p50 + in-process p50
+TARGET_P50_SLACK_MS = 0.5  # p50 at c=1 within this of echo p50 + in-process p50 (issue 15; the goal is 0.3)
 TARGET_STORED_HISTORY_MS = 0.3  # a stored-history Recommend adds at most this to p50 at c=1
 TARGET_TAIL_RATIO = 3.0  # open-loop p99 at 50% of the best throughput ≤ this × closed-loop c=1 p99
 
