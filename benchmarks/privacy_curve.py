@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -24,6 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+
+from .report import add_curve_args, curve_command, load_line, write_curve_report
 
 
 def _configs(train_flags: list[str]):
@@ -180,25 +180,25 @@ def main(argv: list[str] | None = None) -> int:
         "--epsilons", default="1,4,8,inf", help="comma-separated targets; inf = no noise (default: %(default)s)"
     )
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
-    p.add_argument("--label", default="", help="dataset label (default: the data file's stem)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report folder (default: %(default)s)")
-    p.add_argument("--date", help="date in the file names (default: today)")
+    add_curve_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(own)
     epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
     label = args.label or args.data.stem
     date = args.date or _dt.date.today().isoformat()
-    load = os.getloadavg()
-    machine = f"{os.cpu_count()} cores, load average at start {load[0]:.2f}"
+    machine = load_line()
     result = measure(args.data, epsilons, seeds, train_flags, args.quiet)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"privacy-{label}-{date}"
-    command = "python -m attnrec.benchmarks.privacy_curve " + " ".join(argv)
-    stem.with_suffix(".md").write_text(markdown(result, label, date, command, machine))
-    stem.with_suffix(".json").write_text(json.dumps({"date": date, "command": command, **result}, indent=2))
-    plot(result, label, stem.with_suffix(".png"))
-    print(f"wrote {stem}.md, .json and .png")
+    command = curve_command("privacy_curve", argv)
+    write_curve_report(
+        args.out,
+        f"privacy-{label}-{date}",
+        date=date,
+        command=command,
+        result=result,
+        markdown=markdown(result, label, date, command, machine),
+        plot=lambda path: plot(result, label, path),
+    )
     return 0
 
 

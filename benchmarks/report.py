@@ -17,9 +17,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 @dataclass
@@ -160,3 +161,38 @@ def _json_default(o: Any):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+# The curve benchmarks (privacy_curve, rerank_curve, federated_curve) write one <name>-<label>-<date>
+# triple of files each: the Markdown table, the raw JSON and one PNG. One writer for the three.
+
+
+def load_line() -> str:
+    """'2 cores, load average 1.23': the machine as the curve reports state it (call it when the run starts)."""
+    return f"{os.cpu_count()} cores, load average at start {os.getloadavg()[0]:.2f}"
+
+
+def curve_command(module: str, argv: list[str]) -> str:
+    """The command line that reproduces a curve run, as its report quotes it."""
+    return f"python -m attnrec.benchmarks.{module} " + " ".join(argv)
+
+
+def add_curve_args(p, *, label_help: str = "dataset label in titles and file names") -> None:
+    """--label, --out and --date, the curve scripts' shared output flags."""
+    p.add_argument("--label", default="", help=f"{label_help} (default: the data file's stem)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report folder (default: %(default)s)")
+    p.add_argument("--date", help="date in the file names (default: today)")
+
+
+def write_curve_report(
+    out_dir: Path, stem_name: str, *, date: str, command: str, result: dict, markdown: str, plot: Callable[[Path], None]
+) -> Path:
+    """out_dir/stem_name.md (markdown), .json ({date, command, **result}) and .png (plot(path)); returns the stem."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / stem_name
+    stem.with_suffix(".md").write_text(markdown)
+    payload = {"date": date, "command": command, **result}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=2, default=_json_default))
+    plot(stem.with_suffix(".png"))
+    print(f"wrote {stem}.md, .json and .png")
+    return stem

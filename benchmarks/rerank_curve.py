@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .report import add_curve_args, curve_command, load_line, write_curve_report
 
 COLUMNS = (
     ("ndcg@10", "NDCG@10"),
@@ -137,24 +137,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", required=True, help="model name (its newest valid version is measured)")
     p.add_argument("--data", type=Path, required=True, help="the interaction log the version was trained on")
     p.add_argument("--lambdas", default="0,0.25,0.5,0.75,1", help="comma-separated strengths (default: %(default)s)")
-    p.add_argument("--label", default="", help="dataset label in titles and file names (default: the data file's stem)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="report folder (default: %(default)s)")
-    p.add_argument("--date", help="date in the file names (default: today)")
+    add_curve_args(p)
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     args = p.parse_args(argv)
     lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
     label = args.label or args.data.stem
     date = args.date or _dt.date.today().isoformat()
+    machine = load_line()
     result = measure(args.repo, args.name, args.data, lambdas, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"rerank-{label}-{date}"
-    load = os.getloadavg()
-    machine = f"{os.cpu_count()} cores, load average at start {load[0]:.2f}"
-    command = "python -m attnrec.benchmarks.rerank_curve " + " ".join(sys.argv[1:] if argv is None else argv)
-    stem.with_suffix(".md").write_text(markdown(result, label, date, command, machine))
-    stem.with_suffix(".json").write_text(json.dumps({"date": date, "command": command, **result}, indent=2))
-    plot(result, label, stem.with_suffix(".png"))
-    print(f"wrote {stem}.md, .json and .png")
+    command = curve_command("rerank_curve", sys.argv[1:] if argv is None else argv)
+    write_curve_report(
+        args.out,
+        f"rerank-{label}-{date}",
+        date=date,
+        command=command,
+        result=result,
+        markdown=markdown(result, label, date, command, machine),
+        plot=lambda path: plot(result, label, path),
+    )
     return 0
 
 

@@ -55,6 +55,7 @@ from .model_stats import ModelStats, StatsStore
 from .online_state import OnlineState
 from .pipeline import Pipeline, run_encoder, run_ranker, run_recommend
 from .repository import DEFAULT_CANDIDATES
+from .rerank import strengths
 from .telemetry import Telemetry
 
 
@@ -465,8 +466,10 @@ class RecommendModel(_Model):
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
         for name, value in (("diversity", diversity), ("popularity_calibration", popularity_calibration)):
-            if not 0.0 <= value <= 1.0:  # NaN fails this too
-                raise InvalidRequest(f"{name} must be in 0..1, got {value}")
+            try:
+                strengths(value, 1, name)  # the re-rank's own 0..1 check (NaN fails it too)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
         if history_timestamps and len(history_timestamps) != len(history):
             raise InvalidRequest(
                 f"history_timestamps has {len(history_timestamps)} values for {len(history)} history items "

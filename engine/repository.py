@@ -259,6 +259,24 @@ class PrivacySection(_Section):
 
 
 @dataclass(frozen=True)
+class FederatedSection(_Section):
+    """Federated training of the encoder (attnrec train --federated K, export/federated.py)."""
+
+    clients: int  # K, each holding a disjoint shard of the users
+    rounds: int  # R asked
+    local_epochs: int  # E per client per round
+    strategy: str  # the aggregation, in words (FedAvg weighted by client training windows)
+    transport: str = ""  # how the server and clients talked
+    partition: str = ""  # how users were split into shards
+    users_per_client: tuple[int, ...] = ()
+    windows_per_client: tuple[int, ...] = ()  # FedAvg's weights
+    best_round: int | None = None  # the round whose aggregate was exported
+    evaluation: str = ""
+    centralised: tuple[str, ...] = ()  # what else read every user's data in one place
+    flwr: str | None = None
+
+
+@dataclass(frozen=True)
 class TrainingSection(_Section):
     """How the weights were made, and the library versions that exported them."""
 
@@ -271,6 +289,7 @@ class TrainingSection(_Section):
     checkpoint: str | None = None
     note: str | None = None
     privacy: PrivacySection | None = None  # DP-SGD training (attnrec train --dp-epsilon)
+    federated: FederatedSection | None = None  # Flower FedAvg training (attnrec train --federated)
     torch: str | None = None
     onnxruntime: str | None = None
     faiss: str | None = None

@@ -325,6 +325,70 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # a crash mid-save never leaves a truncated checkpoint
 
 
+class PopularityNegatives:
+    """loss="sampled": each batch's shared negatives, drawn ∝ (popularity + 1)^0.75, with their logQ correction."""
+
+    def __init__(self, popularity: np.ndarray, n_negatives: int, device: torch.device) -> None:
+        p = (popularity + 1.0) ** 0.75
+        p /= p.sum()
+        self.cdf = np.cumsum(p)
+        self.logq = torch.from_numpy(np.log(p * n_negatives)).float().to(device)
+        self.n_negatives, self.device = n_negatives, device
+
+    def draw(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        # Inverse-CDF sampling: O(S log I) per batch, where multinomial would be O(I).
+        draws = np.searchsorted(self.cdf, rng.random(self.n_negatives) * self.cdf[-1])
+        return torch.from_numpy(np.minimum(draws, len(self.cdf) - 1)).to(self.device), self.logq
+
+
+def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches of window indices: length-grouped (cfg.length_batches) or a plain shuffle."""
+    if cfg.length_batches:
+        return length_batches(lengths, cfg.batch_size, rng)
+    order = rng.permutation(len(lengths))
+    return [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+
+
+def train_epoch(
+    model: SASRec,
+    opt: _Optimizer,
+    items: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    cfg: TrainConfig,
+    rng: np.random.Generator,
+    *,
+    negatives: PopularityNegatives | None = None,
+    ema: torch.optim.swa_utils.AveragedModel | None = None,
+    on_batch=None,
+) -> float:
+    """One pass over the training windows (starts, ends) into `items`: the training step of every
+    trainer (centralised here, each federated client in export/federated.py). Returns the mean batch
+    loss; on_batch(b, mean loss so far) after each batch."""
+    device = _device_of(model)
+    # bf16 autocast on a GPU (the matmuls in bf16, the loss in float32); float32 on the CPU.
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    )
+    model.train()
+    batches = epoch_batches(ends - starts, cfg, rng)
+    total = 0.0
+    for b, idx in enumerate(batches):
+        window = _batch_tokens(items, starts[idx], ends[idx]).to(device)
+        neg = negatives.draw(rng) if negatives is not None else None
+        with autocast():
+            loss = _loss(model, window, cfg, neg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if ema is not None:
+            ema.update_parameters(model)
+        total += loss.item()
+        if on_batch is not None:
+            on_batch(b, total / (b + 1))
+    return total / max(len(batches), 1)
+
+
 def train(
     split: LeaveOneOut,
     cfg: TrainConfig,
@@ -369,12 +433,7 @@ def train(
     val_users = (
         np.arange(n_valid) if n_valid <= cfg.val_users else np.sort(rng.choice(n_valid, cfg.val_users, replace=False))
     )
-    neg_cdf = logq = None
-    if cfg.loss == "sampled":
-        p = (popularity + 1.0) ** 0.75
-        p /= p.sum()
-        neg_cdf = np.cumsum(p)
-        logq = torch.from_numpy(np.log(p * cfg.n_negatives)).float().to(device)
+    negatives = PopularityNegatives(popularity, cfg.n_negatives, device) if cfg.loss == "sampled" else None
 
     epoch, best, best_epoch, bad, history = 0, -1.0, 0, 0, []
     best_state = None
@@ -406,10 +465,6 @@ def train(
         if cfg.length_batches
         else -(-len(starts) // cfg.batch_size)
     )
-    # bf16 autocast on a GPU (the matmuls in bf16, the loss in float32); float32 on the CPU.
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    )
     columns = [
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -421,41 +476,24 @@ def train(
         ep_task = bar.add_task("epochs", total=cfg.epochs, completed=epoch, status="")
         b_task = bar.add_task("batches", total=n_batches, status="")
         while epoch < cfg.epochs and bad < cfg.patience:
-            model.train()
-            if cfg.length_batches:
-                batches = length_batches(lengths, cfg.batch_size, rng)
-            else:
-                order = rng.permutation(len(starts))
-                batches = [order[i : i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
             bar.reset(b_task, total=n_batches)
-            total, last_log = 0.0, time.perf_counter()
-            for b, idx in enumerate(batches):
-                window = _batch_tokens(split.data.items, starts[idx], ends[idx]).to(device)
-                neg = None
-                if cfg.loss == "sampled":
-                    # Inverse-CDF sampling: O(S log I) per batch, where multinomial would be O(I).
-                    draws = np.searchsorted(neg_cdf, rng.random(cfg.n_negatives) * neg_cdf[-1])
-                    negatives = torch.from_numpy(np.minimum(draws, n_items - 1)).to(device)
-                    neg = (negatives, logq)
-                with autocast():
-                    loss = _loss(model, window, cfg, neg)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                if ema is not None:
-                    ema.update_parameters(model)
-                total += loss.item()
-                bar.update(b_task, advance=1, status=f"loss {total / (b + 1):.4f}")
+            last_log = time.perf_counter()
+
+            def on_batch(b: int, mean_loss: float) -> None:
+                nonlocal last_log
+                bar.update(b_task, advance=1, status=f"loss {mean_loss:.4f}")
                 if time.perf_counter() - last_log > 60:  # a heartbeat for logs that have no progress bar
                     last_log = time.perf_counter()
-                    log.info("epoch %d: batch %d/%d, loss %.4f", epoch + 1, b + 1, n_batches, total / (b + 1))
+                    log.info("epoch %d: batch %d/%d, loss %.4f", epoch + 1, b + 1, n_batches, mean_loss)
+
+            mean_loss = train_epoch(
+                model, opt, split.data.items, starts, ends, cfg, rng, negatives=negatives, ema=ema, on_batch=on_batch
+            )
             epoch += 1
             evaluated = ema.module if ema is not None else model
             metrics = validate(evaluated, split, val_users, popularity)
             ndcg = metrics["ndcg@10"]
-            history.append(
-                {"epoch": epoch, "loss": total / n_batches, "valid_ndcg@10": ndcg, "valid_hr@10": metrics["hr@10"]}
-            )
+            history.append({"epoch": epoch, "loss": mean_loss, "valid_ndcg@10": ndcg, "valid_hr@10": metrics["hr@10"]})
             if ndcg > best:
                 best, best_epoch, bad = ndcg, epoch, 0
                 best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
@@ -465,7 +503,7 @@ def train(
             log.info(
                 "epoch %d: loss %.4f, valid NDCG@10 %.4f (best %.4f at epoch %d)",
                 epoch,
-                total / n_batches,
+                mean_loss,
                 ndcg,
                 best,
                 best_epoch,

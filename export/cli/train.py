@@ -149,6 +149,46 @@ def _add_privacy_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_federated_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "federated simulation (Flower FedAvg over K clients holding disjoint users; export/federated.py)"
+    )
+    g.add_argument(
+        "--federated",
+        type=int,
+        metavar="K",
+        help="train the encoder by federated averaging across K simulated clients: the users are shuffled by "
+        "--seed and cut into K disjoint shards, each client trains --fed-local-epochs epochs of the ordinary "
+        "training step on its shard per round, and Flower's FedAvg server (grpc-bidi on 127.0.0.1, clients in "
+        "threads) averages their weights weighted by their training windows; validation NDCG@10 after every "
+        "round, the best round is published; the manifest's training.federated records K, rounds, local epochs "
+        "and strategy. --epochs and --patience do not apply; not with --dp-epsilon, --resume or --ema-decay",
+    )
+    g.add_argument("--fed-rounds", type=int, default=20, metavar="R", help="federated rounds (default: 20)")
+    g.add_argument(
+        "--fed-local-epochs",
+        type=int,
+        default=1,
+        metavar="E",
+        help="local epochs each client trains per round (default: 1)",
+    )
+
+
+def _federated_config(args: argparse.Namespace):
+    if args.federated is None:
+        return None
+    from ..federated import FederatedConfig
+
+    if args.dp_epsilon is not None:
+        raise ValueError(
+            "--federated with --dp-epsilon is not available: DP-SGD trains centrally (export/dp_train.py); "
+            "federated training here is not differentially private"
+        )
+    if args.resume:
+        raise ValueError("--resume is not available with --federated (a federated run keeps no checkpoint)")
+    return FederatedConfig(clients=args.federated, rounds=args.fed_rounds, local_epochs=args.fed_local_epochs)
+
+
 def _privacy_config(args: argparse.Namespace):
     if args.dp_epsilon is None:
         return None
@@ -194,6 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ..train import train
 
     privacy = _privacy_config(args)  # ValueError on a bad --dp-* value, before the data is read
+    federated = _federated_config(args)  # likewise for --federated / --fed-*
     if privacy is not None and args.resume:
         raise ValueError("--resume is not available with --dp-epsilon (a DP run is one fixed-length pass)")
     split, info = with_cold_items(args, *load_split(args))
@@ -223,6 +264,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         training = result.section(
             note="DP-SGD: fixed length, the last weights are exported (best_valid_ndcg10 is the last epoch's)",
             privacy=section,
+        )
+        publish_version(result.model, split, info, args, training, features=features, content=content)
+        return 0
+    if federated is not None:
+        from ..federated import train_federated
+
+        if args.ranker:
+            log.warning("--federated: the ranker is trained centrally on every user's data (--no-ranker leaves it out)")
+        result, section = train_federated(split, cfg, federated, progress=not args.quiet)
+        log.info(
+            "federated: best validation NDCG@10 %.4f at round %d of %d (%d clients, %d local epochs, %.0fs)",
+            result.best_valid_ndcg10,
+            section.best_round,
+            section.rounds,
+            section.clients,
+            section.local_epochs,
+            result.seconds,
+        )
+        training = result.section(
+            note="federated: best_epoch is the best round; history has one entry per round", federated=section
         )
         publish_version(result.model, split, info, args, training, features=features, content=content)
         return 0
@@ -273,6 +334,7 @@ def _train(p: argparse.ArgumentParser) -> None:
     add_content_args(p)
     _add_train_args(p)
     _add_privacy_args(p)
+    _add_federated_args(p)
     add_publish_args(p)
     add_ranker_args(p)
     p.set_defaults(func=cmd_train)
