@@ -466,10 +466,11 @@ class RecommendModel(_Model):
         if n_candidates < 0 or n_candidates > self.max_k:
             raise InvalidRequest(f"n_candidates must be in 0..{self.max_k}, got {n_candidates}")
         for name, value in (("diversity", diversity), ("popularity_calibration", popularity_calibration)):
-            try:
-                strengths(value, 1, name)  # the re-rank's own 0..1 check (NaN fails it too)
-            except ValueError as exc:
-                raise InvalidRequest(str(exc)) from None
+            if value != 0.0:  # a plain request (both 0) stays out of engine/rerank.py; NaN is != 0 and checked
+                try:
+                    strengths(value, 1, name)  # the re-rank's own 0..1 check (NaN fails it too)
+                except ValueError as exc:
+                    raise InvalidRequest(str(exc)) from None
         if history_timestamps and len(history_timestamps) != len(history):
             raise InvalidRequest(
                 f"history_timestamps has {len(history_timestamps)} values for {len(history)} history items "
