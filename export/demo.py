@@ -1,4 +1,4 @@
-"""`attnrec demo`: the whole offline path on embedded synthetic data, in about 80 seconds on 2 cores.
+"""`attnrec demo`: the whole offline path on embedded synthetic data, in about 90 seconds on 2 cores.
 
 Generates a log, trains a small SASRec and a ranker on its FAISS candidates, evaluates the
 three rows (exact, FAISS, FAISS + ranker), publishes a repository version, then answers a few
