@@ -39,7 +39,7 @@ from .mlserver import free_port, log_tail
 RAY_VERSION = "2.60.0"
 DEFAULT_VENV = Path(".cache") / f"rayserve-{RAY_VERSION}"
 APP_SCRIPT = Path(__file__).with_name("rayserve_app.py")
-ROOT = Path(__file__).resolve().parents[1]  # the repository: installed editable into the environment
+ROOT = Path(__file__).resolve().parents[2]  # the repository: installed editable into the environment
 # What the deployment imports, at the versions the project runs (so both servers compute alike).
 SAME_AS_PROJECT = ("onnxruntime", "faiss-cpu", "numpy", "grpcio", "protobuf")
 _READY_MARK = ".attnrec-ready"
