@@ -27,28 +27,20 @@ from .report import add_curve_args, curve_command, load_line, write_curve_report
 
 
 def _configs(train_flags: list[str]):
-    """TrainConfig and PrivacyConfig keyword arguments from `attnrec train` flags (its own parser)."""
-    from attnrec.export.cli.train import _add_privacy_args, _add_train_args, _train_config
+    """TrainConfig and the PrivacyConfig (at epsilon inf, replaced per run) from `attnrec train` flags (its own
+    parser, `attnrec train`'s own builders)."""
+    from attnrec.export.cli.train import _add_privacy_args, _add_train_args, _privacy_config, _train_config
 
     p = argparse.ArgumentParser(prog="train flags")
     _add_train_args(p)
     _add_privacy_args(p)
     args = p.parse_args(train_flags)
-    privacy = dict(
-        delta=args.dp_delta,
-        max_grad_norm=args.dp_max_grad_norm,
-        epochs=args.dp_epochs,
-        batch_users=args.dp_batch_users,
-        accountant=args.dp_accountant,
-        lr=args.dp_lr,
-    )
-    return _train_config(args), privacy
+    return _train_config(args), _privacy_config(args, epsilon=math.inf)
 
 
 def measure(data: Path, epsilons: list[float], seeds: list[int], train_flags: list[str], quiet: bool) -> dict:
     import dataclasses
 
-    from attnrec.export.config import PrivacyConfig
     from attnrec.export.data.readers import read_interactions
     from attnrec.export.data.sequences import build_sequences, leave_one_out
     from attnrec.export.dp_train import train_dp
@@ -63,9 +55,8 @@ def measure(data: Path, epsilons: list[float], seeds: list[int], train_flags: li
     for eps in epsilons:
         for seed in seeds:
             t0 = time.perf_counter()
-            result, section = train_dp(
-                split, dataclasses.replace(cfg, seed=seed), PrivacyConfig(epsilon=eps, **privacy), progress=not quiet
-            )
+            run_cfg, run_privacy = dataclasses.replace(cfg, seed=seed), dataclasses.replace(privacy, epsilon=eps)
+            result, section = train_dp(split, run_cfg, run_privacy, progress=not quiet)
             test = validate(result.model, split, everyone, pop, which="test")
             run = {
                 "epsilon_target": eps if math.isfinite(eps) else None,

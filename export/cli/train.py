@@ -189,13 +189,15 @@ def _federated_config(args: argparse.Namespace):
     return FederatedConfig(clients=args.federated, rounds=args.fed_rounds, local_epochs=args.fed_local_epochs)
 
 
-def _privacy_config(args: argparse.Namespace):
-    if args.dp_epsilon is None:
+def _privacy_config(args: argparse.Namespace, epsilon: float | None = None):
+    """The --dp-* flags as a PrivacyConfig (None without --dp-epsilon); `epsilon` stands in for --dp-epsilon."""
+    epsilon = args.dp_epsilon if epsilon is None else epsilon
+    if epsilon is None:
         return None
     from ..config import PrivacyConfig
 
     return PrivacyConfig(
-        epsilon=args.dp_epsilon,
+        epsilon=epsilon,
         delta=args.dp_delta,
         max_grad_norm=args.dp_max_grad_norm,
         epochs=args.dp_epochs,
