@@ -18,9 +18,12 @@ Method (the conventions of benchmarks/timing.py):
   `poisson=True`); latency runs from the *scheduled* send time, so a server that falls behind
   shows its queueing (no coordinated omission). Sends more than LATE_S behind schedule are
   counted as late; sends beyond `max_outstanding` in flight are dropped (counted, not sent).
-- Server side (ServerProbe, read by the parent at the window's edges): CPU time of the server's
-  process tree from /proc/<pid>/stat (utime + stime, children included: MLServer's workers), per
-  completed request; and, for attnrec, the Prometheus stage histograms' _sum/_count deltas.
+- Server side (ServerProbe, read by the parent): CPU time of the server's process tree from
+  /proc/<pid>/stat (utime + stime, children included: MLServer's workers) at the window's edges, per
+  completed request; and, for attnrec, the Prometheus stage histograms' _sum/_count deltas, scraped
+  in the warm-up and after the window's drain (a scrape stalls the server; see ServerProbe).
+- The clients are told each window before its start (t0 − 50 ms), so an open loop's schedule starts
+  on time instead of bursting its overdue part.
 - Repeats → each figure's median with its [min, max] (`timing.aggregate`); errors by gRPC code summed.
 
 Targets (pluggable; each builds its calls in the client process):
@@ -365,22 +368,41 @@ STAGES = ("queue", "encoder", "search", "ranker", "total")
 
 @dataclass
 class ServerProbe:
-    """What the parent reads at a window's edges: the server's CPU time and (attnrec) its stage metrics."""
+    """What the parent reads around a window: the server's CPU time (at the window's edges) and, for
+    attnrec, its stage metrics (before the window and after its drain).
+
+    The two are read at different instants on purpose. A /proc read costs the server nothing, so CPU
+    is read exactly at the window's edges. A Prometheus scrape is served by the server's own process
+    and, under load, holds its interpreter for tens of ms (measured: 20-60 ms at 280-565 req/s), which
+    delays every request then in flight; scraped at the window's start, that stall alone put the
+    open-loop p99 at 100+ ms. So the stages are scraped in the warm-up, before the window, and once the
+    window's requests have all completed: the stage means cover the window (plus the tail of its
+    warm-up, under the same load) and no measured request waits behind a scrape."""
 
     pid: int | None = None
     metrics_url: str | None = None
     _cpu: float = field(default=0.0, init=False)
+    _cpu_s: float | None = field(default=None, init=False)
     _stages: dict = field(default_factory=dict, init=False)
 
-    def begin(self) -> None:
-        self._cpu = process_tree_cpu_s(self.pid) if self.pid else 0.0
+    def begin_stages(self) -> None:
+        """In the warm-up: the stage metrics' starting values."""
         self._stages = scrape_stages(self.metrics_url) if self.metrics_url else {}
 
-    def end(self) -> dict[str, float]:
-        """Deltas since `begin`: server_cpu_s, and the mean of each stage (ms) and of the batch size."""
+    def begin(self) -> None:
+        """At the window's start: the server's CPU time."""
+        self._cpu = process_tree_cpu_s(self.pid) if self.pid else 0.0
+
+    def end(self) -> None:
+        """At the window's end: the server's CPU time over the window."""
+        self._cpu_s = process_tree_cpu_s(self.pid) - self._cpu if self.pid else None
+
+    def results(self) -> dict[str, float]:
+        """After the window's requests completed: server_cpu_s, and the mean of each stage (ms) and of
+        the batch size since `begin_stages`."""
         out: dict[str, float] = {}
-        if self.pid:
-            out["server_cpu_s"] = process_tree_cpu_s(self.pid) - self._cpu
+        if self._cpu_s is not None:
+            out["server_cpu_s"] = self._cpu_s
         if self.metrics_url:
             after = scrape_stages(self.metrics_url)
             for stage in (*STAGES, "batch"):
@@ -424,15 +446,19 @@ def run_point(clients: ClientPool, load, method: Method, probe: ServerProbe | No
         t0 = time.monotonic() + 0.05
         ws = t0 + method.warmup_s
         we = ws + method.duration_s
-        if probe is not None:
-            time.sleep(max(0.0, ws - time.monotonic()))
-            probe.begin()
+        # The clients get the window before it starts (an open loop told late would send its whole
+        # overdue warm-up schedule at once, a burst that is then measured as queueing).
         pending = _Pending(clients, load, t0, ws, we)
         if probe is not None:
+            time.sleep(max(0.0, t0 + method.warmup_s / 2 - time.monotonic()))
+            probe.begin_stages()
+            time.sleep(max(0.0, ws - time.monotonic()))
+            probe.begin()
             time.sleep(max(0.0, we - time.monotonic()))
-        # The probe's end reads are taken right at the window's end, before the clients' results arrive.
-        server = probe.end() if probe is not None else {}
-        window, errs = summarise_window(pending.results(), load, method.duration_s)
+            probe.end()
+        results = pending.results()
+        server = probe.results() if probe is not None else {}
+        window, errs = summarise_window(results, load, method.duration_s)
         if "server_cpu_s" in server:  # per request: divided by what the window completed
             cpu = server.pop("server_cpu_s")
             done = window["requests"] + window["errors"]

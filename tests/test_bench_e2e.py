@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,64 @@ def test_open_loop_keeps_a_low_rate_and_closed_loop_counts_add_up(echo):
         c = run_point(clients, ClosedLoop(2), METHOD)
         assert c["errors"] == 0 and c["requests"] > 0
         assert c["p50_ms"] <= c["p99_ms"]
+
+
+class _RecordingClients:
+    """A ClientPool stand-in: records when each window reached the clients, and whether the probe's
+    stage scrape came before the window, its CPU reads at the window's edges."""
+
+    def __init__(self, probe_log: list):
+        self._conns = [self]
+        self.sent: list[tuple[float, float, float, float]] = []
+        self.probe_log = probe_log
+
+    def send(self, msg):
+        load, t0, ws, we = msg
+        self.sent.append((time.monotonic(), t0, ws, we))
+        self.probe_log.append(("window", time.monotonic()))
+
+    def _recv(self, conn, timeout):
+        self.probe_log.append(("results", time.monotonic()))
+        return {"latencies": [0.001], "errors": {}, "client_cpu_s": 0.0}
+
+
+class _LoggingProbe(ServerProbe):
+    def __init__(self, log):
+        super().__init__(pid=os.getpid())
+        self.log = log
+
+    def begin_stages(self):
+        self.log.append(("stages", time.monotonic()))
+
+    def begin(self):
+        self.log.append(("cpu-begin", time.monotonic()))
+        super().begin()
+
+    def end(self):
+        self.log.append(("cpu-end", time.monotonic()))
+        super().end()
+
+    def results(self):
+        self.log.append(("stages-after", time.monotonic()))
+        return super().results()
+
+
+def test_clients_get_each_window_before_it_starts_and_no_scrape_falls_inside_it():
+    """An open loop told its window late sends the overdue part of its schedule in one burst (this
+    put the e2e report's open-loop p99 at 46x c=1); a metrics scrape inside the window stalls it."""
+    log: list = []
+    clients = _RecordingClients(log)
+    method = Method(duration_s=0.05, warmup_s=0.05, repeats=2)
+    run_point(clients, ClosedLoop(1), method, _LoggingProbe(log))
+    assert len(clients.sent) == 2
+    for sent_at, t0, ws, we in clients.sent:
+        assert sent_at < t0 < ws < we
+    events = [name for name, _ in log]
+    assert events == ["window", "stages", "cpu-begin", "cpu-end", "results", "stages-after"] * 2
+    starts = [t for name, t in log if name == "cpu-begin"]
+    stages = [t for name, t in log if name == "stages"]
+    for (_, t0, ws, we), begin, scrape in zip(clients.sent, starts, stages):
+        assert scrape < ws <= begin < ws + 0.02
 
 
 def test_requests_spread_over_several_connections(echo):
