@@ -26,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+INLINE_BELOW = 1.25  # requests per batch (moving average) under which a lone request may run inline
+
+
 @dataclass(frozen=True)
 class BatchSettings:
     """Triton's dynamic_batching knobs (flags of `attnrec serve`)."""
@@ -34,6 +37,12 @@ class BatchSettings:
     max_queue_delay_us: int = 0  # how long the first request waits for others (0: take what is queued)
     max_queue_size: int = 1024  # queued requests beyond this are refused (RESOURCE_EXHAUSTED); 0 = no limit
     instances: int = 1  # batches of one model that may run at the same time
+    # A batch of one request, with nothing else queued or running, runs on the event-loop thread when
+    # the model's recent one-request batches took at most this long (µs); 0: always the thread pool.
+    # Why: the hand-off to a pool thread and back costs ~0.3 ms on a small host (two wake-ups, and the
+    # pool thread holding the GIL when it wakes the loop), a third of a 1 ms request; a loop blocked
+    # for under this long delays the next requests no more than the batch they then join would.
+    inline_max_us: int = 2000
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,9 @@ class Batcher:
         self._workers: list[asyncio.Task] = []
         self._closed = False
         self._batches = 0
+        self._in_pool = 0  # batches running in the thread pool now
+        self._single_s: float | None = None  # moving average of one-request batches' run time
+        self._requests_per_batch = 1.0  # moving average: above ~1, requests overlap (load)
         self._children: dict[str, Any] = {}  # metric children by stage (see _histogram)
 
     def start(self) -> None:
@@ -199,7 +211,14 @@ class Batcher:
         rows = sum(p.rows for p in batch)
         queue_s = [start - p.enqueued for p in batch]
         try:
-            out = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
+            if self._inline(batch):
+                out = self.run(batch[0].group, [batch[0].item])
+            else:
+                self._in_pool += 1
+                try:
+                    out = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
+                finally:
+                    self._in_pool -= 1
             if len(out.values) != len(batch):
                 raise RuntimeError(f"the run function returned {len(out.values)} results for {len(batch)} requests")
             error = None
@@ -209,6 +228,10 @@ class Batcher:
             log.exception("%s: batch of %d failed", self.name, len(batch))
             out, error = None, _failed(self.name, len(batch), exc)
         end = time.monotonic()
+        self._requests_per_batch = 0.9 * self._requests_per_batch + 0.1 * len(batch)
+        if len(batch) == 1 and out is not None:
+            took = end - start
+            self._single_s = took if self._single_s is None else 0.8 * self._single_s + 0.2 * took
         phases = self._account(batch, rows, start, end, out)
         self._batches += 1
         number = self._batches
@@ -226,6 +249,23 @@ class Batcher:
                 p.future.set_exception(error)
             else:
                 p.future.set_result(Completed(out.values[i], queue_s[i], len(batch), *phases, number))
+
+    def _inline(self, batch: list[_Pending]) -> bool:
+        """Run this batch on the event-loop thread (see BatchSettings.inline_max_us)? Only a lone
+        request, with no other waiting and none of this model's batches in the pool, once one-request
+        batches are known to be short (the first ones run in the pool and are timed), and only while
+        requests rarely overlap: under load the pool thread's compute (onnxruntime and FAISS release
+        the GIL) overlaps the loop's work on the next requests, which an inline run would serialise."""
+        limit = self.settings.inline_max_us
+        return (
+            limit > 0
+            and len(batch) == 1
+            and self._requests_per_batch < INLINE_BELOW
+            and not self._queue
+            and not self._in_pool
+            and self._single_s is not None
+            and self._single_s * 1e6 <= limit
+        )
 
     def _histogram(self, stage: str):
         """The prometheus_client child of `stage` ("batch": the batch-size histogram), looked up once."""

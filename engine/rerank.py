@@ -29,7 +29,11 @@ from .popularity import N_GROUPS, history_mix, js_divergence, popularity_groups
 
 def strengths(value: float | Sequence[float] | np.ndarray | None, n: int, name: str) -> np.ndarray:
     """(n,) float64 strengths from a scalar, one per row, or None (0); ValueError outside 0..1 (NaN too)."""
-    x = np.zeros(n) if value is None else np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
+    if value is None:
+        return np.zeros(n)
+    x = np.broadcast_to(np.asarray(value, dtype=np.float64), (n,))
+    if not x.any():  # every request's default (0): the check below costs more than the batch's re-rank logic
+        return np.zeros(n)
     bad = ~((x >= 0) & (x <= 1))
     if bad.any():
         raise ValueError(f"{name} must be in 0..1, got {x[bad][0]}")

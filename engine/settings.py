@@ -32,6 +32,7 @@ class ServerSettings:
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
     instances: int = 1
+    inline_max_us: int = 2000
     max_k: int = 1000
     stream_window: int = 64
     providers: str = ""
@@ -61,7 +62,9 @@ class ServerSettings:
     def batching(self) -> "BatchSettings":
         from .batcher import BatchSettings
 
-        return BatchSettings(self.max_batch_size, self.max_queue_delay_us, self.max_queue_size, self.instances)
+        return BatchSettings(
+            self.max_batch_size, self.max_queue_delay_us, self.max_queue_size, self.instances, self.inline_max_us
+        )
 
     @property
     def runtime(self) -> "RuntimeOptions":
@@ -122,6 +125,9 @@ HELP = {
     "max_queue_delay_us": "microseconds the first queued request waits for others (0: batch whatever is queued)",
     "max_queue_size": "queued requests per model beyond which RESOURCE_EXHAUSTED is answered (0: no limit)",
     "instances": "batches of one model that may run at the same time",
+    "inline_max_us": "a lone request (nothing else queued or running) is computed on the event-loop thread, "
+    "skipping the thread-pool hand-off (~0.3 ms), while that model's one-request batches take at most this "
+    "many microseconds (0: always the thread pool)",
     "max_k": "largest k (and n_candidates) a request may ask for",
     "stream_window": "requests of one RecommendStream computed ahead of the reply being read",
     "providers": "onnxruntime execution providers, comma-separated (default: TensorRT → CUDA → CPU, as available)",

@@ -208,3 +208,59 @@ def test_a_failing_batch_reaches_the_client_as_a_status_with_its_message():
         asyncio.run_coroutine_threadsafe(s.stop(None), loop).result(30)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
+
+
+class ThreadRecorder:
+    """Records which thread ran each batch, and takes `delay` seconds per batch."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay, self.threads = delay, []
+
+    def __call__(self, group, items):
+        self.threads.append(threading.get_ident())
+        if self.delay:
+            time.sleep(self.delay)
+        return BatchOutput([x + 1 for x in items], 0.0, 0.0, {})
+
+
+def _lone_requests(settings: BatchSettings, rec: ThreadRecorder, n: int = 6) -> tuple[list, int]:
+    async def main():
+        b = Batcher("m", rec, settings, ThreadPoolExecutor(1))
+        out = [(await b.submit(i)).value for i in range(n)]  # one at a time: every batch a lone request
+        await b.close()
+        return out, threading.get_ident()
+
+    return run(main())
+
+
+def test_a_lone_short_request_runs_on_the_event_loop_thread_once_timed():
+    """The thread-pool hand-off is skipped for a lone request once one-request batches are known to be
+    short; the first one runs in the pool and is timed. The results are the same either way."""
+    rec = ThreadRecorder()
+    out, loop_thread = _lone_requests(BatchSettings(inline_max_us=2000), rec)
+    assert out == [1, 2, 3, 4, 5, 6]
+    assert rec.threads[0] != loop_thread and rec.threads[1:] == [loop_thread] * 5
+
+
+def test_inline_off_slow_batches_and_overlapping_requests_use_the_pool():
+    rec = ThreadRecorder()
+    out, loop_thread = _lone_requests(BatchSettings(inline_max_us=0), rec)
+    assert out == [1, 2, 3, 4, 5, 6] and loop_thread not in rec.threads
+    slow = ThreadRecorder(delay=0.005)  # 5 ms a batch: over a 2 ms limit, so never inline
+    _, loop_thread = _lone_requests(BatchSettings(inline_max_us=2000), slow, n=3)
+    assert loop_thread not in slow.threads
+
+    rec = ThreadRecorder(delay=0.002)
+
+    async def overlapping():
+        b = Batcher("m", rec, BatchSettings(max_batch_size=4, inline_max_us=1_000_000), ThreadPoolExecutor(1))
+        await b.submit(0)  # timed in the pool: lone requests may now run inline ...
+        for _ in range(5):  # ... but requests arriving together (batches of 4) mean load: the pool again
+            await asyncio.gather(*(b.submit(i) for i in range(4)))
+        rec.threads.clear()
+        await b.submit(0)
+        await b.close()
+        return threading.get_ident()
+
+    loop_thread = run(overlapping())
+    assert rec.threads and loop_thread not in rec.threads

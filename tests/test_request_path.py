@@ -10,7 +10,9 @@ A profile hook in every server thread records each call into attnrec's hand-writ
 generated stubs under engine/rpc/) with the attnrec frames above it. A request runs in three
 places: its own task (servicer → facade → batcher queue), the batcher's worker task (which hands
 the batch to the executor) and an executor thread (the pipeline's run function, down to the
-sessions). The path is those three call chains joined where the request is handed over.
+sessions) — or, for a lone request at light load (`--inline-max-us`), the worker task calls the
+run function itself, on the loop's thread; the compute part is the same chain from that function
+down. The path is those three call chains joined where the request is handed over.
 
 Run `pytest -s tests/test_request_path.py` to see the trace printed.
 """
@@ -85,6 +87,9 @@ def _segment(chain: list[tuple[str, str]]) -> tuple[str, list[tuple[str, str]]]:
     files = [f for f, _ in chain]
     if SERVICER in files:  # the request's own task, from the servicer method down
         return "request", chain[files.index(SERVICER) :]
+    for i, (f, fn) in enumerate(chain):  # in an executor thread, or inline in the worker (--inline-max-us)
+        if f == "engine/pipeline.py" and fn.startswith("run_"):
+            return "compute", chain[i:]
     if chain and chain[0] == ("engine/batcher.py", "Batcher._work"):
         return "worker", chain
     if chain and chain[0][0] == "engine/pipeline.py" and chain[0][1].startswith("run_"):
@@ -128,7 +133,7 @@ def test_one_recommend_crosses_at_most_four_files_and_never_goes_back(trained_re
     assert {f for chain in parts["outside"] for f, _ in chain} <= {"engine/interceptors.py", "engine/decoding.py"}
 
     # InferenceSession.run is called from the pipeline's run function, with nothing else in between
-    runs = [(thread, chain) for thread, chain in rec.session_runs if chain]
+    runs = [(thread, _segment(chain)[1]) for thread, chain in rec.session_runs if chain]
     assert runs and all(_collapse([f for f, _ in chain]) == ["engine/pipeline.py"] for _, chain in runs)
 
     # joined where the request is handed over: its task queues it in the batcher, whose worker runs it
