@@ -5,7 +5,8 @@ Measured in one run, with the same pre-built requests (history 50, k 10):
   grid and open loop at fixed rates (fractions of its best closed-loop throughput), with its CPU
   time per request and its stage breakdown from the Prometheus endpoint;
 - the floor: a bare grpc.aio echo server answering the same RPC with a reply of the same size;
-- the ceiling: the same `Pipeline.recommend` in a plain Python loop in this process (no gRPC):
+- the ceiling: the same `Pipeline.recommend` in a plain Python loop in this process (no gRPC), with
+  the runtime options `attnrec serve` uses by default (onnxruntime threads not spinning):
   p50 at batch 1, and throughput at batch 32 (the concurrency-32 ceiling);
 - the floors and the attnrec points they bound (c=1, c=32) interleaved, round by round (`interleaved`),
   so a loaded machine slows them alike; a check whose floors exceed the server is reported INVALID;
@@ -111,8 +112,15 @@ def ceiling_calls(version: Path, rows: list[np.ndarray], settings: Settings) -> 
     """Pipeline.recommend in a plain loop in this process: a call of batch 1 (latency) and of batch 32
     (throughput), each cycling through the requests' histories."""
     from attnrec.engine.pipeline import Pipeline, RuntimeOptions
+    from attnrec.engine.settings import ServerSettings
 
-    pipe = Pipeline.load(version, RuntimeOptions(settings.providers, intra_op_threads=settings.threads))
+    # As `attnrec serve` runs it (the floor bounds the server, so it runs under the server's conditions):
+    # its onnxruntime threads do not spin between ops (--ort-spinning off), which costs a batch-1 call
+    # ~0.09 ms here; a spinning floor would charge that to the server path.
+    spinning = ServerSettings(repo=version).runtime.allow_spinning
+    pipe = Pipeline.load(
+        version, RuntimeOptions(settings.providers, intra_op_threads=settings.threads, allow_spinning=spinning)
+    )
     calls = {}
     for batch in (1, 32):
         state = {"i": 0}
@@ -197,7 +205,8 @@ def run(settings: Settings, section: Section) -> None:
     section.note(
         "The floors (echo at c=1, the in-process pipeline at batch 1 and 32) and the attnrec points they bound "
         "(c=1, c=32) are interleaved: each repeat is a round of one window of each, in turn, so load from "
-        "elsewhere on the machine hits them alike; a check whose floors come out above the server is INVALID."
+        "elsewhere on the machine hits them alike; a check whose floors come out above the server is INVALID. "
+        "The in-process pipeline runs with `attnrec serve`'s runtime options (onnxruntime threads not spinning)."
     )
     points: list[dict] = section.data.setdefault("points", [])  # filled as measured: a failure keeps them
     c32 = 32 if 32 in g["closed"] else max(g["closed"])
