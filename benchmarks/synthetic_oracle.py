@@ -44,7 +44,7 @@ def ndcg_of_order(scores: np.ndarray, rows: np.ndarray, targets: np.ndarray, k: 
     return np.where(hit.any(axis=1), 1.0 / np.log2(rank + 2.0), 0.0)
 
 
-def _true_probabilities(truth, split, es, back: int) -> np.ndarray:
+def _true_probabilities(truth, split, es, back: int, hour_known: bool = True) -> np.ndarray:
     """(E, catalogue rows) true probability of every row for each target of `es` (`back` = 1 for the
     validation targets, 0 for test), after checking each target against the regenerated log."""
     data = split.data
@@ -57,29 +57,35 @@ def _true_probabilities(truth, split, es, back: int) -> np.ndarray:
     expected = truth.log.item[offsets[users] + steps]
     if not (np.array_equal(hist_len, steps) and np.array_equal(data.item_ids[es.targets], expected)):
         raise ValueError("the version's log is not this generator's output (flags differ from `attnrec synth`'s)")
-    probs = truth.next_item_probabilities(users, steps)  # column j: external id j + 1
+    probs = truth.next_item_probabilities(users, steps, hour_known=hour_known)  # column j: external id j + 1
     return probs[:, np.asarray(data.item_ids[1:], dtype=np.int64) - 1]
 
 
 def oracle_rows(pipeline, truth, split, n: int) -> dict[str, dict[str, dict[str, float]]]:
-    """{"oracle (candidates)", "oracle (full)"} → {valid, test} → ndcg@10, hr@10 (and the per-user gains)."""
-    out: dict[str, dict] = {"oracle (candidates)": {}, "oracle (full)": {}}
+    """{"oracle (candidates)", "oracle (full)", and with attributes "oracle (candidates, hour unknown)"}
+    → {valid, test} → ndcg@10, hr@10. Without the hour, the oracle is the best any model could do
+    without time features: the part of the oracle's gain only time can buy is the difference."""
+    names = ["oracle (candidates)", "oracle (full)"] + (["oracle (candidates, hour unknown)"] * bool(truth.context))
+    out: dict[str, dict] = {name: {} for name in names}
     for which, es, back in (("valid", split.valid, 1), ("test", split.test, 0)):
         probs = _true_probabilities(truth, split, es, back)
+        blind = _true_probabilities(truth, split, es, back, hour_known=False) if truth.context else None
         targets = es.targets - 1  # tokens → rows
-        cand_gain, full_gain = [], []
+        cand_gain, full_gain, blind_gain = [], [], []
         for s in range(0, len(es), 256):
             j = np.arange(s, min(s + 256, len(es)))
             hist = [es.history(i) - 1 for i in j]
             rows = pipeline.recommend(hist, n, exclude=hist, rank=False).rows
             p = probs[j]
             cand_gain.append(ndcg_of_order(np.take_along_axis(p, rows.clip(0), axis=1), rows, targets[j]))
+            if blind is not None:
+                blind_gain.append(ndcg_of_order(np.take_along_axis(blind[j], rows.clip(0), axis=1), rows, targets[j]))
             seen = p.copy()
             for r, h in enumerate(hist):
                 seen[r, h] = -np.inf
             full = np.broadcast_to(np.arange(p.shape[1]), p.shape)
             full_gain.append(ndcg_of_order(seen, np.where(np.isfinite(seen), full, -1), targets[j]))
-        for name, gains in (("oracle (candidates)", cand_gain), ("oracle (full)", full_gain)):
+        for name, gains in zip(names, (cand_gain, full_gain, blind_gain)):
             g = np.concatenate(gains)
             out[name][which] = {"ndcg@10": float(g.mean()), "hr@10": float((g > 0).mean())}
     return out

@@ -248,3 +248,25 @@ def test_context_switch_picks_every_topic_of_its_category_by_popularity():
     want = cat_p[ctx.topic_category] * world.topic_weight / totals[ctx.topic_category]
     got = np.bincount(topics, minlength=len(want)) / n
     assert np.all(np.abs(got - want) <= 4 * np.sqrt(want * (1 - want) / n) + 1e-9), (got, want)
+
+
+def test_hour_unknown_probabilities_average_the_hour_blocks():
+    from dataclasses import replace
+
+    from attnrec.export.data.synthetic import next_item_truth
+
+    truth = next_item_truth(replace(TRUTH, hour_effect=4.0))
+    users, steps, items = _all_steps(truth)
+    known = truth.next_item_probabilities(users, steps)
+    blind = truth.next_item_probabilities(users, steps, hour_known=False)
+    np.testing.assert_allclose(blind.sum(axis=1), 1.0, atol=1e-12)
+    rows = np.arange(len(items))
+    # The hour drives the switches: knowing it explains the log better.
+    assert np.log(known[rows, items - 1]).mean() > np.log(blind[rows, items - 1]).mean() + 0.05
+    # Without an hour effect the hour tells nothing.
+    flat = next_item_truth(replace(TRUTH, hour_effect=0.0))
+    np.testing.assert_allclose(
+        flat.next_item_probabilities(users[:500], steps[:500]),
+        flat.next_item_probabilities(users[:500], steps[:500], hour_known=False),
+        atol=1e-12,
+    )

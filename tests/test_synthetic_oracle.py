@@ -31,7 +31,14 @@ def test_oracle_measured_on_a_tiny_version(tmp_path):
     assert main([*argv, *train.split()]) == 0
     result = measure(tmp_path / "repo", "m", cfg, data=data)
     rows = result["rows"]
-    assert set(rows) == {"exact", "ann", "served", "oracle (candidates)", "oracle (full)"}
+    assert set(rows) == {
+        "exact",
+        "ann",
+        "served",
+        "oracle (candidates)",
+        "oracle (full)",
+        "oracle (candidates, hour unknown)",
+    }
     for which in ("valid", "test"):
         # The true probabilities are the best order there is: on 300 users they beat a 2-epoch encoder.
         assert rows["oracle (full)"][which]["ndcg@10"] > rows["exact"][which]["ndcg@10"]

@@ -459,10 +459,12 @@ class NextItemTruth:
     pos: np.ndarray  # (N,) and its position in that topic
     home: np.ndarray  # (n_users, n_home_topics)
 
-    def next_item_probabilities(self, users: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    def next_item_probabilities(self, users: np.ndarray, steps: np.ndarray, *, hour_known: bool = True) -> np.ndarray:
         """(E, n_items) float64: row e is the distribution of the item user `users[e]` (0-based, i.e.
         external id - 1) emits at step `steps[e]` (1 ≤ step < its length), given everything before it;
-        column j is the item with external id j + 1. Each row sums to 1."""
+        column j is the item with external id j + 1. Each row sums to 1. `hour_known` False: the
+        step's hour block unknown (its category preferences averaged over the blocks, which are
+        equally likely: start times spread over a year), what a model without time could know at best."""
         cfg, w = self.config, self.world
         users, steps = np.asarray(users, dtype=np.int64), np.asarray(steps, dtype=np.int64)
         if np.any(steps < 1) or np.any(steps >= self.lengths[users]):
@@ -486,7 +488,9 @@ class NextItemTruth:
             np.add.at(new_topic, self.home[u], cfg.home_rate / cfg.n_home_topics)
             if self.context is not None:
                 ctx = self.context
-                cat_p = np.diff(np.concatenate([[0.0], ctx.category_cdf[ctx.segment[u], self.blocks[prev[e] + 1]]]))
+                cdf = ctx.category_cdf[ctx.segment[u]]  # (HOUR_BLOCKS, C)
+                cat_p = np.diff(np.concatenate([np.zeros((HOUR_BLOCKS, 1)), cdf], axis=1), axis=1)
+                cat_p = cat_p[self.blocks[prev[e] + 1]] if hour_known else cat_p.mean(axis=0)
                 totals = np.bincount(ctx.topic_category, weights=w.topic_weight, minlength=cfg.n_categories)
                 by_cat = cat_p[ctx.topic_category] * w.topic_weight / totals[ctx.topic_category]
                 new_topic = (1.0 - cfg.context_rate) * new_topic + cfg.context_rate * by_cat
