@@ -121,3 +121,4 @@ class RankerConfig:
     features: str = "item,user,time"
     feature_dim: int = 16
     feature_dropout: float = 0.3  # share of training samples scored without item / user / time features
+    cross_dim: int = 0  # rank of the item-features x (user, time) cross; 0 = none

@@ -36,6 +36,9 @@ _RANKER_HELP = {
     "the previous interaction, hour of day and day of week of the request), or none; item features are baked "
     "into the ranker, user and time features are its optional inputs",
     "feature_dim": "embedding size of each side-feature (and time) column in the ranker",
+    "cross_dim": "rank of a factorised cross of the item features with the user features and the request's time "
+    "context (hour, day of week, time since the previous interaction), added to the ranker's score; needs the item "
+    "group and the user or time group; 0 = none",
     "feature_dropout": "share of ranker training samples scored without item, without user and without time "
     "features (each separately; and as many again without the history's timestamps only), so requests without "
     "them (no user id, no timestamps) score sensibly",
