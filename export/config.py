@@ -101,6 +101,7 @@ class RankerConfig:
     dropout: float = 0.1
     samples_per_user: int = 10  # training prefixes per user: the most recent positions of the training part
     lr: float = 3e-4
+    embedding_lr_scale: float = 1.0  # the id embeddings' learning rate, as a share of lr (0: frozen)
     weight_decay: float = 0.0
     batch_size: int = 128  # training prefixes per batch (each with its n_candidates candidates)
     epochs: int = 20

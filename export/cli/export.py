@@ -18,6 +18,8 @@ _RANKER_HELP = {
     "dropout": "ranker dropout",
     "samples_per_user": "training prefixes per user (the most recent positions of the training part)",
     "lr": "ranker AdamW learning rate",
+    "embedding_lr_scale": "the ranker's item id embeddings' learning rate as a share of --ranker-lr (they start as "
+    "the encoder's; 0 = frozen)",
     "weight_decay": "ranker AdamW weight decay",
     "batch_size": "ranker training prefixes per batch",
     "epochs": "maximum ranker epochs",
