@@ -324,6 +324,7 @@ def _ship_ranker(
         feature_dim=cfg.feature_dim,
         feature_dropout=cfg.feature_dropout,
         time=timed,
+        cross_dim=cfg.cross_dim,
     )
     served = StageOne(functools.partial(encode, encoder), model.cfg.max_len, index, vectors)
     holdout = None

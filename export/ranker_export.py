@@ -47,8 +47,11 @@ def fold_item_features(ranker: TargetAttentionRanker) -> TargetAttentionRanker:
     if ranker.item_side is None:
         return ranker
     folded = copy.deepcopy(ranker).eval()
+    every = torch.arange(ranker.shape.n_items + 1)[None]
     with torch.no_grad():
-        folded.item_emb.weight.copy_(ranker.eval().items(torch.arange(ranker.shape.n_items + 1)[None])[0])
+        folded.item_emb.weight.copy_(ranker.eval().items(every)[0])
+        if ranker.cross_ctx is not None:  # the cross's item side too: one more token-indexed table
+            folded.cross_table = ranker.crossed_items(every)[0].clone()
     folded.item_side = None
     return folded
 

@@ -73,6 +73,7 @@ def features(shape: "RankerShape") -> list[str]:
         "stage-one score: raw (residual), relative to the best candidate, standardised over the list",
         "log training popularity of the candidate",
         *side,
+        *([f"item features x (user features, request context) cross, rank {shape.cross_dim}"] if shape.crossed else []),
     ]
 
 
@@ -181,6 +182,13 @@ class RankerShape:
     feature_dim: int = 16  # embedding size of each feature column
     feature_dropout: float = 0.0  # training: share of samples scored without item / user / time features
     time: bool = False  # time and context features (history_timestamps, request_time)
+    # Rank of the item-features × context cross (0 = none): with item features and user or time features,
+    # a factorised term <P f(item features), Q [user; request context]> added to the score.
+    cross_dim: int = 0
+
+    @property
+    def crossed(self) -> bool:
+        return self.cross_dim > 0 and bool(self.item_columns) and (bool(self.user_columns) or self.time)
 
     @property
     def user_width(self) -> int:
@@ -232,6 +240,17 @@ class TargetAttentionRanker(nn.Module):
         self.time_side = TimeContext(d, shape.feature_dim) if shape.time else None
         if self.time_side is not None:
             n_in += 2 * d
+        self.cross_item = self.cross_ctx = None
+        if shape.crossed:
+            # A factorisation-machine cross of the item's features with who and when (DeepFM's idea): the
+            # MLP could learn it from v * u and v * context too, but slowly and over the id embeddings;
+            # a low-rank bilinear term on the features alone says "this user/hour likes this category"
+            # directly. The context side starts at zero, so the ranker still starts as retrieval.
+            self.cross_item = nn.Linear(self.item_side.out_dim, shape.cross_dim, bias=False)
+            n_ctx = (d if shape.user_columns else 0) + (d if shape.time else 0)
+            self.cross_ctx = nn.Linear(n_ctx, shape.cross_dim, bias=False)
+            nn.init.zeros_(self.cross_ctx.weight)
+        self.register_buffer("cross_table", None)  # (I + 1, cross_dim) once folded for export (ranker_export.py)
         self.mlp = nn.Sequential(
             nn.Linear(n_in, shape.mlp_dim),
             nn.GELU(),
@@ -265,6 +284,16 @@ class TargetAttentionRanker(nn.Module):
         if drop is not None:
             codes = codes.masked_fill(drop[:, None, None], 0)
         return v + self.item_proj(self.item_side(codes))
+
+    def crossed_items(self, tokens: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
+        """The item side of the cross for tokens (B, T) → (B, T, cross_dim): the folded table when exported,
+        else from the feature codes (zero for the samples where `drop` (B,) is true)."""
+        if self.cross_table is not None:
+            return self.cross_table[tokens]
+        codes = self.item_codes[tokens]
+        if drop is not None:
+            codes = codes.masked_fill(drop[:, None, None], 0)
+        return self.cross_item(self.item_side(codes))
 
     def forward(
         self,
@@ -315,6 +344,7 @@ class TargetAttentionRanker(nn.Module):
         parts = [v, a, v * a]
         if self.shape.keys == "hidden":
             parts.append(v * hidden[:, -1:])  # the last state is stage one's query
+        who_when = []  # (B, 1, D) each: the user's and the request's context, for the cross
         if self.user_side is not None:
             if user_features is None:
                 user_features = torch.zeros(b, self.shape.user_width, dtype=torch.long, device=candidates.device)
@@ -322,7 +352,13 @@ class TargetAttentionRanker(nn.Module):
                 user_features = user_features.masked_fill((torch.rand(b) < p)[:, None], 0)
             u = self.user_proj(self.user_side(user_features)).unsqueeze(1)  # (B, 1, D)
             parts += [u.expand(-1, v.shape[1], -1), v * u]
+            who_when.append(u)
         if context is not None:
             parts += [context.expand(-1, v.shape[1], -1), v * context]
+            who_when.append(context)
         x = torch.cat([*parts, scalars], dim=-1)  # (B, N, 3D or 4D (+ 2D per side group), + 3)
-        return s + self.mlp(x).squeeze(-1)
+        out = s + self.mlp(x).squeeze(-1)
+        if self.cross_ctx is not None:
+            q = self.cross_ctx(torch.cat(who_when, dim=-1))  # (B, 1, R)
+            out = out + (self.crossed_items(candidates, drop_item) * q).sum(-1)
+        return out

@@ -363,7 +363,13 @@ def train_ranker(
 
     pop = split.train_popularity()[1:]
     ranker = TargetAttentionRanker(shape, torch.from_numpy(item_vectors), pop, item_codes)
-    opt = torch.optim.AdamW(ranker.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The id embeddings start as the encoder's and are most of the ranker's weights: at the rate of the rest
+    # they re-fit the training users' items (validation peaks after a few epochs while the loss keeps
+    # falling); `embedding_lr_scale` slows them (0: frozen at the encoder's).
+    emb = [ranker.item_emb.weight]
+    rest = [q for q in ranker.parameters() if q is not ranker.item_emb.weight]
+    groups = [{"params": rest}, {"params": emb, "lr": cfg.lr * cfg.embedding_lr_scale}]
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     base = ranked_gains(ranker, val_sets)
     stage1 = best = float(base.mean()) if len(base) else 0.0
     best_gains = base

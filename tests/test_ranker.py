@@ -112,6 +112,19 @@ def test_a_ranker_whose_validation_gain_is_not_significant_ships_as_stage_one(sm
         assert not torch.allclose(free.ranker(tokens, tiny_model.hidden(tokens), cands, scores), scores)
 
 
+def test_embedding_lr_scale_zero_keeps_the_encoders_item_embeddings(small_split, tiny_model, stage_one):
+    vectors, index = stage_one
+    shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=8, mlp_dim=32)
+    common = dict(n_candidates=20, samples_per_user=3, attend_last=8, mlp_dim=32, epochs=2, patience=3, lr=3e-3)
+    args = (small_split, torch_encode(tiny_model), 20, index, vectors)
+    frozen = train_ranker(*args, RankerConfig(**common, min_gain_z=-np.inf, embedding_lr_scale=0.0), shape)
+    moving = train_ranker(*args, RankerConfig(**common, min_gain_z=-np.inf), shape)
+    assert frozen.best_epoch >= 1 and moving.best_epoch >= 1  # both shipped a trained epoch
+    np.testing.assert_array_equal(frozen.ranker.item_emb.weight[1:].detach().numpy(), vectors)
+    assert not np.allclose(moving.ranker.item_emb.weight[1:].detach().numpy(), vectors)
+    assert frozen.ranker.mlp[-1].weight.abs().sum() > 0  # the rest did train
+
+
 def _trained_like_ranker(tiny_model, small_split, keys, attend_last=8):
     shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=attend_last, keys=keys, mlp_dim=32)
     pop = small_split.train_popularity()[1:]

@@ -18,7 +18,7 @@ from attnrec.export.config import RankerConfig, TrainConfig
 from attnrec.export.data.features import feature_tables
 from attnrec.export.data.sequences import hold_out_last
 from attnrec.export.ranker_export import check_ranker_parity, export_ranker
-from attnrec.export.ranker_model import RankerShape, TargetAttentionRanker, coded_columns
+from attnrec.export.ranker_model import RankerShape, TargetAttentionRanker, coded_columns, features
 from attnrec.export.ranker_train import heldout_positions
 from attnrec.export.train import training_windows
 
@@ -41,7 +41,7 @@ def tables(tmp_path_factory, small_split):
     )
 
 
-def _ranker(tables, n_items, dim, keys="items", item_vectors=None, seed=0, time=False):
+def _ranker(tables, n_items, dim, keys="items", item_vectors=None, seed=0, time=False, cross_dim=0):
     """A ranker with both feature groups (and, with `time`, the time features) whose every weight is
     non-zero (trained-like)."""
     shape = RankerShape(
@@ -54,6 +54,7 @@ def _ranker(tables, n_items, dim, keys="items", item_vectors=None, seed=0, time=
         user_columns=coded_columns(tables.user),
         feature_dim=4,
         time=time,
+        cross_dim=cross_dim,
     )
     ranker = TargetAttentionRanker(shape, item_vectors, None, coded_matrix(tables.item)).eval()
     torch.manual_seed(seed)
@@ -141,6 +142,43 @@ def test_onnx_ranker_with_features_matches_torch_and_user_features_are_optional(
         t = {k: torch.from_numpy(v) for k, v in feeds.items()}
         want = ranker(t["history"], t["hidden"], t["candidates"], t["candidate_scores"], None).numpy()
     np.testing.assert_allclose(score(onnx, feeds)[:, :2], want[:, :2], atol=1e-5)  # left out: unknown user
+
+
+@pytest.mark.parametrize("time", [False, True])
+def test_the_feature_cross_starts_at_zero_exports_folded_and_matches_torch(tmp_path, tables, tiny_model, time):
+    n_items, dim = tiny_model.cfg.n_items, tiny_model.cfg.dim
+    shape = RankerShape(
+        n_items,
+        dim,
+        attend_last=8,
+        mlp_dim=16,
+        item_columns=coded_columns(tables.item),
+        user_columns=coded_columns(tables.user),
+        feature_dim=4,
+        time=time,
+        cross_dim=3,
+    )
+    fresh = TargetAttentionRanker(shape, None, None, coded_matrix(tables.item)).eval()
+    rng = np.random.default_rng(1)
+    cands = torch.from_numpy(rng.integers(1, n_items + 1, size=(2, 9)))
+    scores = torch.randn(2, 9)
+    users = torch.ones(2, shape.user_width, dtype=torch.long)
+    now = torch.full((2, 1), 1_700_000_000, dtype=torch.long)
+    with torch.no_grad():  # a new ranker is stage one's order exactly, the cross included
+        got = fresh(torch.ones(2, 4, dtype=torch.long), None, cands, scores, users, None, now if time else None)
+    np.testing.assert_array_equal(got.numpy(), scores.numpy())
+    ranker = _ranker(tables, n_items, dim, time=time, cross_dim=3)
+    assert ranker.cross_ctx is not None and ranker.cross_ctx.weight.abs().min() > 0
+    with torch.no_grad():  # the trained-like cross moves the scores
+        base = ranker(torch.ones(2, 4, dtype=torch.long), None, cands, scores, users, None, now if time else None)
+        ranker.cross_ctx.weight.zero_()
+        without = ranker(torch.ones(2, 4, dtype=torch.long), None, cands, scores, users, None, now if time else None)
+        assert (base - without).abs().max() > 1e-3
+    ranker = _ranker(tables, n_items, dim, time=time, cross_dim=3)
+    path = tmp_path / "ranker.onnx"
+    export_ranker(ranker, path)  # the cross's item side folded into a token-indexed table
+    assert check_ranker_parity(ranker, tiny_model, path).max_abs_diff < 1e-4
+    assert "cross, rank 3" in " ".join(features(shape))
 
 
 def test_publish_trains_the_ranker_leak_free_with_features_and_evaluates_with_user_ids(tmp_path, tables, small_split):

@@ -192,3 +192,81 @@ def test_segment_and_hour_of_day_drive_which_categories_users_pick(tmp_path):
     assert tables.item.unknown == 0 and tables.user.unknown == 0
     with pytest.raises(ValueError, match="n_categories"):
         attributes(SMALL)
+
+
+# ---------------------------------------------------------------------------- the truth (oracle)
+
+# Small enough that categories have one topic each or share a few: the case the old context rule got wrong.
+TRUTH = SyntheticConfig(
+    n_users=1500, n_items=60, mean_length=15.0, n_topics=4, seed=1, n_categories=3, context_rate=0.7, stay_prob=0.5
+)
+
+
+def _all_steps(truth):
+    users = np.repeat(np.arange(len(truth.lengths)), truth.lengths - 1)
+    steps = np.concatenate([np.arange(1, n) for n in truth.lengths])
+    offsets = np.concatenate([[0], np.cumsum(truth.lengths)[:-1]])
+    return users, steps, truth.log.item[offsets[users] + steps]
+
+
+@pytest.mark.parametrize("cfg", [TRUTH, SyntheticConfig(n_users=1500, n_items=60, mean_length=15.0, n_topics=4)])
+def test_true_next_item_probabilities_are_calibrated_on_the_log(cfg):
+    from attnrec.export.data.synthetic import next_item_truth
+
+    truth = next_item_truth(cfg)
+    log = generate(cfg)
+    assert truth.log.item.tobytes() == log.item.tobytes() and truth.log.timestamp.tobytes() == log.timestamp.tobytes()
+    users, steps, items = _all_steps(truth)
+    probs = truth.next_item_probabilities(users, steps)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-12)
+    # Every emitted item was possible, and far likelier than uniform on average.
+    p_emitted = probs[np.arange(len(items)), items - 1]
+    assert p_emitted.min() > 0 and np.log(p_emitted).mean() > np.log(1 / cfg.n_items) + 0.5
+    # Calibration: per item, the observed count against the summed probabilities (a sum of Bernoullis).
+    z = (np.bincount(items - 1, minlength=cfg.n_items) - probs.sum(0)) / np.sqrt((probs * (1 - probs)).sum(0))
+    assert np.abs(z).max() < 4.5 and (z**2).mean() < 1.6
+
+
+def test_true_probabilities_reject_step_zero():
+    from attnrec.export.data.synthetic import next_item_truth
+
+    truth = next_item_truth(TRUTH)
+    with pytest.raises(ValueError, match="steps"):
+        truth.next_item_probabilities(np.array([0]), np.array([0]))
+
+
+def test_context_switch_picks_every_topic_of_its_category_by_popularity():
+    from attnrec.export.data import synthetic as S
+
+    world = S._build_world(TRUTH, np.random.default_rng(TRUTH.seed))
+    ctx = S._build_context(TRUTH, world, np.random.default_rng([TRUTH.seed, 1]))
+    rng = np.random.default_rng(5)
+    n = 200_000
+    topics = S._context_topics(ctx, rng, np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64))
+    cat_p = np.diff(np.concatenate([[0.0], ctx.category_cdf[0, 0]]))
+    totals = np.bincount(ctx.topic_category, weights=world.topic_weight)
+    want = cat_p[ctx.topic_category] * world.topic_weight / totals[ctx.topic_category]
+    got = np.bincount(topics, minlength=len(want)) / n
+    assert np.all(np.abs(got - want) <= 4 * np.sqrt(want * (1 - want) / n) + 1e-9), (got, want)
+
+
+def test_hour_unknown_probabilities_average_the_hour_blocks():
+    from dataclasses import replace
+
+    from attnrec.export.data.synthetic import next_item_truth
+
+    truth = next_item_truth(replace(TRUTH, hour_effect=4.0))
+    users, steps, items = _all_steps(truth)
+    known = truth.next_item_probabilities(users, steps)
+    blind = truth.next_item_probabilities(users, steps, hour_known=False)
+    np.testing.assert_allclose(blind.sum(axis=1), 1.0, atol=1e-12)
+    rows = np.arange(len(items))
+    # The hour drives the switches: knowing it explains the log better.
+    assert np.log(known[rows, items - 1]).mean() > np.log(blind[rows, items - 1]).mean() + 0.05
+    # Without an hour effect the hour tells nothing.
+    flat = next_item_truth(replace(TRUTH, hour_effect=0.0))
+    np.testing.assert_allclose(
+        flat.next_item_probabilities(users[:500], steps[:500]),
+        flat.next_item_probabilities(users[:500], steps[:500], hour_known=False),
+        atol=1e-12,
+    )

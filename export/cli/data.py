@@ -95,10 +95,11 @@ def load_split(args: argparse.Namespace):
     return split, info
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
-    from ..data.synthetic import SyntheticConfig, generate, generate_with_attributes, write, write_attributes
+def synthetic_config(args: argparse.Namespace):
+    """The generator settings that `add_generator_args`' flags give."""
+    from ..data.synthetic import SyntheticConfig
 
-    cfg = SyntheticConfig(
+    return SyntheticConfig(
         n_users=args.users,
         n_items=args.items,
         mean_length=args.mean_length,
@@ -111,6 +112,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
         segment_effect=args.segment_effect,
         hour_effect=args.hour_effect,
     )
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ..data.synthetic import generate, generate_with_attributes, write, write_attributes
+
+    cfg = synthetic_config(args)
     t = time.perf_counter()
     if cfg.n_categories:
         log_, attrs = generate_with_attributes(cfg, progress=not args.quiet)
@@ -144,6 +151,23 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 def _synth(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output .parquet")
+    add_generator_args(p)
+    g = p.add_argument_group("attribute files (with --categories > 0)")
+    g.add_argument(
+        "--item-features-out",
+        type=Path,
+        help="item features CSV: item_id,category,price (default: beside --out, NAME-items.csv)",
+    )
+    g.add_argument(
+        "--user-features-out",
+        type=Path,
+        help="user features CSV: user_id,segment (default: beside --out, NAME-users.csv)",
+    )
+    p.set_defaults(func=cmd_synth)
+
+
+def add_generator_args(p: argparse.ArgumentParser) -> None:
+    """The generator's flags (`attnrec synth`; benchmarks/synthetic_oracle.py regenerates a log from them)."""
     p.add_argument("--users", type=int, default=5000, help="synthetic users (default: 5000)")
     p.add_argument("--items", type=int, default=3000, help="synthetic items (default: 3000)")
     p.add_argument("--mean-length", type=float, default=30.0, help="mean interactions per user (default: 30)")
@@ -182,17 +206,6 @@ def _synth(p: argparse.ArgumentParser) -> None:
         default=2.0,
         help="weight of the hour block's (6 h, UTC) category preferences (default: 2)",
     )
-    g.add_argument(
-        "--item-features-out",
-        type=Path,
-        help="item features CSV: item_id,category,price (default: beside --out, NAME-items.csv)",
-    )
-    g.add_argument(
-        "--user-features-out",
-        type=Path,
-        help="user features CSV: user_id,segment (default: beside --out, NAME-users.csv)",
-    )
-    p.set_defaults(func=cmd_synth)
 
 
 def _download(p: argparse.ArgumentParser) -> None:

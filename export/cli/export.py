@@ -18,6 +18,8 @@ _RANKER_HELP = {
     "dropout": "ranker dropout",
     "samples_per_user": "training prefixes per user (the most recent positions of the training part)",
     "lr": "ranker AdamW learning rate",
+    "embedding_lr_scale": "the ranker's item id embeddings' learning rate as a share of --ranker-lr (they start as "
+    "the encoder's; 0 = frozen)",
     "weight_decay": "ranker AdamW weight decay",
     "batch_size": "ranker training prefixes per batch",
     "epochs": "maximum ranker epochs",
@@ -36,6 +38,9 @@ _RANKER_HELP = {
     "the previous interaction, hour of day and day of week of the request), or none; item features are baked "
     "into the ranker, user and time features are its optional inputs",
     "feature_dim": "embedding size of each side-feature (and time) column in the ranker",
+    "cross_dim": "rank of a factorised cross of the item features with the user features and the request's time "
+    "context (hour, day of week, time since the previous interaction), added to the ranker's score; needs the item "
+    "group and the user or time group; 0 = none",
     "feature_dropout": "share of ranker training samples scored without item, without user and without time "
     "features (each separately; and as many again without the history's timestamps only), so requests without "
     "them (no user id, no timestamps) score sensibly",

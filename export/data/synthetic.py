@@ -250,7 +250,10 @@ def _context_topics(ctx: _Context, rng: np.random.Generator, segment: np.ndarray
     category = np.minimum((cdf < rng.random(len(segment))[:, None]).sum(axis=1), cdf.shape[1] - 1)
     at = np.searchsorted(ctx.topic_key, category + rng.random(len(segment)), side="left")
     at = np.minimum(at, len(ctx.topic_key) - 1)
-    at = np.where(np.floor(ctx.topic_key[at]) > category, at - 1, at)  # float rounding at the top of a category
+    # Float rounding at the top of a category can land on the next category's first topic. (Not
+    # floor(key) > category: the last topic's key is category + 1 itself, and that test moved its
+    # share to the topic before it, another category's when the category had one topic.)
+    at = np.where(ctx.topic_category[ctx.topic_order[at]] > category, at - 1, at)
     return ctx.topic_order[at]
 
 
@@ -293,9 +296,12 @@ def _walk(
     lengths: np.ndarray,
     progress: bool,
     context: tuple[_Context, np.ndarray, np.random.Generator] | None = None,
+    trace: dict[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Internal item indices of all interactions, user-major, in time order. `context`: the attribute
-    mode's context, the hour block of every interaction (user-major) and its own random stream."""
+    mode's context, the hour block of every interaction (user-major) and its own random stream.
+    `trace` (a dict to fill): the walk's hidden state, user-major: "topic" and "pos" after each step
+    (before noise), "home" (n_users, n_home_topics); recording it draws nothing."""
     a = cfg.popularity_exponent
     order = np.argsort(-lengths, kind="stable")  # longest first: active users are a prefix
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])[order]
@@ -308,6 +314,10 @@ def _walk(
     pos = _entry_positions(world.size[topic], a, rng.random(cfg.n_users))
     items = np.empty(int(lengths.sum()), dtype=np.int64)
     p_step = 1.0 / cfg.mean_step
+    if trace is not None:
+        trace["topic"], trace["pos"] = np.empty_like(items), np.empty_like(items)
+        trace["home"] = np.empty_like(home)
+        trace["home"][order] = home
 
     steps = range(len(n_active_at))
     for s in _maybe_progress(steps, progress, int(lengths.sum())):
@@ -325,6 +335,8 @@ def _walk(
                 topic[by_context] = _context_topics(ctx, crng, ctx.segment[users], blocks[offsets[by_context] + s])
             new_pos[idx] = _entry_positions(world.size[topic[idx]], a, rng.random(len(idx)))
             pos = new_pos
+        if trace is not None:
+            trace["topic"][offsets[:n] + s], trace["pos"][offsets[:n] + s] = topic, pos
         emitted = world.start[topic] + pos
         noise = rng.random(n) < cfg.noise_rate
         emitted[noise] = _sample_popular(world, rng, int(noise.sum()))
@@ -397,14 +409,18 @@ def _attributes(config: SyntheticConfig, world: _World, ctx: _Context) -> Synthe
     )
 
 
-def _generate(config: SyntheticConfig, progress: bool) -> tuple[InteractionLog, SyntheticAttributes | None]:
+def _generate(
+    config: SyntheticConfig, progress: bool, truth: dict | None = None
+) -> tuple[InteractionLog, SyntheticAttributes | None]:
+    """`truth` (a dict to fill): what `NextItemTruth` needs (world, context, hour blocks, walk trace)."""
     config.validate()
     rng = np.random.default_rng(config.seed)
     world = _build_world(config, rng)
     lengths = _lengths(config, rng)
-    attrs = None
+    attrs = ctx = blocks = None
+    trace = None if truth is None else {}
     if not config.n_categories:
-        items = _walk(config, world, rng, lengths, progress)
+        items = _walk(config, world, rng, lengths, progress, trace=trace)
         timestamp = _timestamps(config, rng, lengths)
     else:
         # Own streams (the original draws stay as they were): the context, then the timestamps,
@@ -413,11 +429,83 @@ def _generate(config: SyntheticConfig, progress: bool) -> tuple[InteractionLog, 
         ctx = _build_context(config, world, crng)
         timestamp = _timestamps(config, np.random.default_rng([config.seed, 2]), lengths)
         blocks = (timestamp.astype(np.int64) % 86_400) // (86_400 // HOUR_BLOCKS)
-        items = _walk(config, world, rng, lengths, progress, (ctx, blocks, crng))
+        items = _walk(config, world, rng, lengths, progress, (ctx, blocks, crng), trace=trace)
         attrs = _attributes(config, world, ctx)
     user = np.repeat(np.arange(1, config.n_users + 1, dtype=np.int64), lengths)
     source = f"synthetic(n_users={config.n_users}, n_items={config.n_items}, seed={config.seed})"
-    return InteractionLog(user, world.item_ids[items], timestamp, source), attrs
+    log_ = InteractionLog(user, world.item_ids[items], timestamp, source)
+    if truth is not None:
+        truth.update(world=world, context=ctx, blocks=blocks, lengths=lengths, log=log_, **trace)
+    return log_, attrs
+
+
+# ---------------------------------------------------------------------------- the truth
+
+
+@dataclass(frozen=True)
+class NextItemTruth:
+    """The generator's hidden state behind a log: enough to give every step's true next-item
+    distribution, P(item | the walk's topic and position before the step, the user's home topics
+    and segment, the step's hour block). An oracle ranking by it is the ceiling of any model of
+    this log (it sees what a model can only infer: the walk's state under noise, the home topics)."""
+
+    config: SyntheticConfig
+    log: InteractionLog  # the very log `generate(config)` returns
+    world: _World
+    context: _Context | None
+    blocks: np.ndarray | None  # (N,) hour block of every interaction, user-major (attribute mode)
+    lengths: np.ndarray  # (n_users,)
+    topic: np.ndarray  # (N,) the walk's topic after each step (before noise), user-major
+    pos: np.ndarray  # (N,) and its position in that topic
+    home: np.ndarray  # (n_users, n_home_topics)
+
+    def next_item_probabilities(self, users: np.ndarray, steps: np.ndarray, *, hour_known: bool = True) -> np.ndarray:
+        """(E, n_items) float64: row e is the distribution of the item user `users[e]` (0-based, i.e.
+        external id - 1) emits at step `steps[e]` (1 ≤ step < its length), given everything before it;
+        column j is the item with external id j + 1. Each row sums to 1. `hour_known` False: the
+        step's hour block unknown (its category preferences averaged over the blocks, which are
+        equally likely: start times spread over a year), what a model without time could know at best."""
+        cfg, w = self.config, self.world
+        users, steps = np.asarray(users, dtype=np.int64), np.asarray(steps, dtype=np.int64)
+        if np.any(steps < 1) or np.any(steps >= self.lengths[users]):
+            raise ValueError("steps must be in 1..length - 1 of their users (step 0 has no previous state)")
+        offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]])
+        prev = offsets[users] + steps - 1
+        n_topics, a, p = len(w.size), cfg.popularity_exponent, 1.0 / cfg.mean_step
+        topic_of = np.repeat(np.arange(n_topics), w.size)
+        entry = _within_topic_weights(w.size[topic_of], np.arange(cfg.n_items) - w.start[topic_of], a)
+        popularity = np.diff(np.concatenate([[0.0], w.item_cdf]))
+        edge_p = np.diff(np.concatenate([[0.0], w.successor_cdf]))
+        out = np.zeros((len(users), cfg.n_items))
+        for e, (t, q, u) in enumerate(zip(self.topic[prev], self.pos[prev], users)):
+            size, start = int(w.size[t]), int(w.start[t])
+            # Stay: a geometric jump j >= 1 that lands inside the topic; else (or not staying) switch.
+            jumps = np.arange(1, size - q)
+            out[e, start + q + 1 : start + size] = cfg.stay_prob * p * (1.0 - p) ** (jumps - 1)
+            leave = 1.0 - cfg.stay_prob * (1.0 - (1.0 - p) ** (size - 1 - q))
+            new_topic = np.zeros(n_topics)
+            np.add.at(new_topic, w.successors[t], (1.0 - cfg.home_rate) * edge_p)
+            np.add.at(new_topic, self.home[u], cfg.home_rate / cfg.n_home_topics)
+            if self.context is not None:
+                ctx = self.context
+                cdf = ctx.category_cdf[ctx.segment[u]]  # (HOUR_BLOCKS, C)
+                cat_p = np.diff(np.concatenate([np.zeros((HOUR_BLOCKS, 1)), cdf], axis=1), axis=1)
+                cat_p = cat_p[self.blocks[prev[e] + 1]] if hour_known else cat_p.mean(axis=0)
+                totals = np.bincount(ctx.topic_category, weights=w.topic_weight, minlength=cfg.n_categories)
+                by_cat = cat_p[ctx.topic_category] * w.topic_weight / totals[ctx.topic_category]
+                new_topic = (1.0 - cfg.context_rate) * new_topic + cfg.context_rate * by_cat
+            out[e] += leave * new_topic[topic_of] * entry
+        out = (1.0 - cfg.noise_rate) * out + cfg.noise_rate * popularity
+        by_id = np.empty_like(out)
+        by_id[:, w.item_ids - 1] = out
+        return by_id
+
+
+def next_item_truth(config: SyntheticConfig) -> NextItemTruth:
+    """Regenerate `config`'s log with its hidden state (the same arrays as `generate(config)`)."""
+    truth: dict = {}
+    _generate(config, False, truth)
+    return NextItemTruth(config=config, **truth)
 
 
 def generate_with_attributes(
