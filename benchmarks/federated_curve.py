@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as _dt
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .report import add_curve_args, curve_command, load_line, write_curve_report
+from .report import add_curve_args, run_curve
 
 
 def _train_config(train_flags: list[str]):
@@ -220,21 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(own)
     clients = [int(x) for x in args.clients.split(",") if x.strip()]
-    label = args.label or args.data.stem
-    date = args.date or _dt.date.today().isoformat()
-    machine = load_line()
-    result = measure(args.data, clients, args.rounds, args.local_epochs, args.seed, train_flags, args.quiet)
-    command = curve_command("federated_curve", argv)
-    write_curve_report(
-        args.out,
-        f"federated-{label}-{date}",
-        date=date,
-        command=command,
-        result=result,
-        markdown=markdown(result, label, date, command, machine),
-        plot=lambda path: plot(result, label, path),
+    return run_curve(
+        args,
+        "federated",
+        "federated_curve",
+        argv,
+        lambda: measure(args.data, clients, args.rounds, args.local_epochs, args.seed, train_flags, args.quiet),
+        markdown,
+        plot,
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Trailing flags are `attnrec train`'s model/training and `--dp-*` flags (all but 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import math
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import add_curve_args, curve_command, load_line, write_curve_report
+from .report import add_curve_args, run_curve
 
 
 def _configs(train_flags: list[str]):
@@ -176,21 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(own)
     epsilons = [float(x) for x in args.epsilons.split(",") if x.strip()]
     seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
-    label = args.label or args.data.stem
-    date = args.date or _dt.date.today().isoformat()
-    machine = load_line()
-    result = measure(args.data, epsilons, seeds, train_flags, args.quiet)
-    command = curve_command("privacy_curve", argv)
-    write_curve_report(
-        args.out,
-        f"privacy-{label}-{date}",
-        date=date,
-        command=command,
-        result=result,
-        markdown=markdown(result, label, date, command, machine),
-        plot=lambda path: plot(result, label, path),
+    return run_curve(
+        args,
+        "privacy",
+        "privacy_curve",
+        argv,
+        lambda: measure(args.data, epsilons, seeds, train_flags, args.quiet),
+        markdown,
+        plot,
     )
-    return 0
 
 
 if __name__ == "__main__":

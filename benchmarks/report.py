@@ -184,6 +184,35 @@ def add_curve_args(p, *, label_help: str = "dataset label in titles and file nam
     p.add_argument("--date", help="date in the file names (default: today)")
 
 
+def run_curve(
+    args,
+    kind: str,
+    module: str,
+    argv: list[str],
+    measure: Callable[[], dict],
+    markdown: Callable[[dict, str, str, str, str], str],
+    plot: Callable[[dict, str, Path], None],
+) -> int:
+    """A curve script's run after its flags are parsed (add_curve_args's --label/--out/--date, and --data):
+    the machine's load at the start, `measure()`, then `<kind>-<label>-<date>` .md/.json/.png written
+    with markdown(result, label, date, command, machine) and plot(result, label, path)."""
+    label = args.label or args.data.stem
+    date = args.date or _dt.date.today().isoformat()
+    machine = load_line()
+    result = measure()
+    command = curve_command(module, argv)
+    write_curve_report(
+        args.out,
+        f"{kind}-{label}-{date}",
+        date=date,
+        command=command,
+        result=result,
+        markdown=markdown(result, label, date, command, machine),
+        plot=lambda path: plot(result, label, path),
+    )
+    return 0
+
+
 def write_curve_report(
     out_dir: Path, stem_name: str, *, date: str, command: str, result: dict, markdown: str, plot: Callable[[Path], None]
 ) -> Path:

@@ -13,14 +13,13 @@ scored beside them. Writes `rerank-<label>-<date>.md`, `.json` and `.png` into `
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .report import add_curve_args, curve_command, load_line, write_curve_report
+from .report import add_curve_args, run_curve
 
 COLUMNS = (
     ("ndcg@10", "NDCG@10"),
@@ -141,21 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     args = p.parse_args(argv)
     lambdas = [float(x) for x in args.lambdas.split(",") if x.strip()]
-    label = args.label or args.data.stem
-    date = args.date or _dt.date.today().isoformat()
-    machine = load_line()
-    result = measure(args.repo, args.name, args.data, lambdas, args.threads)
-    command = curve_command("rerank_curve", sys.argv[1:] if argv is None else argv)
-    write_curve_report(
-        args.out,
-        f"rerank-{label}-{date}",
-        date=date,
-        command=command,
-        result=result,
-        markdown=markdown(result, label, date, command, machine),
-        plot=lambda path: plot(result, label, path),
+    return run_curve(
+        args,
+        "rerank",
+        "rerank_curve",
+        sys.argv[1:] if argv is None else argv,
+        lambda: measure(args.repo, args.name, args.data, lambdas, args.threads),
+        markdown,
+        plot,
     )
-    return 0
 
 
 if __name__ == "__main__":
