@@ -310,3 +310,20 @@ def test_a_failing_stage_keeps_its_rows_and_error_and_the_suite_goes_on(tmp_path
     assert report["tables"][0]["rows"] == [["peer", "c=1", 1.5, 3.0, 10.0]]
     assert "STAGE FAILED" in (tmp_path / f"bench-failing-{DATE}.md").read_text()
     assert _load(tmp_path, "retrieval")["data"]["points"]  # the next stage ran in full
+
+
+def test_a_peer_environment_is_marked_ready_only_after_its_installs(tmp_path):
+    """benchmarks/peer/venv.py: what was there is replaced; a failing install leaves no ready mark."""
+    import subprocess as sp
+
+    from attnrec.benchmarks.peer.venv import READY_MARK, create_venv
+
+    venv = tmp_path / "env"
+    venv.mkdir()
+    (venv / "stale").write_text("x")
+    create_venv(venv, [["--no-index", "pip"]], {"peer": "test"})  # already satisfied: no download
+    assert json.loads((venv / READY_MARK).read_text()) == {"peer": "test"}
+    assert (venv / "bin" / "python").is_file() and not (venv / "stale").exists()
+    with pytest.raises(sp.CalledProcessError):
+        create_venv(venv, [["--no-such-pip-flag"]], {"peer": "test"})
+    assert not (venv / READY_MARK).exists()

@@ -32,13 +32,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from .venv import READY_MARK, create_venv
+
 MLSERVER_VERSION = "1.7.1"
 DEFAULT_VENV = Path(".cache") / f"mlserver-{MLSERVER_VERSION}"
 RUNTIME = Path(__file__).with_name("mlserver_runtime.py")
 # MLServer 1.7.1 (June 2025) predates uvloop 0.22, whose asyncio.get_event_loop() raises in MLServer's
 # inference worker processes ("There is no current event loop"): every model then fails to load.
 PINS = ("uvloop<0.22",)
-_READY_MARK = ".attnrec-ready"
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class MLServerConfig:
 
 
 def venv_ready(venv: Path = DEFAULT_VENV) -> bool:
-    return (venv / _READY_MARK).is_file() and (venv / "bin" / "mlserver").is_file()
+    return (venv / READY_MARK).is_file() and (venv / "bin" / "mlserver").is_file()
 
 
 def ensure_venv(venv: Path = DEFAULT_VENV, *, log=print) -> Path:
@@ -62,11 +63,8 @@ def ensure_venv(venv: Path = DEFAULT_VENV, *, log=print) -> Path:
         return venv
     ort_version = importlib.metadata.version("onnxruntime")
     log(f"creating {venv} with mlserver=={MLSERVER_VERSION}, onnxruntime=={ort_version} (about a minute)")
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"mlserver=={MLSERVER_VERSION}", f"onnxruntime=={ort_version}", *PINS], check=True)
-    (venv / _READY_MARK).write_text(json.dumps({"mlserver": MLSERVER_VERSION, "onnxruntime": ort_version}) + "\n")
+    installs = [[f"mlserver=={MLSERVER_VERSION}", f"onnxruntime=={ort_version}", *PINS]]
+    create_venv(venv, installs, {"mlserver": MLSERVER_VERSION, "onnxruntime": ort_version})
     return venv
 
 

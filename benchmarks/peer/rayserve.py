@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .mlserver import free_port, log_tail
+from .venv import READY_MARK, create_venv
 
 RAY_VERSION = "2.60.0"
 DEFAULT_VENV = Path(".cache") / f"rayserve-{RAY_VERSION}"
@@ -42,7 +43,6 @@ APP_SCRIPT = Path(__file__).with_name("rayserve_app.py")
 ROOT = Path(__file__).resolve().parents[2]  # the repository: installed editable into the environment
 # What the deployment imports, at the versions the project runs (so both servers compute alike).
 SAME_AS_PROJECT = ("onnxruntime", "faiss-cpu", "numpy", "grpcio", "protobuf")
-_READY_MARK = ".attnrec-ready"
 # Ray starts a dozen processes (GCS, raylet, agents, Serve's controller, proxy, replica): seconds on an
 # idle host, minutes on a loaded 2-core one.
 START_TIMEOUT_S = 600.0
@@ -59,7 +59,7 @@ class RayServeConfig:
 
 
 def venv_ready(venv: Path = DEFAULT_VENV) -> bool:
-    mark = Path(venv) / _READY_MARK
+    mark = Path(venv) / READY_MARK
     if not mark.is_file() or not (Path(venv) / "bin" / "python").is_file():
         return False
     try:  # attnrec is installed editable from one checkout: another checkout needs its own setup
@@ -75,13 +75,8 @@ def ensure_venv(venv: Path = DEFAULT_VENV, *, log=print) -> Path:
         return venv
     pins = [f"{name}=={importlib.metadata.version(name)}" for name in SAME_AS_PROJECT]
     log(f"creating {venv} with ray[serve]=={RAY_VERSION}, {', '.join(pins)} (a few minutes)")
-    shutil.rmtree(venv, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-    subprocess.run([*pip, f"ray[serve]=={RAY_VERSION}", *pins], check=True)
-    subprocess.run([*pip, "--no-deps", "-e", str(ROOT)], check=True)
-    info = {"ray": RAY_VERSION, "pins": pins, "attnrec_source": str(ROOT)}
-    (venv / _READY_MARK).write_text(json.dumps(info) + "\n")
+    installs = [[f"ray[serve]=={RAY_VERSION}", *pins], ["--no-deps", "-e", str(ROOT)]]
+    create_venv(venv, installs, {"ray": RAY_VERSION, "pins": pins, "attnrec_source": str(ROOT)})
     return venv
 
 
