@@ -1,7 +1,8 @@
 """Which ranker feature group buys what: one encoder per seed, one ranker per feature group on it.
 
     python -m attnrec.benchmarks.ranker_ablation --data NAME=PATH [--item-features F] [--user-features F] \
-        --seeds 0,1,2 --groups none,item,user,time,item+user+time [--train-args "..."] [--export-args "..."]
+        --seeds 0,1,2 --groups none,item,user,time,cf,time+trend,item+user+time+cf+trend [--train-args "..."]
+        [--export-args "..."]
 
 Per dataset and seed: `attnrec train --no-ranker` trains and publishes the encoder (its checkpoint is
 the one every ranker of that seed is trained on); then, per group, `attnrec export --checkpoint` with
@@ -28,7 +29,7 @@ import statistics
 import time
 from pathlib import Path
 
-GROUPS = ("item", "user", "time")
+from attnrec.export.config import FEATURE_GROUPS as GROUPS
 
 
 def parse_groups(spec: str) -> list[str]:
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
     p.add_argument(
         "--groups",
-        default="none,item,user,time,item+user+time",
+        default="none,item,user,time,cf,time+trend,item+user+time+cf+trend",
         help="comma-separated ranker feature groups, '+' joining several; none = ids only (default: %(default)s)",
     )
     p.add_argument("--train-args", default="", help="extra `attnrec train` flags for the encoders, one string")

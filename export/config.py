@@ -90,6 +90,10 @@ class PrivacyConfig:
             raise ValueError(f"--dp-accountant must be rdp or prv, got {self.accountant!r}")
 
 
+# The ranker's feature groups (`RankerConfig.features`, `--ranker-features`); trend needs time.
+FEATURE_GROUPS = ("item", "user", "time", "cf", "trend")
+
+
 @dataclass
 class RankerConfig:
     """The second-stage ranker's shape and training (flags `--ranker-*` of train and export)."""
@@ -104,11 +108,16 @@ class RankerConfig:
     # validation NDCG@10) and made no difference on ml-100k (identity either way); see
     # benchmarks/results/ranker-synth-oracle-2026-12-01.md
     lr: float = 3e-3
-    embedding_lr_scale: float = 1.0  # the id embeddings' learning rate, as a share of lr (0: frozen)
+    # The id embeddings' learning rate, as a share of lr (0: frozen at the encoder's). Frozen since 2026-12-02:
+    # trained, they re-fit the training users' items and the ranker shipped as the identity on ml-100k; frozen,
+    # with the cf and trend features, it gained 13-16% test NDCG@10 (benchmarks/results/ranker-issue13-*.md).
+    embedding_lr_scale: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 128  # training prefixes per batch (each with its n_candidates candidates)
     epochs: int = 20
-    patience: int = 2  # epochs without a better two-stage validation NDCG@10 before stopping
+    # Epochs without a better two-stage validation NDCG@10 before stopping. 4: with frozen embeddings the MLP
+    # passes the wide fit (epoch 1) only after several epochs (ml-100k: its best epochs were 7 and 9).
+    patience: int = 4
     # The best epoch ships only when its paired per-user validation gain over stage one is at least
     # this many standard errors (0: any gain ships); else the ranker is stage one's order.
     min_gain_z: float = 2.0
@@ -121,8 +130,12 @@ class RankerConfig:
     holdout: int = 0
     serve_encoder: str = "full"  # with holdout: serve the encoder trained on everything ("full") or that one
     # Feature groups the ranker reads when the version has them: item, user (side-feature files), time
-    # (the log's timestamps) ("" or "none" = none).
-    features: str = "item,user,time"
+    # (the log's timestamps), cf (EASE's item-item score, export/ease.py), trend (the candidate's popularity at
+    # the request time, export/trend.py; needs timestamps) ("" or "none" = none).
+    features: str = "item,user,time,cf,trend"
     feature_dim: int = 16
     feature_dropout: float = 0.3  # share of training samples scored without item / user / time features
     cross_dim: int = 0  # rank of the item-features x (user, time) cross; 0 = none
+    cf_lambda: float = 0.0  # EASE's L2 weight; 0 = the best of ease.LAMBDA_GRID on validation
+    cf_neighbours: int = 64  # EASE weights kept per item in the ranker's graph
+    wide_fit: bool = True  # epoch 1 fits the wide part alone (L-BFGS) before the MLP trains

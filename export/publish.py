@@ -40,7 +40,7 @@ from attnrec.engine.repository import (
     open_version,
 )
 
-from .config import RankerConfig
+from .config import FEATURE_GROUPS, RankerConfig
 from .data.sequences import LeaveOneOut
 from .evaluate import evaluate_pipeline, metrics_section
 from .index_build import build_index, default_factory, tune
@@ -230,7 +230,6 @@ def publish(
     return version_dir, open_version(version_dir), metrics
 
 
-FEATURE_GROUPS = ("item", "user", "time")
 
 
 def check_ranker_config(cfg: RankerConfig) -> None:
@@ -243,6 +242,8 @@ def check_ranker_config(cfg: RankerConfig) -> None:
     unknown = set(feature_groups(cfg)) - set(FEATURE_GROUPS)
     if unknown:
         raise ValueError(f"ranker features {sorted(unknown)} are not among {FEATURE_GROUPS}")
+    if "trend" in feature_groups(cfg) and "time" not in feature_groups(cfg):
+        raise ValueError("ranker feature group trend reads the request time: it needs the time group too")
 
 
 def feature_groups(cfg: RankerConfig) -> list[str]:
@@ -312,6 +313,23 @@ def _ship_ranker(
     timed = "time" in groups and split.data.timed
     if "time" in groups and not timed:
         log.warning("ranker: no time features (the log has no timestamp column; its row order is its time order)")
+    trending = "trend" in groups and timed
+    if "trend" in groups and not trending:
+        log.warning("ranker: no trend features (the log has no timestamp column)")
+    from . import trend
+    from .ranker_train import trend_table
+
+    table = trend_table(split) if trending else None
+    from .ease import MAX_ITEMS
+
+    cf = "cf" in groups and cfg.cf_neighbours > 0 and model.cfg.n_items <= MAX_ITEMS
+    if "cf" in groups and not cf:
+        log.warning(
+            "ranker: no cf feature (--ranker-cf-neighbours %d; %d items, EASE's limit is %d)",
+            cfg.cf_neighbours,
+            model.cfg.n_items,
+            MAX_ITEMS,
+        )
     shape = RankerShape(
         model.cfg.n_items,
         model.cfg.dim,
@@ -325,6 +343,8 @@ def _ship_ranker(
         feature_dropout=cfg.feature_dropout,
         time=timed,
         cross_dim=cfg.cross_dim,
+        cf_neighbours=min(cfg.cf_neighbours, model.cfg.n_items) if cf else 0,
+        trend_features=trend.n_features(table) if trending else 0,
     )
     served = StageOne(functools.partial(encode, encoder), model.cfg.max_len, index, vectors)
     holdout = None
@@ -346,6 +366,7 @@ def _ship_ranker(
         holdout=holdout,
         item_codes=coded_matrix(item_table) if shape.item_columns else None,
         user_codes=coded_matrix(user_table) if shape.user_columns else None,
+        trend=table,
     )
     log.info(
         "ranker: best valid NDCG@10 %.4f at epoch %d (stage one %.4f), %d epochs, %.0fs",
@@ -355,6 +376,7 @@ def _ship_ranker(
         result.epochs_run,
         result.seconds,
     )
+    shape = result.ranker.shape  # with what training chose (EASE's lambda)
     names = export_ranker(result.ranker, path)
     real = [split.valid.history(j) for j in range(min(64, len(split.valid)))]
     parity = check_ranker_parity(result.ranker, model, path, real, seed=cfg.seed)

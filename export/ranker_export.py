@@ -65,7 +65,7 @@ def ranker_inputs(ranker: TargetAttentionRanker) -> list[str]:
         skip.add("hidden")
     if not ranker.shape.user_columns:
         skip.add("user_features")
-    if not ranker.shape.time:
+    if not ranker.shape.reads_clock:
         skip.update(TIME_INPUTS)
     return [n for n in RANKER_INPUTS if n not in skip]
 
@@ -160,6 +160,10 @@ def check_ranker_parity(
         top = max((c.n_codes for c in ranker.shape.user_columns), default=1)
         users = rng.integers(0, top + 2, size=(batch, ranker.shape.user_width))  # past the end: unknown
         stamps, now = _random_times(rng, tokens, 0.75)
+        if ranker.shape.trend_features:  # request times inside the trend table's span too, every bucket reachable
+            span = (ranker.trend_buckets + 2) * ranker.trend_width
+            inside = ranker.trend_start - ranker.trend_width + rng.integers(0, span, size=now.shape)
+            now = np.where((now > 0) & (rng.random(now.shape) < 0.7), np.maximum(inside, 1), now)
         feeds = {"history": tokens, "candidates": cands, "candidate_scores": scores}
         feeds.update(user_features=users, history_timestamps=stamps, request_time=now)
         if length == 1:  # (1, 1, 1): user features and times left out, so all unknown

@@ -33,6 +33,23 @@ int64 seconds (no float32 rounding of 1.7e9, exact ONNX/torch parity). Training 
 group per sample, and separately only the history's timestamps (`feature_dropout`), so a request
 without timestamps, or with the clock only, scores as trained. Not used: the recency of the
 candidate in the history (seen items are never candidates: stage one excludes them).
+
+Item-item collaborative score (`RankerShape.cf_neighbours` > 0; export/ease.py): EASE's weights,
+each token's strongest `cf_neighbours`, are baked into the graph; the attended history's weights
+are scatter-added into a catalogue-wide vector and read at the candidates (O(history × k +
+catalogue) per user). The score, standardised over the list, is added to the output with a learned
+weight that starts at zero, and it enters the MLP with the other scalars. In training the score
+comes precomputed (`cf_scores`) from a B that never saw the sample's target.
+
+Trend (`RankerShape.trend_features` > 0; export/trend.py): each item's training interactions
+accumulated per time bucket are baked into the graph; at the request time's bucket the candidate's
+recent counts (a day, a week, a month), its count so far, whether it had none yet (a film not yet
+released) and its age are read by integer lookups. Unknown request time: all zero.
+
+The wide part: the standardised collaborative score, the trend features and the log popularity
+also enter the output through one linear layer that starts at zero (Wide & Deep, Cheng et al.
+2016): a handful of weights that a few thousand samples can fit, where the MLP over embeddings
+needs many more.
 """
 
 from __future__ import annotations
@@ -59,6 +76,16 @@ def features(shape: "RankerShape") -> list[str]:
         side.append(f"item side features ({', '.join(c.name for c in shape.item_columns)}), baked into the graph")
     if shape.user_columns:
         side.append(f"user side features ({', '.join(c.name for c in shape.user_columns)}), optional input")
+    if shape.cf_neighbours:
+        side.append(
+            f"item-item collaborative score of the candidate given the attended history (EASE, its {shape.cf_neighbours} "
+            "strongest neighbours per item), baked into the graph"
+        )
+    if shape.trend_features:
+        side.append(
+            "the candidate's training interactions before the request time: in the last day, week and month, "
+            "in all, none yet, days since the first (baked counts per time bucket)"
+        )
     if shape.time:
         side += [
             "age of each history item at the request time (log2 buckets), in the attention keys; optional input",
@@ -185,10 +212,18 @@ class RankerShape:
     # Rank of the item-features × context cross (0 = none): with item features and user or time features,
     # a factorised term <P f(item features), Q [user; request context]> added to the score.
     cross_dim: int = 0
+    cf_neighbours: int = 0  # item-item collaborative score (export/ease.py): neighbours kept per item; 0 = none
+    cf_lambda: float = 0.0  # the EASE L2 weight its neighbours were fitted with (a record; the graph holds the weights)
+    trend_features: int = 0  # columns of the candidate's popularity at the request time (export/trend.py); 0 = none
 
     @property
     def crossed(self) -> bool:
         return self.cross_dim > 0 and bool(self.item_columns) and (bool(self.user_columns) or self.time)
+
+    @property
+    def reads_clock(self) -> bool:
+        """Whether the graph takes history_timestamps and request_time (engine/ranker.py: both or neither)."""
+        return self.time or self.trend_features > 0
 
     @property
     def user_width(self) -> int:
@@ -210,11 +245,14 @@ class TargetAttentionRanker(nn.Module):
         item_vectors: torch.Tensor | None = None,
         popularity=None,
         item_codes: np.ndarray | None = None,
+        neighbours=None,
+        trend=None,
     ) -> None:
         """item_vectors (n_items, D): the encoder's item embeddings (initial candidate embeddings);
         popularity (n_items,): training interaction counts per catalogue row; item_codes (n_items + 1,
         W): the item feature table's coded columns side by side, token-indexed (row 0 unknown), as
-        `shape.item_columns` describes them."""
+        `shape.item_columns` describes them; neighbours: export/ease.py's `Neighbours` (n_items + 1,
+        `shape.cf_neighbours`), the served B; trend: export/trend.py's `TrendTable` of the training part."""
         super().__init__()
         self.shape = shape
         d = shape.dim
@@ -223,6 +261,27 @@ class TargetAttentionRanker(nn.Module):
         self.w_att = nn.Linear(d, d, bias=False)
         self.scale = 1.0 / math.sqrt(d)
         n_in = (4 if shape.keys == "hidden" else 3) * d + 3
+        if shape.cf_neighbours:
+            want = (shape.n_items + 1, shape.cf_neighbours)
+            if neighbours is None or neighbours.items.shape != want or neighbours.weights.shape != want:
+                got = None if neighbours is None else neighbours.items.shape
+                raise ValueError(f"cf neighbours must be {want}, got {got}")
+            self.register_buffer("cf_items", torch.as_tensor(neighbours.items, dtype=torch.long))
+            self.register_buffer("cf_weights", torch.as_tensor(neighbours.weights, dtype=torch.float32))
+            n_in += 2
+        if shape.trend_features:
+            if not shape.time:  # engine/ranker.py: a ranker reads both time inputs or neither
+                raise ValueError("trend features read request_time: they need the time features (time=True)")
+            if trend is None or len(trend.windows) + 3 != shape.trend_features or len(trend.first) != shape.n_items + 1:
+                raise ValueError(f"a trend table for {shape.n_items + 1} tokens and {shape.trend_features} columns is needed")
+            self.register_buffer("trend_cumulative", torch.as_tensor(trend.cumulative, dtype=torch.float32).flatten())
+            self.register_buffer("trend_first", torch.as_tensor(trend.first, dtype=torch.long))
+            self.trend_windows = tuple(int(w) for w in trend.windows)  # graph constants
+            self.trend_start, self.trend_width, self.trend_buckets = int(trend.start), int(trend.width), trend.buckets
+            n_in += shape.trend_features
+        n_wide = 1 + (1 if shape.cf_neighbours else 0) + shape.trend_features  # log popularity, cf, trend
+        self.wide = nn.Linear(n_wide, 1, bias=False)
+        nn.init.zeros_(self.wide.weight)  # starts at zero: the ranker still starts as retrieval
         self.item_side = self.user_side = None
         if shape.item_columns:
             width = sum(c.width for c in shape.item_columns)
@@ -285,6 +344,63 @@ class TargetAttentionRanker(nn.Module):
             codes = codes.masked_fill(drop[:, None, None], 0)
         return v + self.item_proj(self.item_side(codes))
 
+    def cf(self, history: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """The collaborative score (B, N) of candidates given history (B, L) tokens: the history's neighbour
+        weights scatter-added over the catalogue, read at the candidates (export/ease.py `scores`)."""
+        b = history.shape[0]
+        items = self.cf_items[history].reshape(b, -1)
+        weights = self.cf_weights[history].reshape(b, -1)
+        dense = torch.zeros(b, self.shape.n_items + 1, dtype=weights.dtype, device=history.device)
+        dense = dense.scatter_add(1, items, weights)
+        dense = dense * (torch.arange(self.shape.n_items + 1, device=history.device) > 0)  # padding reads nothing
+        return dense.gather(1, candidates)
+
+    def wide_names(self) -> list[str]:
+        """What each column of `wide_inputs` is (the manifest's training history names the weights so)."""
+        names = ["log popularity"] + (["cf (standardised)"] if self.shape.cf_neighbours else [])
+        if self.shape.trend_features:
+            days = [f"{w * self.trend_width / 86_400:g}" for w in self.trend_windows]
+            names += [f"interactions in the {d} days before" for d in days]
+            names += ["interactions before", "none yet", "days since the first"]
+        return names
+
+    def wide_inputs(
+        self,
+        history: torch.Tensor,
+        candidates: torch.Tensor,
+        request_time: torch.Tensor | None,
+        cf_scores: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The wide part's inputs (B, N, W): log popularity, [the cf score standardised over the list,]
+        [the trend features]; and the raw cf score (B, N) (None without cf). history: the attended
+        positions (B, ≤ attend_last) tokens."""
+        wide = [self.log_pop[candidates].unsqueeze(-1)]
+        cf = None
+        if self.shape.cf_neighbours:
+            valid = candidates > 0
+            n = valid.sum(dim=1, keepdim=True).clamp(min=1).to(torch.float32)
+            cf = self.cf(history, candidates) if cf_scores is None else cf_scores
+            cf_mean = torch.where(valid, cf, torch.zeros_like(cf)).sum(dim=1, keepdim=True) / n
+            cf_var = torch.where(valid, (cf - cf_mean) ** 2, torch.zeros_like(cf)).sum(dim=1, keepdim=True) / n
+            wide.append(torch.where(valid, (cf - cf_mean) / torch.sqrt(cf_var + 1e-6), torch.zeros_like(cf)).unsqueeze(-1))
+        if self.shape.trend_features:
+            wide.append(self.trend(candidates, request_time))
+        return torch.cat(wide, dim=-1), cf
+
+    def trend(self, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
+        """(B, N, trend_features): export/trend.py `features`, by int64 bucket arithmetic and lookups."""
+        known = request_time > 0  # (B, 1)
+        b = torch.div((request_time.clamp(min=0) - self.trend_start).clamp(min=0), self.trend_width, rounding_mode="trunc")
+        b = b.clamp(max=self.trend_buckets)  # (B, 1)
+        row = candidates * (self.trend_buckets + 1)
+        before = self.trend_cumulative[row + b]
+        cols = [torch.log1p(before - self.trend_cumulative[row + (b - w).clamp(min=0)]) for w in self.trend_windows]
+        age = (b - self.trend_first[candidates]).clamp(min=0).to(before.dtype)
+        cols += [torch.log1p(before), (before == 0).to(before.dtype), torch.log1p(age)]
+        out = torch.stack(cols, dim=-1)
+        keep = known.unsqueeze(-1) & (candidates > 0).unsqueeze(-1)
+        return torch.where(keep, out, torch.zeros_like(out))
+
     def crossed_items(self, tokens: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """The item side of the cross for tokens (B, T) → (B, T, cross_dim): the folded table when exported,
         else from the feature codes (zero for the samples where `drop` (B,) is true)."""
@@ -304,16 +420,18 @@ class TargetAttentionRanker(nn.Module):
         user_features: torch.Tensor | None = None,
         history_timestamps: torch.Tensor | None = None,
         request_time: torch.Tensor | None = None,
+        cf_scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """history (B, L) tokens, hidden (B, L, D), candidates (B, N) tokens (0 = empty), candidate_scores (B, N),
         user_features (B, W) codes (None or zeros: unknown), history_timestamps (B, L) and request_time
-        (B, 1) seconds (None or ≤ 0: unknown) → scores (B, N)."""
+        (B, 1) seconds (None or ≤ 0: unknown); cf_scores (B, N): training's leak-free collaborative
+        scores (None: from the baked neighbours, as served) → scores (B, N)."""
         k = self.shape.attend_last
         p = self.shape.feature_dropout if self.training else 0.0
         b = candidates.shape[0]
         drop_item = torch.rand(b) < p if p > 0 and self.item_side is not None else None
         context = None
-        if self.time_side is not None:
+        if self.shape.reads_clock:
             if history_timestamps is None:
                 history_timestamps = torch.zeros_like(history)
             if request_time is None:
@@ -321,6 +439,7 @@ class TargetAttentionRanker(nn.Module):
             if p > 0:  # the whole group, and separately the history's timestamps only (a request with the clock only)
                 request_time = request_time.masked_fill((torch.rand(b) < p)[:, None], 0)
                 history_timestamps = history_timestamps.masked_fill((torch.rand(b) < p)[:, None], 0)
+        if self.time_side is not None:
             ages, context = self.time_side(history_timestamps[:, -k:], request_time)
         history = history[:, -k:]  # slicing past the start keeps everything
         t = history.shape[1]
@@ -340,7 +459,9 @@ class TargetAttentionRanker(nn.Module):
         n = valid.sum(dim=1, keepdim=True).clamp(min=1).to(s.dtype)
         mean = torch.where(valid, s, torch.zeros_like(s)).sum(dim=1, keepdim=True) / n
         var = torch.where(valid, (s - mean) ** 2, torch.zeros_like(s)).sum(dim=1, keepdim=True) / n
-        scalars = torch.stack([s - best, (s - mean) / torch.sqrt(var + 1e-6), self.log_pop[candidates]], dim=-1)
+        wide, cf = self.wide_inputs(history, candidates, request_time, cf_scores)  # request_time: after dropout
+        columns = [s - best, (s - mean) / torch.sqrt(var + 1e-6)] + ([cf] if cf is not None else [])
+        scalars = torch.cat([torch.stack(columns, dim=-1), wide], dim=-1)
         parts = [v, a, v * a]
         if self.shape.keys == "hidden":
             parts.append(v * hidden[:, -1:])  # the last state is stage one's query
@@ -357,7 +478,7 @@ class TargetAttentionRanker(nn.Module):
             parts += [context.expand(-1, v.shape[1], -1), v * context]
             who_when.append(context)
         x = torch.cat([*parts, scalars], dim=-1)  # (B, N, 3D or 4D (+ 2D per side group), + 3)
-        out = s + self.mlp(x).squeeze(-1)
+        out = s + self.mlp(x).squeeze(-1) + self.wide(wide).squeeze(-1)
         if self.cross_ctx is not None:
             q = self.cross_ctx(torch.cat(who_when, dim=-1))  # (B, 1, R)
             out = out + (self.crossed_items(candidates, drop_item) * q).sum(-1)

@@ -26,7 +26,11 @@ features; validation does the same with the validation target's timestamp.
 
 Validation runs the pipeline that will be served: the validation users' histories through
 stage one's top-N and the ranker, NDCG@10 of the re-ordered list. Epoch 0 (before any step)
-is stage one's own order, since the ranker starts as retrieval; the best epoch is kept.
+is stage one's own order, since the ranker starts as retrieval; epoch 1 fits the wide part alone
+(`fit_wide`, L-BFGS), then Adam trains everything; the best epoch is kept.
+
+With the cf feature, each sample also carries its candidates' collaborative scores from an EASE
+B that never saw its target (`with_cf`, export/ease.py).
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ class CandidateSets:
     users: (S,) the internal user of each set;
     user_features: (S, F) the user's side-feature codes (None without user features);
     times / request_time: (S, K) int64 seconds of the positions of `tokens` (0 at padding) / (S, 1)
-    the request's time, the target's timestamp (None when the log has no timestamps).
+    the request's time, the target's timestamp (None when the log has no timestamps);
+    cf: (S, W) the candidates' item-item collaborative scores from a B that never saw the target
+    (export/ease.py; None without the cf feature).
     """
 
     tokens: np.ndarray
@@ -75,13 +81,14 @@ class CandidateSets:
     user_features: np.ndarray | None = None
     times: np.ndarray | None = None
     request_time: np.ndarray | None = None
+    cf: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.target_slot)
 
     def take(self, idx: np.ndarray) -> "CandidateSets":
         parts = (self.tokens, self.hidden, self.candidates, self.scores, self.target_slot)
-        rest = (self.users, self.user_features, self.times, self.request_time)
+        rest = (self.users, self.user_features, self.times, self.request_time, self.cf)
         return CandidateSets(*(a[idx] for a in parts), *(None if a is None else a[idx] for a in rest))
 
     def with_user_features(self, user_codes: np.ndarray) -> "CandidateSets":
@@ -243,6 +250,7 @@ def eval_candidates(
 
 def _batch(sets: CandidateSets, idx: np.ndarray) -> tuple[torch.Tensor | None, ...]:
     parts = (sets.tokens, sets.hidden, sets.candidates, sets.scores, sets.user_features, sets.times, sets.request_time)
+    parts += (sets.cf,)
     return tuple(None if a is None else torch.from_numpy(a[idx]) for a in parts)
 
 
@@ -283,6 +291,107 @@ def ranked_gains(ranker: TargetAttentionRanker, sets: CandidateSets, k: int = 10
     return np.concatenate(gains) if gains else np.zeros(0)
 
 
+def _training_rows(split: LeaveOneOut) -> tuple[np.ndarray, np.ndarray]:
+    """(user, row in split.data's arrays) of every interaction in the training part."""
+    lengths = split.train_lengths()
+    users = np.repeat(np.arange(len(lengths)), lengths)
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return users, split.data.offsets[users] + within
+
+
+def training_pairs(split: LeaveOneOut) -> tuple[np.ndarray, np.ndarray]:
+    """(user, item token) of every interaction in the training part."""
+    users, rows = _training_rows(split)
+    return users, split.data.items[rows]
+
+
+@torch.no_grad()
+def _wide_split(ranker: TargetAttentionRanker, sets: CandidateSets) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the wide part's inputs (S, N, W), the scores without the wide part (S, N), -inf at empty slots)."""
+    k = ranker.shape.attend_last
+    xs, rest = [], []
+    for s in range(0, len(sets), 256):
+        batch = _batch(sets, np.arange(s, min(s + 256, len(sets))))
+        history, candidates, request_time, cf = batch[0], batch[2], batch[6], batch[7]
+        x = ranker.wide_inputs(history[:, -k:], candidates, request_time, cf)[0]
+        out = ranker(*batch) - ranker.wide(x).squeeze(-1)
+        xs.append(x)
+        rest.append(out.masked_fill(candidates == 0, float("-inf")))
+    return torch.cat(xs), torch.cat(rest)
+
+
+def fit_wide(ranker: TargetAttentionRanker, sets: CandidateSets, l2: float = 1e-3, max_iter: int = 100) -> np.ndarray:
+    """Fit the wide layer alone, the rest as it is (at the start: zero, so scores = stage one + wide), by
+    full-batch L-BFGS of the listwise softmax loss on the sets; returns (and sets) its weights."""
+    was = ranker.training
+    ranker.eval()
+    x, base = _wide_split(ranker, sets)
+    y = torch.from_numpy(sets.target_slot)
+    w = ranker.wide.weight.detach().clone().reshape(-1).requires_grad_(True)
+    opt = torch.optim.LBFGS([w], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(base + x @ w, y) + l2 * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        ranker.wide.weight.copy_(w.detach().reshape(1, -1))
+    ranker.train(was)
+    return w.detach().numpy()
+
+
+def trend_table(split: LeaveOneOut):
+    """export/trend.py's table of the training part (the counts serving reads too)."""
+    from . import trend
+
+    _, rows = _training_rows(split)
+    return trend.build(split.data.items[rows], seconds(split.data.timestamps[rows]), split.data.n_items + 1)
+
+
+def with_cf(
+    split: LeaveOneOut,
+    held: LeaveOneOut | None,
+    samples: CandidateSets,
+    val_sets: CandidateSets,
+    cfg: RankerConfig,
+    shape: RankerShape,
+):
+    """The sets with their candidates' collaborative scores, and the served EASE neighbours (fitted on
+    the whole training part, λ chosen on validation). Samples are scored by a B that never saw their
+    targets: for hold-out samples the hold-out split's (`held`), else one without the sample's user."""
+    from . import ease
+
+    t0 = time.perf_counter()
+    n_users, n_tokens = split.data.n_users, split.data.n_items + 1
+    users, items = training_pairs(split)
+    x = ease.interaction_matrix(users, items, n_users, n_tokens)
+    lam, b = ease.choose_lambda(x, split.valid.users, split.valid.targets, cfg.cf_lambda or None)
+    served = ease.sparsify(b, shape.cf_neighbours, lam)
+    del b
+    val_sets = dataclasses.replace(val_sets, cf=ease.scores(served, val_sets.tokens, val_sets.candidates))
+    if held is not None:
+        hu, hi = training_pairs(held)
+        hb = ease.sparsify(ease.fit(ease.interaction_matrix(hu, hi, n_users, n_tokens), lam), shape.cf_neighbours, lam)
+        cf, how = ease.scores(hb, samples.tokens, samples.candidates), "the hold-out split's B"
+    else:
+        cf = ease.cross_fitted(
+            users, items, n_users, n_tokens, lam, shape.cf_neighbours, samples.users, samples.tokens,
+            samples.candidates, seed=cfg.seed,
+        )
+        how = f"B without the sample's user ({ease.FOLDS} user folds)"
+    log.info(
+        "ranker cf: EASE lambda %g, %d neighbours per item; samples scored by %s; %.0fs",
+        lam,
+        shape.cf_neighbours,
+        how,
+        time.perf_counter() - t0,
+    )
+    return dataclasses.replace(samples, cf=cf), val_sets, served
+
+
 @dataclass
 class RankerResult:
     ranker: TargetAttentionRanker
@@ -310,11 +419,13 @@ def train_ranker(
     holdout: tuple[LeaveOneOut, StageOne] | None = None,
     item_codes: np.ndarray | None = None,
     user_codes: np.ndarray | None = None,
+    trend=None,
 ) -> RankerResult:
     """`holdout`: the hold_out_last split and the stage one trained on it, whose candidates for the
     held-out interactions are the samples (None: recent training prefixes, the served stage one's);
     `item_codes` (I + 1, F) / `user_codes` (U + 1, F): the coded feature matrices (engine/ranker.py
-    `coded_matrix`) that `shape`'s item and user columns describe."""
+    `coded_matrix`) that `shape`'s item and user columns describe; trend: the `trend_table` of the
+    training part, when `shape` has trend features."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
@@ -345,9 +456,9 @@ def train_ranker(
         if user_codes is None:
             raise ValueError("a ranker with user columns needs the user feature codes")
         samples, val_sets = samples.with_user_features(user_codes), val_sets.with_user_features(user_codes)
-    if shape.time and (samples.times is None or val_sets.times is None):
-        raise ValueError("a ranker with time features needs a log with timestamps")
-    if not shape.time:  # what the ranker does not read stays out of its batches
+    if shape.reads_clock and (samples.times is None or val_sets.times is None):
+        raise ValueError("a ranker with time or trend features needs a log with timestamps")
+    if not shape.reads_clock:  # what the ranker does not read stays out of its batches
         samples = dataclasses.replace(samples, times=None, request_time=None)
         val_sets = dataclasses.replace(val_sets, times=None, request_time=None)
     retrieved = len(samples) / max(n_prefixes, 1)
@@ -361,8 +472,14 @@ def train_ranker(
         time.perf_counter() - t0,
     )
 
+    neighbours = None
+    if shape.cf_neighbours:
+        samples, val_sets, neighbours = with_cf(split, None if holdout is None else holdout[0], samples, val_sets, cfg, shape)
+        shape = dataclasses.replace(shape, cf_lambda=neighbours.lam)
+    if shape.trend_features and trend is None:
+        raise ValueError("a ranker with trend features needs the training part's trend table")
     pop = split.train_popularity()[1:]
-    ranker = TargetAttentionRanker(shape, torch.from_numpy(item_vectors), pop, item_codes)
+    ranker = TargetAttentionRanker(shape, torch.from_numpy(item_vectors), pop, item_codes, neighbours, trend)
     # The id embeddings start as the encoder's and are most of the ranker's weights: at the rate of the rest
     # they re-fit the training users' items (validation peaks after a few epochs while the loss keeps
     # falling); `embedding_lr_scale` slows them (0: frozen at the encoder's).
@@ -377,7 +494,25 @@ def train_ranker(
     best_state = {k: v.clone() for k, v in ranker.state_dict().items()}
     initial = best_state  # stage one's order exactly (the MLP's last layer starts at zero)
     log.info("ranker epoch 0 (stage one's order): valid NDCG@10 %.4f", best)
+    # Epoch 1 fits the wide part alone, to convergence (full-batch L-BFGS over a few weights): Adam at the
+    # MLP's rate moves each weight by ~lr per step, too little in a few epochs for weights of order 1.
     epoch = 0
+    if cfg.wide_fit:
+        epoch = 1
+        weights = fit_wide(ranker, samples)
+        gains = ranked_gains(ranker, val_sets)
+        ndcg = float(gains.mean()) if len(gains) else 0.0
+        named = {f"wide {n}": round(float(w), 4) for n, w in zip(ranker.wide_names(), weights)}
+        history.append({"epoch": 1, "valid_ndcg@10": ndcg, **named})
+        if ndcg > best:
+            best, best_epoch, best_gains = ndcg, 1, gains
+            best_state = {k: v.clone() for k, v in ranker.state_dict().items()}
+        log.info(
+            "ranker epoch 1 (the wide part alone, weights %s): valid NDCG@10 %.4f (stage one %.4f)",
+            ", ".join(f"{k[5:]} {v:+.3f}" for k, v in named.items()),
+            ndcg,
+            stage1,
+        )
     n_batches = -(-len(samples) // cfg.batch_size)
     while epoch < cfg.epochs and bad < cfg.patience:
         ranker.train()

@@ -115,10 +115,12 @@ def test_a_ranker_whose_validation_gain_is_not_significant_ships_as_stage_one(sm
 def test_embedding_lr_scale_zero_keeps_the_encoders_item_embeddings(small_split, tiny_model, stage_one):
     vectors, index = stage_one
     shape = RankerShape(tiny_model.cfg.n_items, tiny_model.cfg.dim, attend_last=8, mlp_dim=32)
+    # No wide fit: every epoch trains the MLP and the embeddings, so the best one is an Adam epoch.
     common = dict(n_candidates=20, samples_per_user=3, attend_last=8, mlp_dim=32, epochs=2, patience=3, lr=3e-3)
+    common["wide_fit"] = False
     args = (small_split, torch_encode(tiny_model), 20, index, vectors)
     frozen = train_ranker(*args, RankerConfig(**common, min_gain_z=-np.inf, embedding_lr_scale=0.0), shape)
-    moving = train_ranker(*args, RankerConfig(**common, min_gain_z=-np.inf), shape)
+    moving = train_ranker(*args, RankerConfig(**common, min_gain_z=-np.inf, embedding_lr_scale=1.0), shape)
     assert frozen.best_epoch >= 1 and moving.best_epoch >= 1  # both shipped a trained epoch
     np.testing.assert_array_equal(frozen.ranker.item_emb.weight[1:].detach().numpy(), vectors)
     assert not np.allclose(moving.ranker.item_emb.weight[1:].detach().numpy(), vectors)
@@ -205,6 +207,9 @@ def _reference_rows(version_dir, manifest, es, n):
         in_top_n.append(es.targets[j] - 1 in top)
         feeds = {"history": tokens, "hidden": outs.get("hidden"), "candidates": top[None] + 1}
         feeds["candidate_scores"] = scores[0, top][None].astype(np.float32)
+        if es.hist_times is not None and "request_time" in ranker.input_names:  # as evaluate passes them
+            feeds["history_timestamps"] = pad_histories([np.floor(es.history_times(j)).astype(np.int64)], manifest.model.max_len)
+            feeds["request_time"] = np.array([[int(np.floor(es.target_times[j]))]])
         ranked_top.append(top[np.argsort(-score(ranker, feeds)[0], kind="stable")][:20])
     return np.array(exact_top), np.array(ranked_top), float(np.mean(in_top_n))
 

@@ -35,12 +35,19 @@ _RANKER_HELP = {
     "(holdout)",
     "features": "feature groups the ranker reads when the version has them, comma separated: item, user "
     "(--item-features/--user-features), time (the log's timestamps: each history item's age, the time since "
-    "the previous interaction, hour of day and day of week of the request), or none; item features are baked "
-    "into the ranker, user and time features are its optional inputs",
+    "the previous interaction, hour of day and day of week of the request), cf (an item-item collaborative "
+    "score: EASE fitted on the training interactions; catalogues up to 40,000 items), trend (the candidate's "
+    "interactions in the day, week and month before the request time; needs time), or none; item features, "
+    "cf and trend are baked into the ranker, user and time features are its optional inputs",
     "feature_dim": "embedding size of each side-feature (and time) column in the ranker",
     "cross_dim": "rank of a factorised cross of the item features with the user features and the request's time "
     "context (hour, day of week, time since the previous interaction), added to the ranker's score; needs the item "
     "group and the user or time group; 0 = none",
+    "cf_lambda": "L2 weight of the ranker's EASE item-item model (the cf feature group); 0 = pick the best of "
+    "25, 100, 400 by EASE's own validation NDCG@10",
+    "cf_neighbours": "EASE weights kept per item (the strongest) in the ranker's graph (the cf feature group)",
+    "wide_fit": "epoch 1 fits the ranker's wide part (log popularity, cf, trend: one linear layer) alone, to "
+    "convergence, before the MLP trains; --no-ranker-wide-fit starts with the MLP",
     "feature_dropout": "share of ranker training samples scored without item, without user and without time "
     "features (each separately; and as many again without the history's timestamps only), so requests without "
     "them (no user id, no timestamps) score sensibly",
@@ -61,12 +68,11 @@ def add_ranker_args(p: argparse.ArgumentParser) -> None:
     base = RankerConfig()
     for name, text in _RANKER_HELP.items():
         default = getattr(base, name)
-        g.add_argument(
-            "--ranker-" + name.replace("_", "-"),
-            type=type(default),
-            default=default,
-            help=f"{text} (default: {default})",
-        )
+        flag = "--ranker-" + name.replace("_", "-")
+        if isinstance(default, bool):  # type=bool would read "False" as true
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{text} (default: {default})")
+            continue
+        g.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default})")
 
 
 def _ranker_config(args: argparse.Namespace, seed: int, threads: int):
