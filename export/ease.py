@@ -27,7 +27,9 @@ from scipy.linalg import lapack
 log = logging.getLogger(__name__)
 
 LAMBDA_GRID = (25.0, 100.0, 400.0)  # `auto`: the one with the best EASE-alone validation NDCG@10
-MAX_ITEMS = 40_000  # a dense I x I inverse beyond this costs more memory (float32: 6.4 GB each) and time than it is worth
+MAX_ITEMS = (
+    40_000  # a dense I x I inverse beyond this costs more memory (float32: 6.4 GB each) and time than it is worth
+)
 FOLDS = 5
 
 
@@ -119,7 +121,9 @@ def _validation_ndcg(b: np.ndarray, x: sp.csr_matrix, users: np.ndarray, targets
     return float(np.concatenate(gains).mean()) if gains else 0.0
 
 
-def choose_lambda(x: sp.csr_matrix, users: np.ndarray, targets: np.ndarray, lam: float | None) -> tuple[float, np.ndarray]:
+def choose_lambda(
+    x: sp.csr_matrix, users: np.ndarray, targets: np.ndarray, lam: float | None
+) -> tuple[float, np.ndarray]:
     """(λ, B): `lam`, or (None) the grid value whose B ranks the validation `targets` best."""
     if lam is not None:
         return lam, fit(x, lam)
@@ -128,7 +132,9 @@ def choose_lambda(x: sp.csr_matrix, users: np.ndarray, targets: np.ndarray, lam:
         t0 = time.perf_counter()
         b = fit(x, value)
         ndcg = _validation_ndcg(b, x, users, targets)
-        log.info("ranker cf: EASE lambda %g: validation NDCG@10 %.4f alone (%.0fs)", value, ndcg, time.perf_counter() - t0)
+        log.info(
+            "ranker cf: EASE lambda %g: validation NDCG@10 %.4f alone (%.0fs)", value, ndcg, time.perf_counter() - t0
+        )
         if best is None or ndcg > best[0]:
             best = (ndcg, value, b)
     return best[1], best[2]

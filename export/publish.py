@@ -230,8 +230,6 @@ def publish(
     return version_dir, open_version(version_dir), metrics
 
 
-
-
 def check_ranker_config(cfg: RankerConfig) -> None:
     if cfg.holdout < 0:
         raise ValueError(f"ranker holdout must be >= 0, got {cfg.holdout}")

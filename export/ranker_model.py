@@ -78,8 +78,8 @@ def features(shape: "RankerShape") -> list[str]:
         side.append(f"user side features ({', '.join(c.name for c in shape.user_columns)}), optional input")
     if shape.cf_neighbours:
         side.append(
-            f"item-item collaborative score of the candidate given the attended history (EASE, its {shape.cf_neighbours} "
-            "strongest neighbours per item), baked into the graph"
+            "item-item collaborative score of the candidate given the attended history (EASE, its "
+            f"{shape.cf_neighbours} strongest neighbours per item), baked into the graph"
         )
     if shape.trend_features:
         side.append(
@@ -273,7 +273,9 @@ class TargetAttentionRanker(nn.Module):
             if not shape.time:  # engine/ranker.py: a ranker reads both time inputs or neither
                 raise ValueError("trend features read request_time: they need the time features (time=True)")
             if trend is None or len(trend.windows) + 3 != shape.trend_features or len(trend.first) != shape.n_items + 1:
-                raise ValueError(f"a trend table for {shape.n_items + 1} tokens and {shape.trend_features} columns is needed")
+                raise ValueError(
+                    f"a trend table for {shape.n_items + 1} tokens and {shape.trend_features} columns is needed"
+                )
             self.register_buffer("trend_cumulative", torch.as_tensor(trend.cumulative, dtype=torch.float32).flatten())
             self.register_buffer("trend_first", torch.as_tensor(trend.first, dtype=torch.long))
             self.trend_windows = tuple(int(w) for w in trend.windows)  # graph constants
@@ -382,7 +384,9 @@ class TargetAttentionRanker(nn.Module):
             cf = self.cf(history, candidates) if cf_scores is None else cf_scores
             cf_mean = torch.where(valid, cf, torch.zeros_like(cf)).sum(dim=1, keepdim=True) / n
             cf_var = torch.where(valid, (cf - cf_mean) ** 2, torch.zeros_like(cf)).sum(dim=1, keepdim=True) / n
-            wide.append(torch.where(valid, (cf - cf_mean) / torch.sqrt(cf_var + 1e-6), torch.zeros_like(cf)).unsqueeze(-1))
+            wide.append(
+                torch.where(valid, (cf - cf_mean) / torch.sqrt(cf_var + 1e-6), torch.zeros_like(cf)).unsqueeze(-1)
+            )
         if self.shape.trend_features:
             wide.append(self.trend(candidates, request_time))
         return torch.cat(wide, dim=-1), cf
@@ -390,7 +394,9 @@ class TargetAttentionRanker(nn.Module):
     def trend(self, candidates: torch.Tensor, request_time: torch.Tensor) -> torch.Tensor:
         """(B, N, trend_features): export/trend.py `features`, by int64 bucket arithmetic and lookups."""
         known = request_time > 0  # (B, 1)
-        b = torch.div((request_time.clamp(min=0) - self.trend_start).clamp(min=0), self.trend_width, rounding_mode="trunc")
+        b = torch.div(
+            (request_time.clamp(min=0) - self.trend_start).clamp(min=0), self.trend_width, rounding_mode="trunc"
+        )
         b = b.clamp(max=self.trend_buckets)  # (B, 1)
         row = candidates * (self.trend_buckets + 1)
         before = self.trend_cumulative[row + b]

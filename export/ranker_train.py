@@ -378,8 +378,16 @@ def with_cf(
         cf, how = ease.scores(hb, samples.tokens, samples.candidates), "the hold-out split's B"
     else:
         cf = ease.cross_fitted(
-            users, items, n_users, n_tokens, lam, shape.cf_neighbours, samples.users, samples.tokens,
-            samples.candidates, seed=cfg.seed,
+            users,
+            items,
+            n_users,
+            n_tokens,
+            lam,
+            shape.cf_neighbours,
+            samples.users,
+            samples.tokens,
+            samples.candidates,
+            seed=cfg.seed,
         )
         how = f"B without the sample's user ({ease.FOLDS} user folds)"
     log.info(
@@ -474,7 +482,9 @@ def train_ranker(
 
     neighbours = None
     if shape.cf_neighbours:
-        samples, val_sets, neighbours = with_cf(split, None if holdout is None else holdout[0], samples, val_sets, cfg, shape)
+        samples, val_sets, neighbours = with_cf(
+            split, None if holdout is None else holdout[0], samples, val_sets, cfg, shape
+        )
         shape = dataclasses.replace(shape, cf_lambda=neighbours.lam)
     if shape.trend_features and trend is None:
         raise ValueError("a ranker with trend features needs the training part's trend table")

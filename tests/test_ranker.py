@@ -208,7 +208,9 @@ def _reference_rows(version_dir, manifest, es, n):
         feeds = {"history": tokens, "hidden": outs.get("hidden"), "candidates": top[None] + 1}
         feeds["candidate_scores"] = scores[0, top][None].astype(np.float32)
         if es.hist_times is not None and "request_time" in ranker.input_names:  # as evaluate passes them
-            feeds["history_timestamps"] = pad_histories([np.floor(es.history_times(j)).astype(np.int64)], manifest.model.max_len)
+            feeds["history_timestamps"] = pad_histories(
+                [np.floor(es.history_times(j)).astype(np.int64)], manifest.model.max_len
+            )
             feeds["request_time"] = np.array([[int(np.floor(es.target_times[j]))]])
         ranked_top.append(top[np.argsort(-score(ranker, feeds)[0], kind="stable")][:20])
     return np.array(exact_top), np.array(ranked_top), float(np.mean(in_top_n))

@@ -129,7 +129,9 @@ def test_cross_fitted_scores_never_see_their_own_users_interactions():
     # ...while the users of the other folds, whose B it is in, see the change.
     assert np.abs(moved - base).max() > 1e-4
     # Against the served B (every user), a sample's score differs: the folds are real.
-    full = ease.scores(ease.sparsify(ease.fit(ease.interaction_matrix(users, items, 60, 16), 3.0), 6, 3.0), history, candidates)
+    full = ease.scores(
+        ease.sparsify(ease.fit(ease.interaction_matrix(users, items, 60, 16), 3.0), 6, 3.0), history, candidates
+    )
     assert np.abs(full - base).max() > 1e-4
 
 
@@ -163,7 +165,9 @@ def test_trend_counts_only_what_came_before_the_request_day():
     np.testing.assert_allclose(f[0, 1], [0, 0, 0, 0, 1.0, 0], atol=0)
     np.testing.assert_allclose(f[0, 2], [0, 0, 0, 0, 1.0, 0], atol=0)
     # Day 11: the day before holds item 1's 4th and item 2's 1st.
-    np.testing.assert_allclose(f[1, 0], [log(1), log(1), log(4), log(4), 0.0, log(11)], rtol=1e-6)  # day 3 is 8 days back
+    np.testing.assert_allclose(
+        f[1, 0], [log(1), log(1), log(4), log(4), 0.0, log(11)], rtol=1e-6
+    )  # day 3 is 8 days back
     np.testing.assert_allclose(f[1, 1], [log(1), log(1), log(1), log(1), 0.0, log(1)], rtol=1e-6)
     # Long after the log: the bucket just after it, the newest trend the version knows (not "nothing lately").
     np.testing.assert_allclose(f[2], f[1], rtol=0, atol=0)
@@ -215,7 +219,9 @@ def test_the_graphs_trend_is_numpys_and_onnxruntimes(tmp_path, tiny_model):
     }
     t = {k: torch.from_numpy(v) for k, v in feeds.items()}
     with torch.no_grad():
-        want = ranker(t["history"], None, t["candidates"], t["candidate_scores"], None, t["history_timestamps"], t["request_time"]).numpy()
+        want = ranker(
+            t["history"], None, t["candidates"], t["candidate_scores"], None, t["history_timestamps"], t["request_time"]
+        ).numpy()
         blind = ranker(t["history"], None, t["candidates"], t["candidate_scores"]).numpy()
     np.testing.assert_allclose(score(OnnxRanker(path), feeds), want, atol=1e-4)
     assert np.abs(want[:4] - blind[:4]).max() > 1e-3  # the request time moves the scores

@@ -70,7 +70,9 @@ def add_ranker_args(p: argparse.ArgumentParser) -> None:
         default = getattr(base, name)
         flag = "--ranker-" + name.replace("_", "-")
         if isinstance(default, bool):  # type=bool would read "False" as true
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f"{text} (default: {default})")
+            g.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=default, help=f"{text} (default: {default})"
+            )
             continue
         g.add_argument(flag, type=type(default), default=default, help=f"{text} (default: {default})")
 
