@@ -53,7 +53,7 @@ def interaction_matrix(users: np.ndarray, items: np.ndarray, n_users: int, n_tok
     x = sp.csr_matrix(
         (np.ones(int(keep.sum()), dtype=np.float32), (users[keep], items[keep])), shape=(n_users, n_tokens)
     )
-    x.data[:] = 1.0  # repeats count once
+    x.data.fill(1.0)  # repeats count once
     return x
 
 

@@ -103,6 +103,15 @@ def load_item_ids(version_dir: Path, manifest: Manifest) -> np.ndarray:
     return np.asarray(json.loads((version_dir / manifest.files.item_ids.path).read_text()))
 
 
+def _times(es: EvalSet, start: int, count: int) -> dict:
+    """`Pipeline.recommend`'s time arguments for targets start..start+count: the history's seconds and, as
+    the request time, the target's timestamp (as in training); {} when the log has no timestamps."""
+    if es.hist_times is None:
+        return {}
+    stamps = [np.floor(es.history_times(j)).astype(np.int64) for j in range(start, start + count)]
+    return {"history_times": stamps, "request_times": np.floor(es.target_times[start : start + count]).astype(np.int64)}
+
+
 def _run_pipeline(
     pipeline: Pipeline, es: EvalSet, popularity: np.ndarray, n: int, label: str, progress: bool, user_ids: np.ndarray
 ) -> tuple[dict[str, float], dict[str, float] | None, float]:
@@ -125,11 +134,7 @@ def _run_pipeline(
             found += int((top_n == tgt[:, None]).any(axis=1).sum())
             if ranked is not None:
                 users = [str(x) for x in user_ids[es.users[s : s + len(hist)]]]
-                times = {}
-                if es.hist_times is not None:  # the request time of a target is its timestamp, as in training
-                    stamps = [np.floor(es.history_times(j)).astype(np.int64) for j in range(s, s + len(hist))]
-                    now = np.floor(es.target_times[s : s + len(hist)]).astype(np.int64)
-                    times = {"history_times": stamps, "request_times": now}
+                times = _times(es, s, len(hist))
                 rec = pipeline.recommend(hist, k, exclude=hist, n_candidates=n, user_ids=users, **times)
                 ranked.add(rec.rows, tgt, hist, repeats)
             bar.advance(task, len(hist))
@@ -149,7 +154,8 @@ def evaluate_reranked(
     """The served answer's metrics (through `Pipeline.recommend`, whole history excluded) with the
     re-rank at these strengths (engine/rerank.py), plus ild@10: the top-10's intra-list diversity,
     1 - the mean pairwise cosine of the item embeddings (needs the pipeline's item vectors).
-    `user_ids`: the users' external ids (per internal user), for a ranker with user features."""
+    `user_ids`: the users' external ids (per internal user), for a ranker with user features; the log's
+    timestamps, as `attnrec evaluate` passes them, for a ranker with time features."""
     k = max(*KS, 10)
     report = RankingReport(KS, pipeline.n_items, popularity)
     vectors = pipeline.reranker.item_vectors
@@ -167,6 +173,7 @@ def evaluate_reranked(
             user_ids=users,
             diversity=diversity,
             popularity_calibration=popularity_calibration,
+            **_times(es, s, len(hist)),
         )
         report.add(rec.rows, tgt, hist, repeats)
         if vectors is not None:

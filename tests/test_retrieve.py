@@ -89,6 +89,7 @@ def test_rank_gives_the_pipelines_ranked_answer(version, tmp_path):
     assert main(retrieve_args(repo, data_path, out, "--top-n", "10", "--rank")) == 0
     table = pq.read_table(out)
     assert table.schema.metadata[b"ranked"] == b"true"
+    clock = int(table.schema.metadata.get(b"as_of", b"0"))  # the job's request-time rule, when its ranker reads time
     table = table.to_pydict()
     ids = load_item_ids(version_dir, manifest)
     # reference: the ranker's scores of the FAISS top-N (whole history excluded), sorted by hand
@@ -109,6 +110,10 @@ def test_rank_gives_the_pipelines_ranked_answer(version, tmp_path):
             "candidates": cands[None] + 1,
             "candidate_scores": exact[cands][None].astype(np.float32),
         }
+        if ranker.reads_time:  # the times the job fed: the history's seconds, max(its clock, the newest)
+            stamps = retrieve_mod.history_seconds(data, u)
+            feeds["history_timestamps"] = pad_histories([stamps], manifest.model.max_len)
+            feeds["request_time"] = np.array([[retrieve_mod.request_time(stamps, clock)]])
         scores = score(ranker, feeds)[0]
         best = cands[np.argsort(-scores, kind="stable")[:10]]
         rows = [i for i, x in enumerate(table["user_id"]) if x == data.user_ids[u]]
@@ -124,12 +129,18 @@ def test_rerank_flags_give_the_pipelines_reranked_answer(version, tmp_path):
     table = pq.read_table(out)
     assert table.schema.metadata[b"diversity"] == b"0.5"
     assert table.schema.metadata[b"popularity_calibration"] == b"0.25"
+    clock = int(table.schema.metadata.get(b"as_of", b"0"))
     table = table.to_pydict()
     ids = load_item_ids(version_dir, manifest)
     pipe = Pipeline.load(version_dir)
     users = [0, 11, data.n_users - 1]
-    want = pipe.recommend([data.sequence(u) - 1 for u in users], 10, diversity=0.5, popularity_calibration=0.25)
-    plain = pipe.recommend([data.sequence(u) - 1 for u in users], 10)
+    times = {}
+    if pipe.ranker is not None and pipe.ranker.reads_time:  # the times the job fed the ranker
+        stamps = [retrieve_mod.history_seconds(data, u) for u in users]
+        times = {"history_times": stamps, "request_times": [retrieve_mod.request_time(t, clock) for t in stamps]}
+    hists = [data.sequence(u) - 1 for u in users]
+    want = pipe.recommend(hists, 10, diversity=0.5, popularity_calibration=0.25, **times)
+    plain = pipe.recommend(hists, 10, **times)
     assert want.rows.tolist() != plain.rows.tolist()
     for u, w in zip(users, want.rows):
         rows = [i for i, x in enumerate(table["user_id"]) if x == data.user_ids[u]]
