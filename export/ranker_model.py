@@ -272,7 +272,9 @@ class TargetAttentionRanker(nn.Module):
         if shape.trend_features:
             if not shape.time:  # engine/ranker.py: a ranker reads both time inputs or neither
                 raise ValueError("trend features read request_time: they need the time features (time=True)")
-            if trend is None or len(trend.windows) + 3 != shape.trend_features or len(trend.first) != shape.n_items + 1:
+            from .trend import n_features
+
+            if trend is None or n_features(trend) != shape.trend_features or len(trend.first) != shape.n_items + 1:
                 raise ValueError(
                     f"a trend table for {shape.n_items + 1} tokens and {shape.trend_features} columns is needed"
                 )

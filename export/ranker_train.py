@@ -291,17 +291,9 @@ def ranked_gains(ranker: TargetAttentionRanker, sets: CandidateSets, k: int = 10
     return np.concatenate(gains) if gains else np.zeros(0)
 
 
-def _training_rows(split: LeaveOneOut) -> tuple[np.ndarray, np.ndarray]:
-    """(user, row in split.data's arrays) of every interaction in the training part."""
-    lengths = split.train_lengths()
-    users = np.repeat(np.arange(len(lengths)), lengths)
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return users, split.data.offsets[users] + within
-
-
 def training_pairs(split: LeaveOneOut) -> tuple[np.ndarray, np.ndarray]:
     """(user, item token) of every interaction in the training part."""
-    users, rows = _training_rows(split)
+    users, rows = split.train_rows()
     return users, split.data.items[rows]
 
 
@@ -347,7 +339,7 @@ def trend_table(split: LeaveOneOut):
     """export/trend.py's table of the training part (the counts serving reads too)."""
     from . import trend
 
-    _, rows = _training_rows(split)
+    _, rows = split.train_rows()
     return trend.build(split.data.items[rows], seconds(split.data.timestamps[rows]), split.data.n_items + 1)
 
 

@@ -158,15 +158,17 @@ class LeaveOneOut:
     def train_lengths(self) -> np.ndarray:
         return np.diff(self.train_offsets)
 
+    def train_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(user, row in data's arrays) of every training interaction, users in order, each in time order."""
+        lengths = self.train_lengths()
+        users = np.repeat(np.arange(len(lengths)), lengths)
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return users, self.data.offsets[users] + within
+
     def train_popularity(self) -> np.ndarray:
         """(I+1,) interaction counts in the training part; index 0 (padding) is 0."""
-        lengths = self.train_lengths()
-        starts = self.data.offsets[:-1]
-        mask = np.zeros(len(self.data.items), dtype=bool)
-        # Mark each user's training prefix; vectorised via a cumulative trick.
-        idx = np.repeat(starts, lengths) + (np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths))
-        mask[idx] = True
-        return np.bincount(self.data.items[mask], minlength=self.data.n_items + 1).astype(np.int64)
+        _, rows = self.train_rows()
+        return np.bincount(self.data.items[rows], minlength=self.data.n_items + 1).astype(np.int64)
 
 
 def _eval_set(data: SequenceData, users: np.ndarray, drop_last: int) -> EvalSet:
