@@ -21,7 +21,8 @@ newer minor version added, and upgrades schema 1 (the untyped manifests of earli
 Schema 2.1 added the optional `features` section (a 2.0 reader ignores it, and the features with it);
 2.2 the optional `content` section (a 2.1 reader ignores it and still serves the version: the cold
 items' mapped vectors are already in item_embeddings.npy, the index and the encoder); 2.3 the ranker
-training's `valid_gain_z` and `rejected_epoch` (why a trained ranker shipped as stage one's order).
+training's `valid_gain_z` and `rejected_epoch` (why a trained ranker shipped as stage one's order); 2.4 its
+`memorisation` (the probe that chose the ranker's samples, RankerConfig.holdout_auto).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from typing import Any, Iterator, Union
 
 log = logging.getLogger(__name__)
 
-SCHEMA_MAJOR, SCHEMA_MINOR = 2, 3
+SCHEMA_MAJOR, SCHEMA_MINOR = 2, 4
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 MANIFEST = "manifest.json"
 _STAGING_PREFIX = ".staging-"
@@ -180,6 +181,9 @@ class RankerTraining(_Section):
     history: tuple[dict[str, float], ...] = ()  # per epoch: loss, validation NDCG@10
     valid_gain_z: float | None = None  # the best epoch's paired validation gain, in standard errors (2.3)
     rejected_epoch: int = 0  # the best epoch, when that gain was below the threshold and stage one shipped (2.3)
+    # How often stage one retrieved its own training targets against validation targets, and whether that made the
+    # samples hold-out ones (RankerConfig.holdout_auto; absent when the sampling was given) (2.4)
+    memorisation: dict[str, float] | None = None
 
 
 @dataclass(frozen=True)

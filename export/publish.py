@@ -149,7 +149,17 @@ def publish(
         ranker_section = onnx_ranker = None
         if ranker is not None:
             ranker_section = _ship_ranker(
-                model, encoder, split, index, vectors, ranker, w.path / "ranker.onnx", held=held, features=features
+                model,
+                encoder,
+                split,
+                index,
+                vectors,
+                ranker,
+                w.path / "ranker.onnx",
+                held=held,
+                features=features,
+                training=training,
+                progress=progress,
             )
             files["ranker"] = "ranker.onnx"
             onnx_ranker = OnnxRanker(w.path / "ranker.onnx")
@@ -271,6 +281,38 @@ def _holdout_encoder(
     return held, result.model.eval()
 
 
+def _auto_holdout(
+    split: LeaveOneOut, served, cfg: RankerConfig, training: TrainingSection, progress: bool
+) -> tuple[tuple[LeaveOneOut, SASRec] | None, dict]:
+    """RankerConfig.holdout_auto: measure how much the served stage one memorised its training targets, and
+    train the hold-out encoder (each user's last training interaction left out) when it did."""
+    from .ranker_train import memorisation
+
+    m = memorisation(split, served, cfg.n_candidates, seed=cfg.seed)
+    chosen = m.ratio >= cfg.holdout_auto
+    log.info(
+        "ranker samples: stage one retrieves %.1f%% of its own training targets in its top-%d and %.1f%% of "
+        "validation targets (%.2fx; --ranker-holdout-auto %.2f): %s",
+        100 * m.train_recall,
+        cfg.n_candidates,
+        100 * m.valid_recall,
+        m.ratio,
+        cfg.holdout_auto,
+        "memorised, so the samples are held-out interactions of a second encoder (as --ranker-holdout 1)"
+        if chosen
+        else "recent training prefixes",
+    )
+    record = {
+        "train_recall": round(m.train_recall, 4),
+        "valid_recall": round(m.valid_recall, 4),
+        "ratio": round(m.ratio, 3),
+        "train_users": m.train_users,
+        "valid_users": m.valid_users,
+        "holdout": 1 if chosen else 0,
+    }
+    return (_holdout_encoder(split, training, 1, progress) if chosen else None), record
+
+
 def ranker_stage_one(model: SASRec, index_factory: str | None = None):
     """A torch encoder with an index over its own items: the candidates of a stage one that is not served
     (`index_factory` None: the default for the catalogue, untuned)."""
@@ -292,18 +334,23 @@ def _ship_ranker(
     *,
     held: tuple[LeaveOneOut, SASRec] | None = None,
     features: FeatureTables = FeatureTables(),
+    training: TrainingSection | None = None,
+    progress: bool = True,
 ) -> RankerSection:
     """Train the ranker on the exported encoder's and the index's own candidates and hidden
     states (what the server computes) — or, with `held`, on the hold-out encoder's candidates for
-    the interactions it left out — export and verify it; the manifest's `ranker` section."""
+    the interactions it left out — export and verify it; the manifest's `ranker` section. Without
+    `held`, `cfg.holdout_auto` may train a hold-out encoder (with `training`'s settings) here."""
     from dataclasses import asdict
 
     from attnrec.engine.ranker import coded_matrix
 
+    from . import trend
+    from .ease import MAX_ITEMS
     from .ranker_export import check_ranker_parity, export_ranker, time_ranker
     from .ranker_model import RankerShape, coded_columns
     from .ranker_model import features as describe
-    from .ranker_train import StageOne, train_ranker
+    from .ranker_train import StageOne, train_ranker, trend_table
 
     groups = feature_groups(cfg)
     item_table = features.item if "item" in groups else None
@@ -314,12 +361,7 @@ def _ship_ranker(
     trending = "trend" in groups and timed
     if "trend" in groups and not trending:
         log.warning("ranker: no trend features (the log has no timestamp column)")
-    from . import trend
-    from .ranker_train import trend_table
-
     table = trend_table(split) if trending else None
-    from .ease import MAX_ITEMS
-
     cf = "cf" in groups and cfg.cf_neighbours > 0 and model.cfg.n_items <= MAX_ITEMS
     if "cf" in groups and not cf:
         log.warning(
@@ -345,6 +387,9 @@ def _ship_ranker(
         trend_features=trend.n_features(table) if trending else 0,
     )
     served = StageOne(functools.partial(encode, encoder), model.cfg.max_len, index, vectors)
+    memorised = None
+    if held is None and cfg.holdout == 0 and cfg.holdout_auto > 0 and training is not None:
+        held, memorised = _auto_holdout(split, served, cfg, training, progress)
     holdout = None
     if held is not None:
         hsplit, hmodel = held
@@ -420,5 +465,6 @@ def _ship_ranker(
             history=tuple(result.history),
             valid_gain_z=result.valid_gain_z,
             rejected_epoch=result.rejected_epoch,
+            memorisation=memorised,
         ),
     )

@@ -236,6 +236,42 @@ def training_samples(
     return sets.take(np.flatnonzero(sets.target_slot >= 0)), len(sets)
 
 
+@dataclass(frozen=True)
+class Memorisation:
+    """How much more often stage one retrieves its own training targets than validation targets."""
+
+    train_recall: float  # share of sampled users' last training interactions in stage one's top-N
+    valid_recall: float  # the same for sampled validation targets
+    train_users: int
+    valid_users: int
+
+    @property
+    def ratio(self) -> float:
+        return self.train_recall / max(self.valid_recall, 1e-9)
+
+
+def memorisation(split: LeaveOneOut, s1: StageOne, n: int, *, users: int = 2000, seed: int = 0) -> Memorisation:
+    """Stage one's recall@n of each sampled user's last training interaction (the prefix before it as the
+    history) against that of validation targets: far above 1, the ranker's recent-prefix samples are
+    targets the encoder memorised (RankerConfig.holdout_auto). Its own random stream: the ranker's
+    sampling is the same with the probe as without."""
+    rng = np.random.default_rng(seed)
+    t_users, cuts = training_prefixes(split, 1)
+    pick = np.sort(rng.choice(len(t_users), min(users, len(t_users)), replace=False))
+    starts = split.data.offsets[t_users[pick]]
+    hist = [split.data.items[a : a + t] for a, t in zip(starts, cuts[pick])]
+    train = stage_one(
+        s1.encode, s1.max_len, s1.index, s1.item_vectors, hist, split.data.items[starts + cuts[pick]], n, 1
+    )
+    val = split.valid
+    if len(val) > users:
+        val = val.subset(np.sort(rng.choice(len(val), users, replace=False)))
+    hist = [val.history(j) for j in range(len(val))]
+    valid = stage_one(s1.encode, s1.max_len, s1.index, s1.item_vectors, hist, val.targets, n, 1)
+    recall = [float((sets.target_slot >= 0).mean()) if len(sets) else 0.0 for sets in (train, valid)]
+    return Memorisation(recall[0], recall[1], len(train), len(valid))
+
+
 def eval_candidates(
     es: EvalSet, encode: Encode, max_len: int, index: ItemIndex, item_vectors: np.ndarray, cfg: RankerConfig
 ) -> CandidateSets:

@@ -231,7 +231,7 @@ def published(tmp_path_factory, small_split):
 def test_content_and_its_map_round_trip_through_the_version(published):
     version, manifest, content, cold, new_row, _, _, a = published
     section = manifest.content
-    assert manifest.schema_version == "2.3" and (section.dim, section.rows) == (DIM, content.rows)
+    assert manifest.schema_version == "2.4" and (section.dim, section.rows) == (DIM, content.rows)
     assert section.with_text == content.rows - 1 and section.columns == ("t",) and section.encoder == "test"
     assert all(e.path.startswith("content/") for e in section.roles().values())
     assert set(section.roles()) <= set(manifest.all_files())  # verified with every other file

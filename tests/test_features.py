@@ -298,7 +298,7 @@ def published(tmp_path_factory, small_split):
 def test_features_round_trip_through_a_published_version(published, small_split):
     version, manifest, tables = published
     section = manifest.features
-    assert manifest.schema_version == "2.3" and section.item.rows == small_split.data.n_items + 1
+    assert manifest.schema_version == "2.4" and section.item.rows == small_split.data.n_items + 1
     assert (section.item.matched, section.item.unknown) == (small_split.data.n_items - 5, 5)
     assert [(c.name, c.role) for c in section.item.columns] == [("class", "multi"), ("year", "numeric")]
     assert section.user.ids is not None and section.user.unknown == small_split.data.n_users // 2

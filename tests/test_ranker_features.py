@@ -19,7 +19,7 @@ from attnrec.export.data.features import feature_tables
 from attnrec.export.data.sequences import hold_out_last
 from attnrec.export.ranker_export import check_ranker_parity, export_ranker
 from attnrec.export.ranker_model import RankerShape, TargetAttentionRanker, coded_columns, features
-from attnrec.export.ranker_train import heldout_positions
+from attnrec.export.ranker_train import heldout_positions, memorisation, training_prefixes
 from attnrec.export.train import training_windows
 
 
@@ -219,6 +219,91 @@ def test_publish_trains_the_ranker_leak_free_with_features_and_evaluates_with_us
     unknown = pipe.recommend(hist, 10, exclude=hist, user_ids=["nobody"] * 4)
     np.testing.assert_array_equal(without.rows, unknown.rows)
     assert with_ids.rows.shape == (4, 10) and "ranked" in metrics["pipeline"]
+
+
+def _recall_by_hand(model, split, histories, targets, n):
+    """Exact top-n by numpy: the model's query for each history, seen items excluded, target among them?"""
+    vectors = model.item_vectors().detach().numpy()
+    hits = 0
+    for hist, target in zip(histories, targets):
+        tokens = torch.from_numpy(np.asarray(hist, dtype=np.int64)[-model.cfg.max_len :][None])
+        with torch.no_grad():
+            q = model.eval().hidden(tokens)[0, -1].numpy()
+        scores = vectors @ q
+        scores[np.asarray(hist) - 1] = -np.inf
+        hits += int(target - 1 in np.argsort(-scores, kind="stable")[:n])
+    return hits / len(targets)
+
+
+def test_memorisation_is_stage_ones_recall_of_training_against_validation_targets(tiny_model, small_split):
+    from attnrec.export.publish import ranker_stage_one
+
+    s1 = ranker_stage_one(tiny_model, "Flat")
+    got = memorisation(small_split, s1, 20, users=10**6)  # every user: the reference need not sample
+    users, cuts = training_prefixes(small_split, 1)
+    starts = small_split.data.offsets[users]
+    hist = [small_split.data.items[a : a + t] for a, t in zip(starts, cuts)]
+    train = _recall_by_hand(tiny_model, small_split, hist, small_split.data.items[starts + cuts], 20)
+    val = small_split.valid
+    valid = _recall_by_hand(tiny_model, small_split, [val.history(j) for j in range(len(val))], val.targets, 20)
+    assert (got.train_users, got.valid_users) == (len(users), len(val))
+    # (FAISS and numpy may order a near-tie at the cut differently: one user either way)
+    assert abs(got.train_recall - train) <= 1 / len(users) and abs(got.valid_recall - valid) <= 1 / len(val)
+    assert got.ratio == pytest.approx(got.train_recall / got.valid_recall)
+    # The trained model retrieves its own training targets more often than validation ones
+    assert got.train_recall > got.valid_recall > 0
+
+
+@pytest.mark.parametrize("threshold, held", [(1e-6, 1), (1e6, 0)])
+def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memorised(
+    tmp_path, tiny_model, small_split, threshold, held
+):
+    from attnrec.export.publish import publish
+
+    tcfg = TrainConfig(max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=1, batch_size=64, threads=2)
+    rcfg = RankerConfig(
+        n_candidates=30,
+        attend_last=8,
+        mlp_dim=16,
+        epochs=1,
+        val_users=100,
+        threads=2,
+        features="none",
+        holdout_auto=threshold,
+    )
+    _, manifest, _ = publish(
+        tiny_model,
+        small_split,
+        tmp_path / "repo",
+        "m",
+        training=TrainingSection(config=asdict(tcfg)),
+        data=DataSection("synthetic", small_split.data.n_users),
+        tune_queries=50,
+        eval_users=60,
+        ranker=rcfg,
+        progress=False,
+    )
+    t = manifest.ranker.training
+    probe = memorisation(small_split, ranker_stage_one_onnx(manifest, tmp_path), 30, seed=rcfg.seed)
+    assert t.memorisation["holdout"] == held and t.memorisation["ratio"] == pytest.approx(probe.ratio, abs=1e-3)
+    recent = training_prefixes(small_split, rcfg.samples_per_user)[0]
+    if held:  # at most one held-out interaction per user, those the hold-out encoder retrieved
+        assert 0 < t.samples <= small_split.data.n_users
+    else:  # the recent prefixes the served encoder retrieved, up to samples_per_user per user
+        assert small_split.data.n_users < t.samples <= len(recent)
+
+
+def ranker_stage_one_onnx(manifest, tmp_path):
+    """The published version's own stage one (its ONNX encoder and index), as publish probed it."""
+    from attnrec.export.ranker_train import StageOne
+
+    pipe = Pipeline.load(newest_valid_version(tmp_path / "repo", "m")[0])
+    enc = pipe.encoder
+
+    def run(tokens):
+        return dict(zip(enc.output_names, enc.session.run(enc.output_names, {enc.input_name: tokens})))
+
+    return StageOne(run, enc.max_len, pipe.index, np.load(pipe.path / manifest.files.item_embeddings.path))
 
 
 def test_a_ranker_with_features_serves_over_grpc_unchanged(trained_repo, tmp_path, tables):

@@ -31,6 +31,10 @@ _RANKER_HELP = {
     "holdout": "leak-free samples: each user's last N training interactions, with the candidates of a second "
     "encoder trained without them (same settings); 0 = recent training prefixes with the served encoder's "
     "candidates, which it was trained on",
+    "holdout_auto": "with --ranker-holdout 0: hold out each user's last training interaction (as --ranker-holdout "
+    "1, a second encoder training) when the served stage one retrieves its own training targets in its top-N at "
+    "least this many times as often as validation targets (it has memorised them: its samples would teach the "
+    "ranker nothing); 0 = never",
     "serve_encoder": "with --ranker-holdout: publish the encoder trained on everything (full) or the hold-out one "
     "(holdout)",
     "features": "feature groups the ranker reads when the version has them, comma separated: item, user "
