@@ -4,6 +4,7 @@ and the graph's input/output names. Running it is request-time compute: engine/p
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -32,6 +33,20 @@ def choose_providers(requested: Sequence[str] | None = None) -> list[str]:
     return [p for p in PROVIDER_ORDER if p in available] or available
 
 
+def usable_cores() -> int:
+    """The physical cores this process may run on: onnxruntime's own default intra-op thread count
+    (hyper-thread siblings count once), from the affinity mask and sysfs (else every allowed CPU)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = set()
+    for c in cpus:
+        try:
+            topo = Path(f"/sys/devices/system/cpu/cpu{c}/topology")
+            cores.add(((topo / "physical_package_id").read_text().strip(), (topo / "core_id").read_text().strip()))
+        except OSError:
+            return len(cpus)
+    return max(1, len(cores))
+
+
 def make_session(
     path: Path | str,
     *,
@@ -43,7 +58,11 @@ def make_session(
 ) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _GRAPH_OPT[graph_optimization]
-    opts.intra_op_num_threads = intra_op_threads  # 0 = onnxruntime's default (all cores)
+    # 0 = one thread per usable core, set explicitly: left at 0, onnxruntime picks the same count but pins its
+    # worker threads to cores (seen here: every worker on core 1 of 2), and a pinned thread cannot move off a
+    # core that the event loop, the load client or another --workers process is using. On this 2-core VM,
+    # unpinned: c=1 p50 2.07 against 2.28 ms, 3 fresh servers each (benchmarks/results/e2e-runs-2026-12-02.md).
+    opts.intra_op_num_threads = intra_op_threads or usable_cores()
     opts.inter_op_num_threads = inter_op_threads
     # Spinning worker threads shave microseconds off a lone call but burn the cores that the
     # gRPC loop, FAISS and the other requests need on a small, shared host.

@@ -131,7 +131,8 @@ HELP = {
     "max_k": "largest k (and n_candidates) a request may ask for",
     "stream_window": "requests of one RecommendStream computed ahead of the reply being read",
     "providers": "onnxruntime execution providers, comma-separated (default: TensorRT → CUDA → CPU, as available)",
-    "intra_op_threads": "onnxruntime intra-op threads (0: all cores)",
+    "intra_op_threads": "onnxruntime intra-op threads per session (0: one per usable physical core, not pinned "
+    "to cores)",
     "inter_op_threads": "onnxruntime inter-op threads (0: default)",
     "graph_optimization": "onnxruntime graph optimisation: disable, basic, extended, all",
     "ort_spinning": "onnxruntime worker threads busy-wait between ops: on, off (off leaves the cores to "

@@ -133,9 +133,9 @@ class RankerConfig:
     holdout: int = 0
     # With holdout 0: hold out each user's last training interaction (as holdout 1) when the served stage one
     # finds its own training targets in its top-N at least this many times as often as validation targets
-    # (0: never). The memorised samples teach the ranker only to trust stage one: on Amazon Toys (82.8% of
-    # training targets against 31.2% of validation targets, 2.65x) the ranker shipped as the identity, with
-    # hold-out samples it gained 5% test NDCG@10; on ml-100k (about 1.1x) recent prefixes won
+    # (0: never). The memorised samples teach the ranker only to trust stage one: on Amazon Toys (85% of
+    # training targets against 31% of validation targets, 2.7x) the ranker shipped as the identity, with
+    # hold-out samples it gained 5-9% test NDCG@10 (3 seeds); on ml-100k (about 1.08x) recent prefixes won
     # (benchmarks/results/ranker-issue13-2026-12-02.md). It costs a second encoder training when it triggers.
     holdout_auto: float = 1.5
     serve_encoder: str = "full"  # with holdout: serve the encoder trained on everything ("full") or that one
