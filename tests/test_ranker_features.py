@@ -181,27 +181,33 @@ def test_the_feature_cross_starts_at_zero_exports_folded_and_matches_torch(tmp_p
     assert "cross, rank 3" in " ".join(features(shape))
 
 
+def _publish_small(tmp_path, model, split, tcfg, rcfg, **kw):
+    """publish into tmp_path/repo as model "m", with small index tuning and evaluation."""
+    from attnrec.export.publish import publish
+
+    return publish(
+        model,
+        split,
+        tmp_path / "repo",
+        "m",
+        training=TrainingSection(config=asdict(tcfg)),
+        data=DataSection("synthetic", split.data.n_users),
+        tune_queries=50,
+        eval_users=60,
+        ranker=rcfg,
+        progress=False,
+        **kw,
+    )
+
+
 def test_publish_trains_the_ranker_leak_free_with_features_and_evaluates_with_user_ids(tmp_path, tables, small_split):
     from attnrec.export.model import SASRec
-    from attnrec.export.publish import publish
 
     tcfg = TrainConfig(max_len=10, dim=8, n_blocks=1, n_heads=1, ffn_dim=16, epochs=1, batch_size=128, threads=2)
     torch.manual_seed(0)
     model = SASRec(tcfg.model_config(small_split.data.n_items))
     rcfg = RankerConfig(n_candidates=30, attend_last=8, mlp_dim=16, holdout=2, epochs=1, val_users=100, threads=2)
-    version, manifest, metrics = publish(
-        model,
-        small_split,
-        tmp_path / "repo",
-        "m",
-        training=TrainingSection(config=asdict(tcfg)),
-        data=DataSection("synthetic", small_split.data.n_users),
-        tune_queries=50,
-        eval_users=60,
-        ranker=rcfg,
-        progress=False,
-        features=tables,
-    )
+    version, manifest, metrics = _publish_small(tmp_path, model, small_split, tcfg, rcfg, features=tables)
     section = manifest.ranker
     # The log has timestamps, so the default feature groups include time.
     time_inputs = ["history_timestamps", "request_time"]
@@ -258,7 +264,6 @@ def test_memorisation_is_stage_ones_recall_of_training_against_validation_target
 def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memorised(
     tmp_path, tiny_model, small_split, threshold, held
 ):
-    from attnrec.export.publish import publish
 
     tcfg = TrainConfig(max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=1, batch_size=64, threads=2)
     rcfg = RankerConfig(
@@ -271,18 +276,7 @@ def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memoris
         features="none",
         holdout_auto=threshold,
     )
-    _, manifest, _ = publish(
-        tiny_model,
-        small_split,
-        tmp_path / "repo",
-        "m",
-        training=TrainingSection(config=asdict(tcfg)),
-        data=DataSection("synthetic", small_split.data.n_users),
-        tune_queries=50,
-        eval_users=60,
-        ranker=rcfg,
-        progress=False,
-    )
+    _, manifest, _ = _publish_small(tmp_path, tiny_model, small_split, tcfg, rcfg)
     t = manifest.ranker.training
     probe = memorisation(small_split, ranker_stage_one_onnx(manifest, tmp_path), 30, seed=rcfg.seed)
     assert t.memorisation["holdout"] == held and t.memorisation["ratio"] == pytest.approx(probe.ratio, abs=1e-3)
