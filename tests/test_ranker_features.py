@@ -277,14 +277,14 @@ def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memoris
         holdout_auto=threshold,
     )
     _, manifest, _ = _publish_small(tmp_path, tiny_model, small_split, tcfg, rcfg)
-    t = manifest.ranker.training
+    chosen, samples = manifest.ranker.training.memorisation, manifest.ranker.training.samples
     probe = memorisation(small_split, ranker_stage_one_onnx(manifest, tmp_path), 30, seed=rcfg.seed)
-    assert t.memorisation["holdout"] == held and t.memorisation["ratio"] == pytest.approx(probe.ratio, abs=1e-3)
+    assert chosen["holdout"] == held and chosen["ratio"] == pytest.approx(probe.ratio, abs=1e-3)
     recent = training_prefixes(small_split, rcfg.samples_per_user)[0]
     if held:  # at most one held-out interaction per user, those the hold-out encoder retrieved
-        assert 0 < t.samples <= small_split.data.n_users
+        assert 0 < samples <= small_split.data.n_users
     else:  # the recent prefixes the served encoder retrieved, up to samples_per_user per user
-        assert small_split.data.n_users < t.samples <= len(recent)
+        assert small_split.data.n_users < samples <= len(recent)
 
 
 def ranker_stage_one_onnx(manifest, tmp_path):
