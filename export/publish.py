@@ -288,7 +288,7 @@ def _auto_holdout(
     train the hold-out encoder (each user's last training interaction left out) when it did."""
     from .ranker_train import memorisation
 
-    m = memorisation(split, served, cfg.n_candidates, seed=cfg.seed)
+    m = memorisation(split, served, cfg, seed=cfg.seed)
     chosen = m.ratio >= cfg.holdout_auto
     log.info(
         "ranker samples: stage one retrieves %.1f%% of its own training targets in its top-%d and %.1f%% of "

@@ -250,26 +250,26 @@ class Memorisation:
         return self.train_recall / max(self.valid_recall, 1e-9)
 
 
-def memorisation(split: LeaveOneOut, s1: StageOne, n: int, *, users: int = 2000, seed: int = 0) -> Memorisation:
-    """Stage one's recall@n of each sampled user's last training interaction (the prefix before it as the
-    history) against that of validation targets: far above 1, the ranker's recent-prefix samples are
-    targets the encoder memorised (RankerConfig.holdout_auto). Its own random stream: the ranker's
-    sampling is the same with the probe as without."""
+def memorisation(
+    split: LeaveOneOut, s1: StageOne, cfg: RankerConfig, *, users: int = 2000, seed: int = 0
+) -> Memorisation:
+    """Stage one's recall@cfg.n_candidates of each sampled user's last training interaction (the prefix
+    before it as the history) against that of validation targets: far above 1, the ranker's recent-prefix
+    samples are targets the encoder memorised (RankerConfig.holdout_auto). Its own random stream: the
+    ranker's sampling is the same with the probe as without."""
     rng = np.random.default_rng(seed)
     t_users, cuts = training_prefixes(split, 1)
     pick = np.sort(rng.choice(len(t_users), min(users, len(t_users)), replace=False))
-    starts = split.data.offsets[t_users[pick]]
-    hist = [split.data.items[a : a + t] for a, t in zip(starts, cuts[pick])]
-    train = stage_one(
-        s1.encode, s1.max_len, s1.index, s1.item_vectors, hist, split.data.items[starts + cuts[pick]], n, 1
+    found, n_train = training_samples(
+        split, s1.encode, s1.max_len, s1.index, s1.item_vectors, cfg, positions=(t_users[pick], cuts[pick])
     )
     val = split.valid
     if len(val) > users:
         val = val.subset(np.sort(rng.choice(len(val), users, replace=False)))
-    hist = [val.history(j) for j in range(len(val))]
-    valid = stage_one(s1.encode, s1.max_len, s1.index, s1.item_vectors, hist, val.targets, n, 1)
-    recall = [float((sets.target_slot >= 0).mean()) if len(sets) else 0.0 for sets in (train, valid)]
-    return Memorisation(recall[0], recall[1], len(train), len(valid))
+    valid = eval_candidates(val, s1.encode, s1.max_len, s1.index, s1.item_vectors, cfg)
+    train_recall = len(found) / n_train if n_train else 0.0
+    valid_recall = float((valid.target_slot >= 0).mean()) if len(valid) else 0.0
+    return Memorisation(train_recall, valid_recall, n_train, len(valid))
 
 
 def eval_candidates(

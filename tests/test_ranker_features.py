@@ -2,6 +2,7 @@
 provenance, what features do to the scores, ONNX parity, publishing and serving over gRPC."""
 
 import asyncio
+import functools
 from dataclasses import asdict
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from serving import RunningServer, clone_version, settings
 
 from attnrec.engine.client import RecommenderClient
-from attnrec.engine.pipeline import Pipeline, score
+from attnrec.engine.pipeline import Pipeline, encode, score
 from attnrec.engine.ranker import OnnxRanker, coded_matrix, user_feature_codes
 from attnrec.engine.repository import DataSection, TrainingSection, newest_valid_version
 from attnrec.export.config import RankerConfig, TrainConfig
@@ -227,7 +228,7 @@ def test_publish_trains_the_ranker_leak_free_with_features_and_evaluates_with_us
     assert with_ids.rows.shape == (4, 10) and "ranked" in metrics["pipeline"]
 
 
-def _recall_by_hand(model, split, histories, targets, n):
+def _recall_by_hand(model, histories, targets, n):
     """Exact top-n by numpy: the model's query for each history, seen items excluded, target among them?"""
     vectors = model.item_vectors().detach().numpy()
     hits = 0
@@ -245,13 +246,15 @@ def test_memorisation_is_stage_ones_recall_of_training_against_validation_target
     from attnrec.export.publish import ranker_stage_one
 
     s1 = ranker_stage_one(tiny_model, "Flat")
-    got = memorisation(small_split, s1, 20, users=10**6)  # every user: the reference need not sample
+    got = memorisation(
+        small_split, s1, RankerConfig(n_candidates=20), users=10**6
+    )  # every user: the reference need not sample
     users, cuts = training_prefixes(small_split, 1)
     starts = small_split.data.offsets[users]
     hist = [small_split.data.items[a : a + t] for a, t in zip(starts, cuts)]
-    train = _recall_by_hand(tiny_model, small_split, hist, small_split.data.items[starts + cuts], 20)
+    train = _recall_by_hand(tiny_model, hist, small_split.data.items[starts + cuts], 20)
     val = small_split.valid
-    valid = _recall_by_hand(tiny_model, small_split, [val.history(j) for j in range(len(val))], val.targets, 20)
+    valid = _recall_by_hand(tiny_model, [val.history(j) for j in range(len(val))], val.targets, 20)
     assert (got.train_users, got.valid_users) == (len(users), len(val))
     # (FAISS and numpy may order a near-tie at the cut differently: one user either way)
     assert abs(got.train_recall - train) <= 1 / len(users) and abs(got.valid_recall - valid) <= 1 / len(val)
@@ -264,7 +267,6 @@ def test_memorisation_is_stage_ones_recall_of_training_against_validation_target
 def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memorised(
     tmp_path, tiny_model, small_split, threshold, held
 ):
-
     tcfg = TrainConfig(max_len=20, dim=32, n_blocks=2, n_heads=2, ffn_dim=64, epochs=1, batch_size=64, threads=2)
     rcfg = RankerConfig(
         n_candidates=30,
@@ -278,7 +280,7 @@ def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memoris
     )
     _, manifest, _ = _publish_small(tmp_path, tiny_model, small_split, tcfg, rcfg)
     chosen, samples = manifest.ranker.training.memorisation, manifest.ranker.training.samples
-    probe = memorisation(small_split, ranker_stage_one_onnx(manifest, tmp_path), 30, seed=rcfg.seed)
+    probe = memorisation(small_split, _published_stage_one(tmp_path), rcfg, seed=rcfg.seed)
     assert chosen["holdout"] == held and chosen["ratio"] == pytest.approx(probe.ratio, abs=1e-3)
     recent = training_prefixes(small_split, rcfg.samples_per_user)[0]
     if held:  # at most one held-out interaction per user, those the hold-out encoder retrieved
@@ -287,17 +289,12 @@ def test_holdout_auto_holds_out_the_last_interaction_only_when_stage_one_memoris
         assert small_split.data.n_users < samples <= len(recent)
 
 
-def ranker_stage_one_onnx(manifest, tmp_path):
-    """The published version's own stage one (its ONNX encoder and index), as publish probed it."""
+def _published_stage_one(tmp_path):
+    """The published version's own stage one (its ONNX encoder, index and item vectors), as publish probed it."""
     from attnrec.export.ranker_train import StageOne
 
     pipe = Pipeline.load(newest_valid_version(tmp_path / "repo", "m")[0])
-    enc = pipe.encoder
-
-    def run(tokens):
-        return dict(zip(enc.output_names, enc.session.run(enc.output_names, {enc.input_name: tokens})))
-
-    return StageOne(run, enc.max_len, pipe.index, np.load(pipe.path / manifest.files.item_embeddings.path))
+    return StageOne(functools.partial(encode, pipe.encoder), pipe.max_len, pipe.index, pipe.reranker.item_vectors)
 
 
 def test_a_ranker_with_features_serves_over_grpc_unchanged(trained_repo, tmp_path, tables):
