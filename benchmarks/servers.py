@@ -93,8 +93,10 @@ def attnrec_serve(
     max_batch_size: int = 32,
     providers: tuple[str, ...] = (),
     workers: int = 1,
+    max_queue_delay_us: int = 0,
 ) -> ServerProcess:
-    """`attnrec serve` on free ports, metrics on; ready once warmed up (every worker, with `workers` > 1)."""
+    """`attnrec serve` on free ports, metrics on; ready once warmed up (every worker, with `workers` > 1).
+    `max_queue_delay_us`: its batching window (`--max-queue-delay-us`; 0, the default, takes what is queued)."""
     port, metrics = free_port(), free_port()
     cmd = [sys.executable, "-m", "attnrec", "-q", "serve", "--repo", str(repo), "--model", model]
     cmd += ["--address", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics)]
@@ -102,7 +104,9 @@ def attnrec_serve(
     cmd += ["--history-store", f"file://{Path(log_dir).resolve() / f'history-{port}.sqlite'}"]
     cmd += ["--providers", ",".join(providers)] if providers else []
     cmd += ["--workers", str(workers)] if workers != 1 else []
+    cmd += ["--max-queue-delay-us", str(max_queue_delay_us)] if max_queue_delay_us else []
     name = "attnrec-serve" if workers == 1 else f"attnrec-serve-{workers}w"
+    name += f"-{max_queue_delay_us}us" if max_queue_delay_us else ""
     proc, log = _spawn(name, cmd, log_dir)
     server = ServerProcess("attnrec serve", proc, f"127.0.0.1:{port}", log, f"http://127.0.0.1:{metrics}/metrics")
     return wait_ready(server)

@@ -32,8 +32,10 @@ from .interceptors import (
     AuthInterceptor,
     DrainInterceptor,
     ErrorInterceptor,
+    Guard,
     MetricsInterceptor,
     ModelControlInterceptor,
+    Registrar,
 )
 from .loader import ModelLoader
 from .models import ModelRegistry
@@ -195,14 +197,18 @@ class Server:
             ModelControlInterceptor(admin_methods, enabled=s.model_control, admin_token=admin, user_token=token)
         )
         interceptors.append(ErrorInterceptor())
-        server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", int(self.reuse_port))])
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self.reuse_port))])
+        # Every service registers behind the policies (engine/interceptors.py Guard: no per-RPC interceptor chain).
+        guard = Guard(interceptors)
+        registrar = Registrar(guard)
         for service in self.services:
-            service.add(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            service.add(registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         names = [*self._names(), health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         # POOL: the KServe stubs live in a private descriptor pool (see engine/rpc/pool.py); it
         # falls back to the default pool, so reflection describes every service from it.
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server, pool=POOL)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], registrar, pool=POOL)
+        server.add_generic_rpc_handlers((guard,))
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{s.address}:{s.port}"
         creds = credentials(s)
