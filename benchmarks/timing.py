@@ -36,12 +36,18 @@ class Method:
         }
 
 
-def run_window(fn: Callable[[], object], duration_s: float, warmup_s: float, min_calls: int = 3) -> np.ndarray:
-    """Per-call seconds of `fn` over one window (after a warm-up of at least one call)."""
+def run_window(
+    fn: Callable[[], object], duration_s: float, warmup_s: float, min_calls: int = 3, gap_s: float = 0.0
+) -> np.ndarray:
+    """Per-call seconds of `fn` over one window (after a warm-up of at least one call). `gap_s`: an idle
+    pause (sleep, untimed) after every call, as a server at concurrency 1 idles between requests."""
     end = time.perf_counter() + warmup_s
-    fn()
-    while time.perf_counter() < end:
+    while True:
         fn()
+        if gap_s > 0:
+            time.sleep(gap_s)
+        if time.perf_counter() >= end:
+            break
     times = []
     clock = time.perf_counter
     start = clock()
@@ -53,6 +59,8 @@ def run_window(fn: Callable[[], object], duration_s: float, warmup_s: float, min
         times.append(done - t)
         if done >= end and len(times) >= min_calls:
             break
+        if gap_s > 0:
+            time.sleep(gap_s)
     return np.asarray(times)
 
 
@@ -78,10 +86,11 @@ def aggregate(repeats: list[dict[str, float]]) -> dict:
     return out
 
 
-def measure(fn: Callable[[], object], method: Method, items_per_call: int = 1) -> dict:
-    """Run one point `method.repeats` times; figures are medians over the repeats (see `aggregate`)."""
+def measure(fn: Callable[[], object], method: Method, items_per_call: int = 1, gap_s: float = 0.0) -> dict:
+    """Run one point `method.repeats` times; figures are medians over the repeats (see `aggregate`).
+    `gap_s`: idle time after each call (see `run_window`); rates then count call time only."""
     windows = [
-        summarize(run_window(fn, method.duration_s, method.warmup_s, method.min_calls), items_per_call)
+        summarize(run_window(fn, method.duration_s, method.warmup_s, method.min_calls, gap_s), items_per_call)
         for _ in range(method.repeats)
     ]
     return aggregate(windows)

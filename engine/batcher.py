@@ -38,11 +38,12 @@ class BatchSettings:
     max_queue_size: int = 1024  # queued requests beyond this are refused (RESOURCE_EXHAUSTED); 0 = no limit
     instances: int = 1  # batches of one model that may run at the same time
     # A batch of one request, with nothing else queued or running, runs on the event-loop thread when
-    # the model's recent one-request batches took at most this long (µs); 0: always the thread pool.
-    # Why: the hand-off to a pool thread and back costs ~0.3 ms on a small host (two wake-ups, and the
-    # pool thread holding the GIL when it wakes the loop), a third of a 1 ms request; a loop blocked
-    # for under this long delays the next requests no more than the batch they then join would.
-    inline_max_us: int = 2000
+    # the model's recent one-request batches took at most this long (µs, the run itself, without the
+    # hand-off); 0: always the thread pool. Why: the hand-off to a pool thread and back costs ~0.3 ms
+    # on a small host (two wake-ups, and the pool thread holding the GIL when it wakes the loop), a
+    # third of a 1 ms request; at light load a loop blocked for this long delays the next request no
+    # more than the batch it would then join. 4 ms: on a shared 2-core VM a 1 ms run often takes 2–3 ms.
+    inline_max_us: int = 4000
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,12 @@ class Batcher:
         queue_s = [start - p.enqueued for p in batch]
         try:
             if self._inline(batch):
-                out = self.run(batch[0].group, [batch[0].item])
+                out, ran_s = self._timed(batch[0].group, [batch[0].item])
             else:
                 self._in_pool += 1
                 try:
-                    out = await loop.run_in_executor(self.executor, self.run, batch[0].group, [p.item for p in batch])
+                    items = [p.item for p in batch]
+                    out, ran_s = await loop.run_in_executor(self.executor, self._timed, batch[0].group, items)
                 finally:
                     self._in_pool -= 1
             if len(out.values) != len(batch):
@@ -229,9 +231,8 @@ class Batcher:
             out, error = None, _failed(self.name, len(batch), exc)
         end = time.monotonic()
         self._requests_per_batch = 0.9 * self._requests_per_batch + 0.1 * len(batch)
-        if len(batch) == 1 and out is not None:
-            took = end - start
-            self._single_s = took if self._single_s is None else 0.8 * self._single_s + 0.2 * took
+        if len(batch) == 1 and out is not None:  # the run's own time: a slow hand-off must not keep it in the pool
+            self._single_s = ran_s if self._single_s is None else 0.8 * self._single_s + 0.2 * ran_s
         phases = self._account(batch, rows, start, end, out)
         self._batches += 1
         number = self._batches
@@ -249,6 +250,11 @@ class Batcher:
                 p.future.set_exception(error)
             else:
                 p.future.set_result(Completed(out.values[i], queue_s[i], len(batch), *phases, number))
+
+    def _timed(self, group: Any, items: list) -> tuple["BatchOutput", float]:
+        start = time.monotonic()
+        out = self.run(group, items)
+        return out, time.monotonic() - start
 
     def _inline(self, batch: list[_Pending]) -> bool:
         """Run this batch on the event-loop thread (see BatchSettings.inline_max_us)? Only a lone

@@ -175,8 +175,10 @@ class Policy(grpc.aio.ServerInterceptor):
 class Guard(grpc.GenericRpcHandler):
     """Every service's handlers behind the server's policies, outermost first. Services register on it
     as on a server (`add_generic_rpc_handlers`); the server holds it as its one generic handler. Why:
-    grpc.aio runs interceptors as a chain of coroutines on every RPC, which cost a fifth of a bare
-    unary call's CPU on a small host; here each policy is one function call at lookup."""
+    grpc.aio runs interceptors as one coroutine each on every RPC; here each policy is one function call
+    at lookup. Measured on 2 cores (echo, 5 policies): c=1 p50 0.551 ms with the chain, 0.505 ms here,
+    0.504 ms with no policy; at c=32 4,924 against 4,962 req/s (plain 5,846: the wrappers that policies
+    put around a behaviour stay)."""
 
     def __init__(self, policies: Sequence[Policy]) -> None:
         self.policies = tuple(reversed(policies))  # applied innermost first, so the first listed is outermost
@@ -184,9 +186,6 @@ class Guard(grpc.GenericRpcHandler):
 
     def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
         self.handlers.extend(handlers)
-
-    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
-        pass  # the same handlers came through add_generic_rpc_handlers (what generated code does)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         handler = None
@@ -210,7 +209,7 @@ class Registrar(grpc.aio.Server):
         self.guard.add_generic_rpc_handlers(generic_rpc_handlers)
 
     def add_registered_method_handlers(self, service_name: str, method_handlers: dict) -> None:
-        self.guard.add_registered_method_handlers(service_name, method_handlers)
+        pass  # generated code registers the same handlers through add_generic_rpc_handlers too
 
     def _not_a_server(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError("a Registrar only collects handlers: ports and the lifecycle are the real server's")

@@ -32,7 +32,7 @@ class ServerSettings:
     max_queue_delay_us: int = 0
     max_queue_size: int = 1024
     instances: int = 1
-    inline_max_us: int = 2000
+    inline_max_us: int = 4000
     max_k: int = 1000
     stream_window: int = 64
     providers: str = ""
@@ -127,7 +127,7 @@ HELP = {
     "instances": "batches of one model that may run at the same time",
     "inline_max_us": "a lone request (nothing else queued or running) is computed on the event-loop thread, "
     "skipping the thread-pool hand-off (~0.3 ms), while that model's one-request batches take at most this "
-    "many microseconds (0: always the thread pool)",
+    "many microseconds to run (0: always the thread pool)",
     "max_k": "largest k (and n_candidates) a request may ask for",
     "stream_window": "requests of one RecommendStream computed ahead of the reply being read",
     "providers": "onnxruntime execution providers, comma-separated (default: TensorRT → CUDA → CPU, as available)",

@@ -236,10 +236,41 @@ def _lone_requests(settings: BatchSettings, rec: ThreadRecorder, n: int = 6) -> 
 def test_a_lone_short_request_runs_on_the_event_loop_thread_once_timed():
     """The thread-pool hand-off is skipped for a lone request once one-request batches are known to be
     short; the first one runs in the pool and is timed. The results are the same either way."""
-    rec = ThreadRecorder()  # (a limit of 1 s: the first, timed batch includes the pool thread's start)
+    rec = ThreadRecorder()
     out, loop_thread = _lone_requests(BatchSettings(inline_max_us=1_000_000), rec)
     assert out == [1, 2, 3, 4, 5, 6]
     assert rec.threads[0] != loop_thread and rec.threads[1:] == [loop_thread] * 5
+
+
+class SlowHandOff(ThreadPoolExecutor):
+    """A pool whose hand-off takes `delay` seconds before the run starts (a loaded host's thread wake-up)."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(1)
+        self.delay = delay
+
+    def submit(self, fn, *args, **kwargs):
+        def late():
+            time.sleep(self.delay)
+            return fn(*args, **kwargs)
+
+        return super().submit(late)
+
+
+def test_the_inline_limit_judges_the_run_not_the_hand_off():
+    """Runs of 3 ms under a 10 ms limit go inline even when the pool's hand-off adds 20 ms: timing the
+    hand-off too (as the batcher once did) kept every lone request in the pool."""
+    rec = ThreadRecorder(delay=0.003)
+
+    async def main():
+        b = Batcher("m", rec, BatchSettings(inline_max_us=10_000), SlowHandOff(0.02))
+        for i in range(4):
+            await b.submit(i)
+        await b.close()
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert rec.threads[0] != loop_thread and rec.threads[1:] == [loop_thread] * 3
 
 
 def test_inline_off_slow_batches_and_overlapping_requests_use_the_pool():

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,10 @@ def test_timing_percentiles_and_repeats_are_exact():
     assert len(calls) == 8  # one warm-up call, then the window
     p = measure(lambda: None, Method(duration_s=0.01, warmup_s=0.0, repeats=3))
     assert len(p["repeats"]) == 3 and p["calls_spread"][0] <= p["calls"] <= p["calls_spread"][1]
+    # paced: an idle gap after every call, left out of the call's time
+    starts = []
+    times = run_window(lambda: starts.append(time.perf_counter()), 0.0, 0.0, min_calls=5, gap_s=0.02)
+    assert len(times) == 5 and np.diff(starts).min() >= 0.02 and times.max() < 0.01
 
 
 def test_analytic_flops_match_torchs_flop_counter():

@@ -88,6 +88,10 @@ def test_e2e_stage_reports_consistent_points(bench_run):
     checks = data["checks"]
     t = checks["p50_c1_vs_floor_plus_ceiling"]
     assert t["excess_ms"] == pytest.approx(t["attnrec_p50_ms"] - t["echo_p50_ms"] - t["in_process_p50_ms"])
+    paced = data["ceiling_paced"]  # paced by the last round's echo c=1 p50
+    echo1 = next(p for p in pts if p["server"] == "echo" and p["concurrency"] == 1)
+    assert paced["gap_ms"] == pytest.approx(echo1["repeats"][-1]["p50_ms"])
+    assert t["excess_over_paced_ms"] == pytest.approx(t["attnrec_p50_ms"] - t["echo_p50_ms"] - paced["p50_ms"])
     f = checks["throughput_fraction_of_ceiling"]
     assert f["fraction"] == pytest.approx(f["attnrec_rps"] / ceil["32"]["items_per_s"])
     sh = data["stored_history"]

@@ -36,6 +36,7 @@ from ..timing import Method
 TITLE = "End to end over gRPC: attnrec serve vs echo floor, in-process ceiling and naive torch servicer"
 K = 10
 TARGET_FRACTION = 0.60  # of the in-process ceiling's throughput at concurrency 32
+PACED = "in-process batch 1, paced like c=1"
 TARGET_P50_SLACK_MS = 0.5  # p50 at c=1 within this of echo p50 + in-process p50 (issue 15; the goal is 0.3)
 TARGET_STORED_HISTORY_MS = 0.3  # a stored-history Recommend adds at most this to p50 at c=1
 TARGET_TAIL_RATIO = 3.0  # open-loop p99 at 50% of the best throughput ≤ this × closed-loop c=1 p99
@@ -206,7 +207,9 @@ def run(settings: Settings, section: Section) -> None:
         "The floors (echo at c=1, the in-process pipeline at batch 1 and 32) and the attnrec points they bound "
         "(c=1, c=32) are interleaved: each repeat is a round of one window of each, in turn, so load from "
         "elsewhere on the machine hits them alike; a check whose floors come out above the server is INVALID. "
-        "The in-process pipeline runs with `attnrec serve`'s runtime options (onnxruntime threads not spinning)."
+        "The in-process pipeline runs with `attnrec serve`'s runtime options (onnxruntime threads not spinning). "
+        "A third floor, batch 1 paced like c=1 (idle for the round's echo c=1 p50 after each call), shows how much "
+        "slower the same compute runs when its core idles between requests, as the server's does at c=1."
     )
     points: list[dict] = section.data.setdefault("points", [])  # filled as measured: a failure keeps them
     c32 = 32 if 32 in g["closed"] else max(g["closed"])
@@ -220,11 +223,22 @@ def run(settings: Settings, section: Section) -> None:
                 ClientPool(RecommendTarget(server.address, requests)) as ac,
                 ClientPool(RecommendTarget(echo.address, requests)) as ec,
             ):
+                # The paced floor idles between calls for the round's echo c=1 p50, as the server's compute
+                # idles between c=1 requests for a round trip (on a shared VM a core that idled runs the next
+                # call markedly slower); it is a diagnosis beside the target's back-to-back floor.
+                pace = {"gap_s": 0.0}
+
+                def echo_c1(m: Method) -> dict:
+                    p = run_point(ec, ClosedLoop(1), m, echo_probe)
+                    pace["gap_s"] = p["p50_ms"] / 1e3
+                    return p
+
                 bounds = interleaved(
                     settings,
                     [
+                        ("echo c=1", echo_c1),
                         ("in-process batch 1", lambda m: measure(ceil_call[1], m, items_per_call=1)),
-                        ("echo c=1", lambda m: run_point(ec, ClosedLoop(1), m, echo_probe)),
+                        (PACED, lambda m: measure(ceil_call[1], m, items_per_call=1, gap_s=pace["gap_s"])),
                         ("attnrec c=1", lambda m: run_point(ac, ClosedLoop(1), m, probe)),
                         ("in-process batch 32", lambda m: measure(ceil_call[32], m, items_per_call=32)),
                         (f"attnrec c={c32}", lambda m: run_point(ac, ClosedLoop(c32), m, probe)),
@@ -232,6 +246,7 @@ def run(settings: Settings, section: Section) -> None:
                 )
                 ceil = {1: bounds["in-process batch 1"], 32: bounds["in-process batch 32"]}
                 section.data["ceiling"] = {str(b): p for b, p in ceil.items()}
+                section.data["ceiling_paced"] = {**bounds[PACED], "gap_ms": pace["gap_s"] * 1e3}
                 for name, clients, pr in (("attnrec", ac, probe), ("echo", ec, echo_probe)):
                     for c in g["closed"]:
                         p = bounds.get(f"{name} c={c}")
@@ -265,7 +280,7 @@ def run(settings: Settings, section: Section) -> None:
                 p = run_point(clients, ClosedLoop(c), method, ServerProbe(server.pid))
                 points.append({"server": "naive torch+FAISS", "mode": "closed", "concurrency": c, **p})
 
-    _report(section, points, ceil, g)
+    _report(section, points, ceil, g, section.data["ceiling_paced"])
     _report_stored(section)
     fig, (ax,) = plots.new_figure(1, width=8, height=5.5)
     names = sorted({p["server"] for p in points}, key=lambda n: (n != "attnrec", n))
@@ -297,7 +312,7 @@ def _at(points: list[dict], server: str, c: int) -> dict | None:
 STAGES = ("queue", "encoder", "search", "ranker", "total")
 
 
-def _report(section: Section, points: list[dict], ceil: dict, g: dict) -> None:
+def _report(section: Section, points: list[dict], ceil: dict, g: dict, paced: dict | None = None) -> None:
     cols = [
         "server",
         "load",
@@ -340,8 +355,10 @@ def _report(section: Section, points: list[dict], ceil: dict, g: dict) -> None:
     section.table(
         "In-process ceiling: Pipeline.recommend in a plain loop (no gRPC)",
         ["batch", "p50 ms", "p99 ms", "requests/s"],
-        [[b, fmt_spread(p, "p50_ms"), fmt_spread(p, "p99_ms"), fmt_spread(p, "items_per_s")] for b, p in ceil.items()],
-    )
+        [[b, fmt_spread(p, "p50_ms"), fmt_spread(p, "p99_ms"), fmt_spread(p, "items_per_s")] for b, p in ceil.items()]
+        + ([[f"1, paced: {paced['gap_ms']:.3f} ms idle after each call", fmt_spread(paced, "p50_ms"),
+             fmt_spread(paced, "p99_ms"), "–"]] if paced else []),
+    )  # fmt: skip
     checks = {}
     c32 = 32 if 32 in g["closed"] else max(g["closed"])
     a32, a1, e1 = _at(points, "attnrec", c32), _at(points, "attnrec", 1), _at(points, "echo", 1)
@@ -360,6 +377,10 @@ def _report(section: Section, points: list[dict], ceil: dict, g: dict) -> None:
             "excess_ms": a1["p50_ms"] - bound, "target_ms": TARGET_P50_SLACK_MS, "valid": valid,
             "met": valid and a1["p50_ms"] - bound <= TARGET_P50_SLACK_MS,
         }  # fmt: skip
+        if paced:  # the same check against the paced floor: how much of the excess is compute run cold
+            t = checks["p50_c1_vs_floor_plus_ceiling"]
+            t["in_process_paced_p50_ms"] = paced["p50_ms"]
+            t["excess_over_paced_ms"] = a1["p50_ms"] - e1["p50_ms"] - paced["p50_ms"]
     half = next((p for p in points if p["mode"] == "open" and p.get("fraction") == 0.5), None)
     if half and a1:
         ratio = half["p99_ms"] / a1["p99_ms"]
@@ -381,6 +402,10 @@ def _report(section: Section, points: list[dict], ceil: dict, g: dict) -> None:
         rows.append(["p50 at c=1 − (echo p50 + in-process p50)", f"≤ {TARGET_P50_SLACK_MS} ms",
                      f"{t['attnrec_p50_ms']:.3f} − ({t['echo_p50_ms']:.3f} + {t['in_process_p50_ms']:.3f}) = "
                      f"{t['excess_ms']:+.3f} ms", verdict(t)])  # fmt: skip
+        if "in_process_paced_p50_ms" in t:
+            rows.append(["diagnosis, not the target: p50 at c=1 − (echo p50 + paced in-process p50)", "–",
+                         f"{t['attnrec_p50_ms']:.3f} − ({t['echo_p50_ms']:.3f} + {t['in_process_paced_p50_ms']:.3f})"
+                         f" = {t['excess_over_paced_ms']:+.3f} ms", "–"])  # fmt: skip
     if "open_loop_p99_at_half_load" in checks:
         t = checks["open_loop_p99_at_half_load"]
         measured = f"{t['open_p99_ms']:.2f} / {t['closed_c1_p99_ms']:.2f} = {t['ratio']:.1f}×"

@@ -234,7 +234,7 @@ def report(section: Section, points: list[dict], g: dict) -> None:
         }  # (server, c) → point
         default, m = at.get(("attnrec", c)), at.get((peer, c))
         # MLServer batches with a window: attnrec is judged with the same one (when measured)
-        a = at.get((SAME_WINDOW, c)) or default if peer == "MLServer" else default
+        a = (at.get((SAME_WINDOW, c)) or default) if peer == "MLServer" else default
         if a is None or m is None:
             continue
         target = TARGETS[peer]
