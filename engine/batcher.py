@@ -225,15 +225,14 @@ class Batcher:
                 raise RuntimeError(f"the run function returned {len(out.values)} results for {len(batch)} requests")
             error = None
         except ServingError as exc:  # the request's own fault (or its deadline): every request of the batch gets it
-            out, error = None, exc
+            out, error, ran_s = None, exc, 0.0
         except Exception as exc:  # noqa: BLE001 - a bug: every waiting request gets what failed, in words
             log.exception("%s: batch of %d failed", self.name, len(batch))
-            out, error = None, _failed(self.name, len(batch), exc)
-        end = time.monotonic()
+            out, error, ran_s = None, _failed(self.name, len(batch), exc), 0.0
         self._requests_per_batch = 0.9 * self._requests_per_batch + 0.1 * len(batch)
         if len(batch) == 1 and out is not None:  # the run's own time: a slow hand-off must not keep it in the pool
             self._single_s = ran_s if self._single_s is None else 0.8 * self._single_s + 0.2 * ran_s
-        phases = self._account(batch, rows, start, end, out)
+        phases = self._account(batch, rows, ran_s, out)
         self._batches += 1
         number = self._batches
         if self.telemetry is not None:  # prometheus_client directly: no hand-written hop per batch
@@ -283,15 +282,16 @@ class Batcher:
         return child
 
     def _account(
-        self, batch: list[_Pending], rows: int, start: float, end: float, out: "BatchOutput | None"
+        self, batch: list[_Pending], rows: int, ran_s: float, out: "BatchOutput | None"
     ) -> tuple[int, int, int]:
         """The batch's compute phases (ns): compute_input/output are the run function's own preparation
-        and splitting times, compute_infer the rest of its time in the executor. A batch that ran is
-        counted as one execution of `rows` rows in its version's statistics."""
+        and splitting times, compute_infer the rest of the run itself (`ran_s`: without the thread-pool
+        hand-off, which is waiting, not compute, as Triton's compute_infer is the model's execution).
+        A batch that ran is counted as one execution of `rows` rows in its version's statistics."""
         if out is None:
             return 0, 0, 0
         input_ns, output_ns = int(out.input_s * 1e9), int(out.output_s * 1e9)
-        infer_ns = max(0, int((end - start) * 1e9) - input_ns - output_ns)
+        infer_ns = max(0, int(ran_s * 1e9) - input_ns - output_ns)
         if batch[0].stats is not None:
             batch[0].stats.record_execution(rows, infer_ns)
         return input_ns, infer_ns, output_ns

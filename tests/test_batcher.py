@@ -273,6 +273,24 @@ def test_the_inline_limit_judges_the_run_not_the_hand_off():
     assert rec.threads[0] != loop_thread and rec.threads[1:] == [loop_thread] * 3
 
 
+def test_compute_infer_is_the_run_not_the_hand_off():
+    """Triton's compute_infer is the model's execution: a pool whose hand-off takes 30 ms before a 5 ms
+    run charges the run (the hand-off counted there too once made compute look 7x slower)."""
+    rec = ThreadRecorder(delay=0.005)
+
+    async def main():
+        b = Batcher("m", rec, BatchSettings(inline_max_us=0), SlowHandOff(0.03))
+        stats = ModelStats(4)
+        out = await b.submit(1, stats=stats)
+        await b.close()
+        return out, stats
+
+    out, stats = run(main())
+    assert out.value == 2
+    assert 4_000_000 <= out.infer_ns < 25_000_000  # the 5 ms run, not the 35 ms in the pool
+    assert sum(ns for _, ns in stats.batch_stats.values()) == out.infer_ns
+
+
 def test_inline_off_slow_batches_and_overlapping_requests_use_the_pool():
     rec = ThreadRecorder()
     out, loop_thread = _lone_requests(BatchSettings(inline_max_us=0), rec)
