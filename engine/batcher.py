@@ -211,6 +211,7 @@ class Batcher:
         start = time.monotonic()
         rows = sum(p.rows for p in batch)
         queue_s = [start - p.enqueued for p in batch]
+        ran_s = 0.0  # the run's own time (`_timed`); a batch that failed charges none
         try:
             if self._inline(batch):
                 out, ran_s = self._timed(batch[0].group, [batch[0].item])
@@ -225,10 +226,10 @@ class Batcher:
                 raise RuntimeError(f"the run function returned {len(out.values)} results for {len(batch)} requests")
             error = None
         except ServingError as exc:  # the request's own fault (or its deadline): every request of the batch gets it
-            out, error, ran_s = None, exc, 0.0
+            out, error = None, exc
         except Exception as exc:  # noqa: BLE001 - a bug: every waiting request gets what failed, in words
             log.exception("%s: batch of %d failed", self.name, len(batch))
-            out, error, ran_s = None, _failed(self.name, len(batch), exc), 0.0
+            out, error = None, _failed(self.name, len(batch), exc)
         self._requests_per_batch = 0.9 * self._requests_per_batch + 0.1 * len(batch)
         if len(batch) == 1 and out is not None:  # the run's own time: a slow hand-off must not keep it in the pool
             self._single_s = ran_s if self._single_s is None else 0.8 * self._single_s + 0.2 * ran_s
